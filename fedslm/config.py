@@ -1,0 +1,355 @@
+"""The experiment schema: typed, documented dataclasses that reject bad values by key.
+
+Every way into an experiment (Hydra in ``simulations.run``, Flower's flat run config
+in the ServerApp/ClientApp, tests) ends in ``ExperimentConfig.from_dict``, so a value
+is checked once, where it enters, and the error names the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the dotted key."""
+
+
+def _fail(key: str, problem: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {problem}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        _fail(key, f"must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        _fail(key, f"must be >= 0, got {value}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0 < value <= 1:
+        _fail(key, f"must be in (0, 1], got {value}")
+
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model.
+
+    ``name_or_path`` is a Hugging Face hub name, a local directory written by
+    ``save_pretrained``, or ``builtin:tiny-llama``: a 2-layer Llama the project trains
+    once from the synthetic corpus and caches under ``cache_dir``.
+    """
+
+    name_or_path: str = BUILTIN_MODEL
+    dtype: str = "float32"
+    cache_dir: str = ""  # "" -> ~/.cache/fedslm
+
+    def check(self, at: str) -> None:
+        if not self.name_or_path.strip():
+            _fail(f"{at}.name_or_path", "must not be empty")
+        _one_of(f"{at}.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    """Where client texts come from and how they are split across clients.
+
+    ``synthetic`` is the built-in corpus (one topic/phrasing mix per client, tuned by
+    ``heterogeneity``); ``text_files`` reads txt/jsonl/csv/parquet under ``path``;
+    ``hf`` loads a Hugging Face dataset by ``hf_name``; ``shakespeare`` reads
+    tinyshakespeare.txt at ``path`` and gives each speaker with at least ``min_lines``
+    lines its own client (LEAF-style).
+    """
+
+    source: str = "synthetic"
+    path: str = ""
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    text_key: str = "text"
+    partitioner: str = "iid"
+    partition_key: str = ""
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    min_lines: int = 64
+    heterogeneity: float = 0.9
+    docs_per_client: int = 48
+    num_topics: int = 8
+    seed: int = 0
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.source", self.source, ("synthetic", "text_files", "hf", "shakespeare"))
+        _one_of(f"{at}.partitioner", self.partitioner, ("iid", "dirichlet", "natural"))
+        if self.source in ("text_files", "shakespeare") and not self.path:
+            _fail(f"{at}.path", f"is required for data.source={self.source}")
+        if self.source == "hf" and not self.hf_name:
+            _fail(f"{at}.hf_name", "is required for data.source=hf")
+        if self.partitioner in ("dirichlet", "natural") and self.source in ("text_files", "hf"):
+            if not self.partition_key:
+                _fail(f"{at}.partition_key", f"is required for data.partitioner={self.partitioner}")
+        _positive(f"{at}.dirichlet_alpha", self.dirichlet_alpha)
+        if not 0 < self.test_fraction < 1:
+            _fail(f"{at}.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        if self.min_lines < 1:
+            _fail(f"{at}.min_lines", f"must be >= 1, got {self.min_lines}")
+        if not 0 <= self.heterogeneity <= 1:
+            _fail(f"{at}.heterogeneity", f"must be in [0, 1], got {self.heterogeneity}")
+        if self.docs_per_client < 4:
+            _fail(f"{at}.docs_per_client", f"must be >= 4, got {self.docs_per_client}")
+        if self.num_topics < 1:
+            _fail(f"{at}.num_topics", f"must be >= 1, got {self.num_topics}")
+
+
+@dataclass
+class PeftConfig:
+    """LoRA adapter: rank ``r``, scale ``alpha / r``, on ``target_modules``."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+
+    def check(self, at: str) -> None:
+        if self.r <= 0:
+            _fail(f"{at}.r", f"must be > 0, got {self.r}")
+        _positive(f"{at}.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            _fail(f"{at}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            _fail(f"{at}.target_modules", "must name at least one module")
+        _one_of(f"{at}.bias", self.bias, ("none", "lora_only", "all"))
+
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+
+
+@dataclass
+class StrategyConfig:
+    """Flower strategy and its server-side hyper-parameters.
+
+    ``proximal_mu`` is sent to clients by FedProx; ``server_learning_rate`` and
+    ``server_momentum`` drive FedAvgM; ``eta``, ``beta_1``, ``beta_2``, ``tau`` drive the
+    adaptive FedOpt family (FedAdam, FedYogi, FedAdagrad).
+    """
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 2
+    proximal_mu: float = 0.0
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    eta: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 0.001
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.name", self.name, STRATEGIES)
+        _fraction(f"{at}.fraction_train", self.fraction_train)
+        _fraction(f"{at}.fraction_evaluate", self.fraction_evaluate)
+        if self.min_train_clients < 1:
+            _fail(f"{at}.min_train_clients", f"must be >= 1, got {self.min_train_clients}")
+        if self.min_evaluate_clients < 1:
+            _fail(f"{at}.min_evaluate_clients", f"must be >= 1, got {self.min_evaluate_clients}")
+        _non_negative(f"{at}.proximal_mu", self.proximal_mu)
+        _positive(f"{at}.server_learning_rate", self.server_learning_rate)
+        if not 0 <= self.server_momentum < 1:
+            _fail(f"{at}.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        _positive(f"{at}.eta", self.eta)
+        for name in ("beta_1", "beta_2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"{at}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _positive(f"{at}.tau", self.tau)
+
+
+@dataclass
+class FederationConfig:
+    """Who takes part and on which engine.
+
+    ``simulation`` starts Flower's simulation engine (a private SuperLink with virtual
+    SuperNodes on Ray); ``remote`` submits the same apps to a running SuperLink at
+    ``address``.
+    """
+
+    num_clients: int = 10
+    num_rounds: int = 5
+    engine: str = "simulation"
+    address: str = ""
+    root_certificates: str = ""
+    round_timeout: float = 600.0
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+
+    def check(self, at: str) -> None:
+        if self.num_clients < 1:
+            _fail(f"{at}.num_clients", f"must be >= 1, got {self.num_clients}")
+        if self.num_rounds < 1:
+            _fail(f"{at}.num_rounds", f"must be >= 1, got {self.num_rounds}")
+        _one_of(f"{at}.engine", self.engine, ("simulation", "remote"))
+        if self.engine == "remote" and not self.address:
+            _fail(f"{at}.address", "is required for federation.engine=remote")
+        _positive(f"{at}.round_timeout", self.round_timeout)
+        _positive(f"{at}.client_num_cpus", self.client_num_cpus)
+        _non_negative(f"{at}.client_num_gpus", self.client_num_gpus)
+
+
+@dataclass
+class TrainingConfig:
+    """Local training on each client and evaluation settings.
+
+    ``local_steps`` > 0 fixes the optimizer steps per round; 0 trains ``local_epochs``
+    passes over the client's train split instead. Learning rate warms up linearly over
+    ``warmup_ratio`` of the steps, then decays linearly to zero.
+    """
+
+    learning_rate: float = 3e-3
+    local_steps: int = 10
+    local_epochs: int = 1
+    batch_size: int = 8
+    seq_len: int = 64
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 42
+    eval_max_batches: int = 0
+    central_eval: bool = True
+
+    def check(self, at: str) -> None:
+        _positive(f"{at}.learning_rate", self.learning_rate)
+        if self.local_steps < 0:
+            _fail(f"{at}.local_steps", f"must be >= 0, got {self.local_steps}")
+        if self.local_steps == 0 and self.local_epochs < 1:
+            _fail(f"{at}.local_epochs", "must be >= 1 when training.local_steps=0")
+        if self.batch_size < 1:
+            _fail(f"{at}.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.seq_len < 2:
+            _fail(f"{at}.seq_len", f"must be >= 2, got {self.seq_len}")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail(f"{at}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _non_negative(f"{at}.max_grad_norm", self.max_grad_norm)
+        _non_negative(f"{at}.weight_decay", self.weight_decay)
+        _non_negative(f"{at}.eval_max_batches", self.eval_max_batches)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``uri`` "" means a sqlite store in the output root (absolute path)."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "fedslm"
+    run_name: str = ""
+
+    def check(self, at: str) -> None:
+        if self.enabled and not self.experiment:
+            _fail(f"{at}.experiment", "must not be empty")
+
+
+@dataclass
+class ExperimentConfig:
+    """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = ""
+
+    def check(self, at: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.check(f.name)
+        s, fed = self.strategy, self.federation
+        if s.min_train_clients > fed.num_clients:
+            _fail(
+                "strategy.min_train_clients",
+                f"{s.min_train_clients} exceeds federation.num_clients={fed.num_clients}",
+            )
+        if s.min_evaluate_clients > fed.num_clients:
+            _fail(
+                "strategy.min_evaluate_clients",
+                f"{s.min_evaluate_clients} exceeds federation.num_clients={fed.num_clients}",
+            )
+        if s.proximal_mu > 0 and s.name != "fedprox":
+            _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        """Build and check a config from nested plain data; unknown keys are errors."""
+        cfg = _build(cls, data, "")
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, at: str) -> Any:
+    if not isinstance(data, dict):
+        _fail(at or "<root>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        _fail(f"{at}.{unknown[0]}" if at else unknown[0], "unknown key")
+    kwargs = {}
+    for name in names & set(data):
+        key = f"{at}.{name}" if at else name
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(typing.get_args(hint)[0], v, key) for v in value]
+        _fail(key, f"expected a list, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"optional fields are not allowed in the schema ({key})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _fail(key, f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(key, f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(key, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported schema type {hint} at {key}")
