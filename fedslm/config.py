@@ -110,8 +110,8 @@ class DataConfig:
             _fail(f"{at}.heterogeneity", f"must be in [0, 1], got {self.heterogeneity}")
         if self.docs_per_client < 4:
             _fail(f"{at}.docs_per_client", f"must be >= 4, got {self.docs_per_client}")
-        if self.num_topics < 1:
-            _fail(f"{at}.num_topics", f"must be >= 1, got {self.num_topics}")
+        if not 1 <= self.num_topics <= 16:
+            _fail(f"{at}.num_topics", f"must be in 1..16 (the synthetic corpus has 16 topics), got {self.num_topics}")
 
 
 @dataclass
@@ -194,7 +194,7 @@ class FederationConfig:
     address: str = ""
     root_certificates: str = ""
     round_timeout: float = 600.0
-    client_num_cpus: float = 1.0
+    client_num_cpus: int = 1
     client_num_gpus: float = 0.0
 
     def check(self, at: str) -> None:
@@ -206,7 +206,8 @@ class FederationConfig:
         if self.engine == "remote" and not self.address:
             _fail(f"{at}.address", "is required for federation.engine=remote")
         _positive(f"{at}.round_timeout", self.round_timeout)
-        _positive(f"{at}.client_num_cpus", self.client_num_cpus)
+        if self.client_num_cpus < 1:
+            _fail(f"{at}.client_num_cpus", f"must be >= 1, got {self.client_num_cpus}")
         _non_negative(f"{at}.client_num_gpus", self.client_num_gpus)
 
 

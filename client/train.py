@@ -1,0 +1,315 @@
+"""Local training and evaluation of a LoRA-wrapped causal LM; plain functions, no Flower.
+
+Training is split so a privacy engine can step in between construction and the loop::
+
+    setup = make_training_setup(model, blocks, cfg, generator_seed=seed)
+    # e.g. Opacus: setup.model, setup.optimizer, setup.loader = engine.make_private(...)
+    result = run_steps(setup)
+
+``run_steps`` sets the learning rate on ``setup.optimizer.param_groups`` each step (no
+scheduler object to re-attach after wrapping), and clips the global grad norm only when
+``setup.max_grad_norm > 0`` (set it to 0 when a DP optimizer already clips per sample).
+Empty batches (Poisson sampling) go to ``setup.on_empty_batch``. The FedProx term's
+gradient lands in ``p.grad`` directly, which a DP optimizer rebuilding ``p.grad`` from
+per-sample gradients would drop: combining FedProx with DP needs explicit handling.
+
+Label masking: positions whose token is ``model.config.pad_token_id`` are not targets.
+With a tokenizer whose pad is its eos, eos targets are masked too (as Hugging Face's
+collators do); the builtin tokenizer has a distinct pad.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedslm.adapters import adapter_parameters
+from fedslm.config import TrainingConfig
+
+IGNORE_INDEX = -100
+
+
+def pack_texts(texts: Sequence[str], tokenizer, *, seq_len: int) -> torch.LongTensor:
+    """Standard causal-LM packing into ``[N, seq_len]`` blocks.
+
+    Each non-empty text is tokenized without special tokens and followed by eos; the
+    stream is cut into consecutive blocks and the tail shorter than a block is dropped.
+    If the whole stream is shorter than one block, it becomes one block right-padded
+    with the pad id (those positions are masked from the loss). Zero tokens raise
+    ValueError.
+    """
+    if seq_len < 2:
+        raise ValueError(f"pack_texts: seq_len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pack_texts: the tokenizer has no eos token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids: list[int] = []
+    texts = [t for t in texts if t]
+    if texts:
+        for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+            if row:
+                ids.extend(row)
+                ids.append(eos)
+    if not ids:
+        raise ValueError("pack_texts: too little text: the texts tokenize to zero tokens")
+    n = len(ids) // seq_len
+    if n == 0:
+        return torch.tensor([ids + [pad] * (seq_len - len(ids))], dtype=torch.long)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def labels_for(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Targets for ``blocks``: the tokens themselves with pad positions set to -100."""
+    if pad_token_id is None:
+        return blocks
+    return blocks.masked_fill(blocks == pad_token_id, IGNORE_INDEX)
+
+
+def _pad_id(model: torch.nn.Module) -> int | None:
+    """``config.pad_token_id``, looking through wrappers (Opacus ``_module``, DDP ``module``)."""
+    for candidate in (model, getattr(model, "_module", None), getattr(model, "module", None)):
+        config = getattr(candidate, "config", None)
+        if config is not None:
+            return getattr(config, "pad_token_id", None)
+    return None
+
+
+# --- learning-rate schedule -----------------------------------------------------------
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    """Warm-up length: ``warmup_ratio`` of the steps, rounded half up."""
+    return int(math.floor(warmup_ratio * total_steps + 0.5))
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier for 0-based optimizer ``step``.
+
+    Linear warm-up ``(step+1)/(warmup+1)``, then linear decay ``(T-step)/(T-warmup)``:
+    the peak 1.0 is the first step after warm-up, and no step taken has lr 0 (with
+    per-round schedules of ~10 steps a wasted step would matter).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+# --- training -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean language-model loss over the steps (proximal term excluded)
+    steps: int
+    num_examples: int  # sequences seen (a sequence seen twice counts twice)
+    seconds: float
+
+
+@dataclass
+class TrainingSetup:
+    """Everything the loop needs; fields may be replaced (e.g. by a DP engine) before ``run_steps``."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    learning_rate: float
+    local_steps: int  # > 0: exactly this many steps, cycling the loader
+    local_epochs: int  # used when local_steps == 0
+    warmup_ratio: float
+    max_grad_norm: float  # 0 = no global clipping
+    pad_token_id: int | None = None  # label positions holding it are masked
+    proximal_mu: float = 0.0
+    proximal: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    # Called instead of forward/backward for an empty batch; None skips the step. A DP
+    # engine sets a noise-only step here (the accountant counts the step either way).
+    on_empty_batch: Callable[["TrainingSetup"], None] | None = None
+
+    def total_steps(self) -> int:
+        return self.local_steps if self.local_steps > 0 else self.local_epochs * len(self.loader)
+
+
+def make_training_setup(
+    model: torch.nn.Module,
+    blocks: torch.LongTensor,
+    cfg: TrainingConfig,
+    *,
+    proximal_mu: float = 0.0,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    generator_seed: int,
+) -> TrainingSetup:
+    """Optimizer over trainable params only, a shuffled loader, and the FedProx anchor.
+
+    ``reference`` is keyed by adapter checkpoint names (those of ``adapter_arrays``, i.e.
+    what the server sent); values may be tensors or numpy arrays. With
+    ``proximal_mu > 0`` and no reference, the anchor is the adapter as it is now (the
+    weights just received), which is what FedProx means.
+    """
+    if len(blocks) == 0:
+        raise ValueError("make_training_setup: no training blocks")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("make_training_setup: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    loader = DataLoader(
+        TensorDataset(blocks),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(generator_seed),
+    )
+    proximal: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    if proximal_mu > 0:
+        params = adapter_parameters(model)
+        if reference is None:
+            reference = {n: p.detach() for n, p in params.items()}
+        missing = sorted(set(params) ^ set(reference))
+        if missing:
+            raise ValueError(f"reference: names differ from the adapter's, e.g. {missing[0]!r}")
+        proximal = [
+            (p, torch.as_tensor(reference[n]).detach().to(p.device, torch.float32).clone())
+            for n, p in params.items()
+        ]
+    return TrainingSetup(
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        learning_rate=cfg.learning_rate,
+        local_steps=cfg.local_steps,
+        local_epochs=cfg.local_epochs,
+        warmup_ratio=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        pad_token_id=_pad_id(model),
+        proximal_mu=proximal_mu,
+        proximal=proximal,
+    )
+
+
+def proximal_term(pairs: Sequence[tuple[torch.nn.Parameter, torch.Tensor]], mu: float) -> torch.Tensor:
+    """FedProx ``(mu/2) * ||w - w_ref||^2`` over the adapter parameters."""
+    total = sum(((p.float() - ref) ** 2).sum() for p, ref in pairs)
+    return 0.5 * mu * total
+
+
+def _batches(setup: TrainingSetup) -> Iterator[torch.Tensor]:
+    """Batches for the configured length: fixed steps cycle the loader (reshuffled per pass)."""
+    if setup.local_steps > 0:
+        taken = 0
+        while taken < setup.local_steps:
+            before = taken
+            for (batch,) in setup.loader:
+                yield batch
+                taken += 1
+                if taken == setup.local_steps:
+                    return
+            if taken == before:
+                raise ValueError("run_steps: the loader yields no batches")
+    else:
+        for _ in range(setup.local_epochs):
+            for (batch,) in setup.loader:
+                yield batch
+
+
+def run_steps(setup: TrainingSetup) -> TrainResult:
+    """The training loop proper: schedule, forward, FedProx, backward, clip, step."""
+    start = time.perf_counter()
+    model, optimizer = setup.model, setup.optimizer
+    total = setup.total_steps()
+    warmup = warmup_steps_for(total, setup.warmup_ratio)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    losses: list[float] = []  # of steps that ran the model (a NaN here is divergence)
+    examples = steps = 0
+    for step, batch in enumerate(_batches(setup)):
+        steps += 1
+        for group in optimizer.param_groups:
+            group["lr"] = setup.learning_rate * lr_factor(step, total_steps=total, warmup_steps=warmup)
+        optimizer.zero_grad(set_to_none=True)
+        if len(batch) == 0:  # only Poisson sampling (DP) draws these; models cannot run them
+            if setup.on_empty_batch is not None:
+                setup.on_empty_batch(setup)
+            continue
+        loss = model(input_ids=batch, labels=labels_for(batch, setup.pad_token_id)).loss
+        objective = loss + proximal_term(setup.proximal, setup.proximal_mu) if setup.proximal else loss
+        objective.backward()
+        if setup.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        examples += len(batch)
+    model.train(was_training)
+    return TrainResult(
+        loss=sum(losses) / len(losses) if losses else float("nan"),
+        steps=steps,
+        num_examples=examples,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def train_local(
+    model: torch.nn.Module,
+    blocks: torch.LongTensor,
+    cfg: TrainingConfig,
+    *,
+    proximal_mu: float = 0.0,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    generator_seed: int,
+) -> TrainResult:
+    """One client's local training round (see ``make_training_setup`` / ``run_steps``)."""
+    setup = make_training_setup(
+        model, blocks, cfg, proximal_mu=proximal_mu, reference=reference, generator_seed=generator_seed
+    )
+    return run_steps(setup)
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean next-token cross-entropy over non-pad targets (nats)
+    perplexity: float  # exp(loss)
+    accuracy: float  # next-token top-1 over the same targets
+    num_tokens: int  # targets counted
+    num_examples: int  # sequences evaluated
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module, blocks: torch.LongTensor, *, batch_size: int, max_batches: int = 0
+) -> EvalResult:
+    """Token-weighted loss/accuracy over ``blocks`` in order (``max_batches`` 0 = all)."""
+    pad_id = _pad_id(model)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
+    for index, start in enumerate(range(0, len(blocks), batch_size)):
+        if max_batches and index >= max_batches:
+            break
+        batch = blocks[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        targets = labels_for(batch, pad_id)[:, 1:]
+        mask = targets != IGNORE_INDEX
+        loss_sum += float(
+            F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        )
+        correct += int(((logits.argmax(-1) == targets) & mask).sum())
+        tokens += int(mask.sum())
+        examples += len(batch)
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("evaluate_lm: no target tokens to evaluate")
+    loss = loss_sum / tokens
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(loss) if loss < 700 else float("inf"),
+        accuracy=correct / tokens,
+        num_tokens=tokens,
+        num_examples=examples,
+    )

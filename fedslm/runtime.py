@@ -1,0 +1,64 @@
+"""Per-process caches of what is expensive and identical across rounds and clients.
+
+In simulation one Ray worker serves many virtual clients, round after round. Loading the
+base model, wrapping it with LoRA and tokenizing a client's text must not happen each
+round: the PEFT model is built once per process and only its adapter tensors are
+overwritten per call (every adapter tensor is replaced, so no state leaks between
+clients); packed token blocks are cached per (data config, partition).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import astuple
+
+import torch
+
+from fedslm.config import DataConfig, ModelConfig, PeftConfig
+from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
+from fedslm.model import build_peft_model, load_base_model, resolve_model_path
+
+
+def model_path(model_cfg: ModelConfig, data_seed: int = 0) -> str:
+    """Local directory or hub name of the base model (builds the builtin one once)."""
+    return _model_path(model_cfg.name_or_path, model_cfg.cache_dir, data_seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
+    cfg = ModelConfig(name_or_path=name_or_path, cache_dir=cache_dir)
+    return resolve_model_path(cfg, public_texts=lambda: synthetic_public_corpus(data_seed))
+
+
+@functools.lru_cache(maxsize=1)
+def _peft_model(path: str, dtype: str, peft_key: tuple):
+    base, tokenizer = load_base_model(path, dtype=dtype)
+    peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
+    return build_peft_model(base, peft_cfg), tokenizer
+
+
+def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0):
+    """The process's PEFT model and tokenizer for this (base, LoRA) pair."""
+    key = astuple(peft_cfg)
+    key = key[:3] + (tuple(key[3]),) + key[4:]
+    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key)
+
+
+def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int) -> ClientSplit:
+    return load_client_split(data_cfg, num_clients=num_clients, partition_id=partition_id)
+
+
+_BLOCKS: dict[tuple, torch.Tensor] = {}
+_MAX_CACHED_BLOCK_SETS = 256
+
+
+def token_blocks(texts: tuple[str, ...], tokenizer, *, seq_len: int) -> torch.Tensor:
+    """Packed ``[N, seq_len]`` token blocks for ``texts``, tokenized once per process."""
+    from client.train import pack_texts
+
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), seq_len, hash(tuple(texts)))
+    if key not in _BLOCKS:
+        if len(_BLOCKS) >= _MAX_CACHED_BLOCK_SETS:
+            _BLOCKS.pop(next(iter(_BLOCKS)))
+        _BLOCKS[key] = pack_texts(texts, tokenizer, seq_len=seq_len)
+    return _BLOCKS[key]

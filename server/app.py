@@ -1,0 +1,46 @@
+"""Flower ServerApp: read the run config, run the experiment, leave a status file.
+
+``flwr run`` exits 0 even when a ServerApp raises, so the launcher learns the outcome
+from ``status.json`` in the run's output dir.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedslm.runconfig import from_run_config
+from server.experiment import run_experiment
+
+app = ServerApp()
+
+
+def output_dir_for(configured: str, run_id: int) -> Path:
+    """The configured absolute output dir, or one per Flower run under ~/.cache/fedslm."""
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "fedslm" / "runs" / str(run_id)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    output_dir = output_dir_for(cfg.output_dir, context.run_id)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    status = output_dir / "status.json"
+    status.write_text(json.dumps({"status": "running"}))
+    try:
+        run_experiment(grid, cfg, output_dir)
+    except BaseException as exc:
+        status.write_text(json.dumps({
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+            "traceback": traceback.format_exc(),
+        }))
+        raise
+    status.write_text(json.dumps({"status": "ok"}))

@@ -1,0 +1,59 @@
+"""Per-client rows and per-round summaries from client replies.
+
+FedAvg's own metric aggregation keeps only a weighted mean; an operator also wants the
+spread over clients and who reported what, so the round loop keeps every client's row.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+
+from flwr.app import Message
+
+from server.strategy import METRICS_KEY, WEIGHT_KEY
+
+BOOKKEEPING = {WEIGHT_KEY, "partition-id"}
+SPREAD_KEYS = {"loss", "perplexity"}
+
+
+def client_rows(phase: str, server_round: int, replies: Iterable[Message]) -> list[dict]:
+    """One row per replying client: round, phase, node id, and its reported metrics."""
+    rows = []
+    for msg in replies:
+        if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+            continue
+        metrics = dict(msg.content.metric_records[METRICS_KEY])
+        rows.append({"round": server_round, "phase": phase,
+                     "node_id": msg.metadata.src_node_id, **metrics})
+    return rows
+
+
+def summarize(rows: list[dict], prefix: str) -> dict[str, float]:
+    """Weighted means (by num-examples) of every numeric metric, plus min/median/max of
+    loss and perplexity over clients. ``{prefix}perplexity`` is exp of the weighted mean
+    loss, i.e. the perplexity of the pooled test tokens, not a mean of perplexities."""
+    if not rows:
+        return {}
+    weights = [float(r.get(WEIGHT_KEY, 1)) for r in rows]
+    total = sum(weights) or 1.0
+    keys = sorted({k for r in rows for k, v in r.items()
+                   if isinstance(v, (int, float)) and k not in BOOKKEEPING
+                   and k not in ("round", "node_id")})
+    out: dict[str, float] = {}
+    for key in keys:
+        pairs = [(float(r[key]), w) for r, w in zip(rows, weights) if key in r]
+        if not pairs:
+            continue
+        out[f"{prefix}{key}"] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        if key in SPREAD_KEYS:
+            values = [v for v, _ in pairs]
+            out[f"{prefix}{key}_min"] = min(values)
+            out[f"{prefix}{key}_median"] = statistics.median(values)
+            out[f"{prefix}{key}_max"] = max(values)
+    if f"{prefix}loss" in out:
+        out[f"{prefix}perplexity"] = math.exp(min(out[f"{prefix}loss"], 50.0))
+    out[f"{prefix}clients"] = float(len(rows))
+    out[f"{prefix}examples"] = total
+    return out

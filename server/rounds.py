@@ -1,0 +1,125 @@
+"""The federated round loop: Flower's strategy decides whom to ask and how to aggregate;
+this loop adds progress, deadlines, screening of updates, communication accounting,
+per-client metrics and a hook to checkpoint after each round.
+
+It follows ``Strategy.start`` step for step (configure -> send -> aggregate, then
+evaluate), so any Flower strategy plugs in unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedslm.adapters import payload_bytes
+from server.messaging import send_and_collect
+from server.metrics import client_rows, summarize
+from server.strategy import ARRAYS_KEY, screen_train_replies
+
+CentralEval = Callable[[int, ArrayRecord], dict[str, float]]
+RoundHook = Callable[[int, ArrayRecord, dict[str, float], list[dict]], None]
+
+
+@dataclass
+class RoundPlan:
+    """What the loop needs besides the strategy: rounds, deadline, configs, callbacks."""
+
+    num_rounds: int
+    timeout: float
+    train_config: ConfigRecord = field(default_factory=ConfigRecord)
+    evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
+    central_eval: CentralEval | None = None
+    on_round_end: RoundHook | None = None
+
+
+@dataclass
+class History:
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    clients: list[dict] = field(default_factory=list)
+
+
+def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: int,
+                   arrays: ArrayRecord) -> tuple[dict[str, float], list[dict]]:
+    """Federated evaluation of ``arrays`` on the clients' own test splits (+ central)."""
+    label = f"[round {server_round}/{plan.num_rounds}] evaluate"
+    messages = list(strategy.configure_evaluate(server_round, arrays, plan.evaluate_config, grid))
+    got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
+    strategy.aggregate_evaluate(server_round, got.ok)
+    rows = client_rows("evaluate", server_round, got.ok)
+    metrics = summarize(rows, "eval_")
+    metrics["bytes_down_eval"] = float(payload_bytes(arrays) * len(messages))
+    metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
+    if plan.central_eval is not None:
+        metrics.update(plan.central_eval(server_round, arrays))
+    return metrics, rows
+
+
+def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: int,
+                arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float], list[dict]]:
+    """One round of federated training; returns the new global adapter."""
+    label = f"[round {server_round}/{plan.num_rounds}] train"
+    messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
+    got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
+    screened = screen_train_replies(got.ok, arrays)
+    for node, why in screened.rejected.items():
+        log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
+    for node, why in got.failed.items():
+        log(WARNING, "%s: node %s failed: %s", label, node, why.splitlines()[0] if why else "")
+    new_arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
+    rows = client_rows("train", server_round, screened.accepted)
+    metrics = summarize(rows, "train_")
+    metrics.update(
+        bytes_down=float(payload_bytes(arrays) * len(messages)),
+        bytes_up=float(sum(payload_bytes(m.content.array_records[ARRAYS_KEY])
+                           for m in screened.accepted)),
+        clients_sampled=float(len(messages)),
+        clients_failed=float(len(got.failed)),
+        clients_timed_out=float(len(got.timed_out)),
+        clients_rejected=float(len(screened.rejected)),
+    )
+    if new_arrays is None:
+        log(WARNING, "%s: no usable update; the global adapter is unchanged", label)
+        new_arrays = arrays
+    return new_arrays, metrics, rows
+
+
+def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRecord,
+               *, first_round: int = 1, log_metrics: Callable[[dict, int], None],
+               history: History | None = None) -> tuple[ArrayRecord, History]:
+    """Rounds ``first_round..num_rounds``; round 0 (before training) is evaluated too
+    when starting fresh, so every curve has its starting point."""
+    history = history or History()
+    if first_round == 1:
+        metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
+        _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
+    for rnd in range(first_round, plan.num_rounds + 1):
+        start = time.monotonic()
+        arrays, train_metrics, train_rows = train_phase(grid, strategy, plan, rnd, arrays)
+        eval_metrics, eval_rows = evaluate_phase(grid, strategy, plan, rnd, arrays)
+        metrics = {**train_metrics, **eval_metrics, "round_seconds": time.monotonic() - start}
+        metrics["bytes_down"] += metrics.pop("bytes_down_eval")
+        _record(history, rnd, metrics, train_rows + eval_rows, log_metrics, plan.num_rounds)
+        if plan.on_round_end is not None:
+            plan.on_round_end(rnd, arrays, metrics, train_rows + eval_rows)
+    return arrays, history
+
+
+def _record(history: History, rnd: int, metrics: dict[str, float], rows: list[dict],
+            log_metrics: Callable[[dict, int], None], total: int) -> None:
+    history.rounds.append({"round": rnd, **metrics})
+    history.clients.extend(rows)
+    log_metrics(metrics, rnd)
+    parts = [f"[round {rnd}/{total}]"]
+    for key, fmt in (("train_loss", "train loss {:.4f}"), ("eval_loss", "eval loss {:.4f}"),
+                     ("eval_perplexity", "ppl {:.2f}"), ("central_loss", "central loss {:.4f}"),
+                     ("round_seconds", "{:.1f}s")):
+        if key in metrics:
+            parts.append(fmt.format(metrics[key]))
+    log(INFO, " | ".join(parts))

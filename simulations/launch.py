@@ -1,0 +1,187 @@
+"""Run the FedSLM Flower apps on Flower's own engines via ``flwr run``.
+
+Simulation: a private ``flower-superlink --simulation`` on a free 127.0.0.1 port with its
+own FLWR_HOME, so nothing depends on (or leaks into) ``~/.flwr`` or a SuperLink started
+earlier; it and everything it spawned (ServerApp, Ray) are stopped when the run ends.
+Remote: the same ``flwr run`` against a SuperLink the operator runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from fedslm.config import ExperimentConfig
+from fedslm.runconfig import PROJECT_ROOT, to_run_config
+
+CONNECTION = "fedslm"
+STARTUP_SECONDS = 90
+QUIET_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+NOISE = ("warnings.warn(", "FutureWarning", "DeprecationWarning", "UserWarning")
+
+
+class LaunchError(RuntimeError):
+    """The engine could not be started or the run did not finish; one-line message."""
+
+
+def _bin(name: str) -> str:
+    """Flower's CLIs from the interpreter's own environment (works without activation)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_env(flwr_home: Path) -> dict[str, str]:
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def wait_healthy(address: str, process: subprocess.Popen, log_file: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://{address}/health", timeout=1.0).is_success:
+                return
+        time.sleep(0.2)
+    raise LaunchError(f"flower-superlink did not become healthy in {STARTUP_SECONDS}s; see {log_file}")
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace)
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path) -> Iterator[str]:
+    """A SuperLink in simulation mode on a free local port; yields its address."""
+    address = f"127.0.0.1:{free_port()}"
+    log_file = flwr_home / "superlink.log"
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+           "--port", address.rsplit(":", 1)[1]]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(address, process, log_file)
+        yield address
+    finally:
+        stop_process_group(process)
+
+
+def write_connection(flwr_home: Path, address: str, *, root_certificates: str = "") -> None:
+    """The ``flwr`` CLI's config.toml naming one SuperLink connection."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    lines.append(f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_run_config(cfg: ExperimentConfig, path: Path) -> Path:
+    """The flat run config as a TOML file for ``flwr run --run-config``."""
+    lines = []
+    for key, value in to_run_config(cfg).items():
+        lines.append(f'"{key}" = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str | None) -> None:
+    """``flwr run <project> fedslm --stream``, echoing the ServerApp's log lines."""
+    run_config = write_run_config(cfg, flwr_home / "run_config.toml")
+    cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config),
+           "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               start_new_session=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if not any(n in line for n in NOISE):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        process.wait()
+    finally:
+        stop_process_group(process, grace=5.0)
+    if process.returncode != 0:
+        raise LaunchError(f"flwr run exited with code {process.returncode}")
+
+
+def read_outcome(output_dir: Path, log_hint: Path | None) -> dict:
+    """The run's summary, or a LaunchError carrying the ServerApp's own error line."""
+    status_file = output_dir / "status.json"
+    hint = f"; see {log_hint}" if log_hint else ""
+    if not status_file.exists():
+        raise LaunchError(f"the ServerApp never started (no {status_file}){hint}")
+    status = json.loads(status_file.read_text())
+    if status.get("status") != "ok":
+        raise LaunchError(f"the run failed: {status.get('error', status.get('status'))} "
+                          f"(traceback in {status_file})")
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def run_on_simulation(cfg: ExperimentConfig) -> dict:
+    """Run the experiment on Flower's simulation engine and return its summary."""
+    fed = cfg.federation
+    federation_config = (f"num-supernodes={fed.num_clients} "
+                         f"client-resources-num-cpus={fed.client_num_cpus} "
+                         f"client-resources-num-gpus={fed.client_num_gpus}")
+    with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
+        flwr_home = Path(tmp)
+        with simulation_superlink(flwr_home) as address:
+            write_connection(flwr_home, address)
+            flwr_run(cfg, flwr_home, federation_config=federation_config)
+        log_copy = Path(cfg.output_dir) / "superlink.log"
+        with contextlib.suppress(OSError):
+            log_copy.write_bytes((flwr_home / "superlink.log").read_bytes())
+    return read_outcome(Path(cfg.output_dir), log_copy)
+
+
+def run_on_remote(cfg: ExperimentConfig) -> dict:
+    """Submit the experiment to a running SuperLink at ``federation.address``."""
+    with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
+        flwr_home = Path(tmp)
+        write_connection(flwr_home, cfg.federation.address,
+                         root_certificates=cfg.federation.root_certificates)
+        flwr_run(cfg, flwr_home, federation_config=None)
+    return read_outcome(Path(cfg.output_dir), None)

@@ -1,0 +1,37 @@
+"""The end-of-run summary a person reads in the terminal."""
+
+from __future__ import annotations
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def summary_table(rounds: list[dict]) -> str:
+    """Per round: train loss, eval loss, perplexity, bytes up/down, seconds."""
+    header = f"{'round':>5} {'train loss':>10} {'eval loss':>9} {'ppl':>8} {'up':>10} {'down':>10} {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rounds:
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if key in r else "-"
+        lines.append(
+            f"{r['round']:>5} {num('train_loss', '10.4f'):>10} {num('eval_loss', '9.4f'):>9} "
+            f"{num('eval_perplexity', '8.2f'):>8} "
+            f"{_fmt_bytes(r['bytes_up']) if 'bytes_up' in r else '-':>10} "
+            f"{_fmt_bytes(r['bytes_down']) if 'bytes_down' in r else '-':>10} "
+            f"{num('round_seconds', '7.1f'):>7}")
+    return "\n".join(lines)
+
+
+def where_to_look(summary: dict) -> str:
+    uri = summary.get("mlflow_uri", "")
+    lines = [f"Outputs:      {summary['output_dir']}",
+             f"Adapter:      {summary['adapter_dir']}  (PeftModel.from_pretrained(base, path))"]
+    if uri:
+        lines += [f"MLflow run:   {summary['mlflow_run_id']} in {uri}",
+                  f"Open it with: mlflow ui --backend-store-uri {uri}"]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny Llama and its tokenizer, built in-test (no downloads, no fedslm.data).
+
+The model is saved once per session; each test gets a fresh copy through the real
+``load_base_model`` path, because ``build_peft_model`` injects LoRA layers in place.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedslm.config import PeftConfig
+from fedslm.model import build_peft_model, load_base_model, train_tokenizer
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def synthetic_sentences(n: int = 400, seed: int = 0) -> list[str]:
+    """Deterministic subject-verb-object sentences: enough structure to learn quickly."""
+    rng = random.Random(seed)
+    subjects = ["the farmer", "a doctor", "my neighbour", "the river", "an old engine", "the council"]
+    verbs = ["repairs", "watches", "describes", "sells", "carries", "measures", "remembers"]
+    objects = ["the bridge", "a small boat", "the red barn", "fresh bread", "the winter storm", "two letters"]
+    places = ["in the morning", "near the harbour", "after the rain", "at the market", "every day"]
+    return [
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(places)}."
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    return synthetic_sentences()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sentences: list[str]) -> Path:
+    """A randomly initialised 2-layer Llama + BPE tokenizer, saved with save_pretrained."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_tokenizer(sentences, vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture
+def tiny_base(tiny_model_dir: Path):
+    """Fresh frozen (model, tokenizer) per test."""
+    return load_base_model(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture
+def make_peft(tiny_model_dir: Path) -> Callable[..., object]:
+    """Factory: a fresh LoRA-wrapped tiny model; same ``seed`` -> same LoRA init."""
+
+    def make(seed: int = 0, **peft_kwargs):
+        base, _ = load_base_model(str(tiny_model_dir), dtype="float32")
+        torch.manual_seed(seed)
+        return build_peft_model(base, PeftConfig(**{"dropout": 0.0, **peft_kwargs}))
+
+    return make

@@ -1,0 +1,24 @@
+"""Per-round summaries: weighted means and spread over clients, exact numbers."""
+
+from __future__ import annotations
+
+import math
+
+from server.metrics import summarize
+
+
+def test_summary_weights_by_examples_and_reports_spread() -> None:
+    rows = [{"round": 1, "node_id": 7, "loss": 1.0, "accuracy": 0.5, "num-examples": 1, "partition-id": 0},
+            {"round": 1, "node_id": 8, "loss": 2.0, "accuracy": 0.2, "num-examples": 3, "partition-id": 1},
+            {"round": 1, "node_id": 9, "loss": 4.0, "accuracy": 0.1, "num-examples": 4, "partition-id": 2}]
+    out = summarize(rows, "eval_")
+    assert out["eval_loss"] == (1.0 + 6.0 + 16.0) / 8
+    assert out["eval_accuracy"] == (0.5 + 0.6 + 0.4) / 8
+    assert (out["eval_loss_min"], out["eval_loss_median"], out["eval_loss_max"]) == (1.0, 2.0, 4.0)
+    assert out["eval_perplexity"] == math.exp(23.0 / 8)
+    assert out["eval_clients"] == 3.0 and out["eval_examples"] == 8.0
+    assert "eval_partition-id" not in out and "eval_node_id" not in out
+
+
+def test_empty_round_has_no_metrics() -> None:
+    assert summarize([], "train_") == {}

@@ -1,0 +1,71 @@
+"""Strategy selection and update screening on hand-built arrays and replies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+from fedslm.config import STRATEGIES, ExperimentConfig
+from server.strategy import build_strategy, screen_train_replies
+
+EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
+            "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_name_builds_flowers_strategy(name: str) -> None:
+    cfg = ExperimentConfig.from_dict({"strategy": {"name": name, "fraction_train": 0.5}})
+    strategy = build_strategy(cfg)
+    assert type(strategy) is EXPECTED[name]
+    assert strategy.fraction_train == 0.5
+
+
+def test_fedprox_carries_mu() -> None:
+    cfg = ExperimentConfig.from_dict({"strategy": {"name": "fedprox", "proximal_mu": 0.25}})
+    assert build_strategy(cfg).proximal_mu == 0.25
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], n: object = 10) -> Message:
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    metrics = MetricRecord({"num-examples": n} if isinstance(n, int) else {})
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
+                        message_type="train")
+    return make_message(metadata, RecordDict({"arrays": record, "metrics": metrics}))
+
+
+REFERENCE = ArrayRecord({"a.lora_A.weight": Array(np.zeros((2, 3), np.float32)),
+                         "a.lora_B.weight": Array(np.zeros((3, 2), np.float32))})
+
+
+def _good() -> dict[str, np.ndarray]:
+    return {"a.lora_A.weight": np.ones((2, 3), np.float32), "a.lora_B.weight": np.ones((3, 2), np.float32)}
+
+
+def test_screening_keeps_honest_updates_and_names_the_problem_of_others() -> None:
+    nan = _good()
+    nan["a.lora_A.weight"][0, 0] = np.nan
+    wrong_shape = _good()
+    wrong_shape["a.lora_B.weight"] = np.ones((4, 2), np.float32)
+    extra = {**_good(), "model.embed_tokens.weight": np.ones((5, 2), np.float32)}
+    replies = [_reply(1, _good()), _reply(2, nan), _reply(3, wrong_shape), _reply(4, extra),
+               _reply(5, _good(), n=None)]
+    screened = screen_train_replies(replies, REFERENCE)
+    assert [m.metadata.src_node_id for m in screened.accepted] == [1]
+    assert screened.rejected[2] == "tensor a.lora_A.weight has non-finite values"
+    assert screened.rejected[3] == "tensor a.lora_B.weight has shape (4, 2), expected (3, 2)"
+    assert screened.rejected[4].startswith("unexpected tensors ['model.embed_tokens.weight']")
+    assert screened.rejected[5] == "bad num-examples: None"
+
+
+def test_fedavg_on_screened_updates_is_the_weighted_mean() -> None:
+    a = {"a.lora_A.weight": np.full((2, 3), 1.0, np.float32), "a.lora_B.weight": np.full((3, 2), 2.0, np.float32)}
+    b = {"a.lora_A.weight": np.full((2, 3), 4.0, np.float32), "a.lora_B.weight": np.full((3, 2), 8.0, np.float32)}
+    bad = {"a.lora_A.weight": np.full((2, 3), np.inf, np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)}
+    screened = screen_train_replies([_reply(1, a, 1), _reply(2, b, 3), _reply(3, bad, 100)], REFERENCE)
+    arrays, _ = FedAvg().aggregate_train(1, screened.accepted)
+    np.testing.assert_allclose(arrays["a.lora_A.weight"].numpy(), np.full((2, 3), 3.25))
+    np.testing.assert_allclose(arrays["a.lora_B.weight"].numpy(), np.full((3, 2), 6.5))
