@@ -220,8 +220,8 @@ class TrainingConfig:
     ``warmup_ratio`` of the steps, then decays linearly to zero.
     """
 
-    learning_rate: float = 3e-3
-    local_steps: int = 10
+    learning_rate: float = 0.01
+    local_steps: int = 20
     local_epochs: int = 1
     batch_size: int = 8
     seq_len: int = 64

@@ -1,0 +1,42 @@
+"""Run the real CLI in a subprocess and prove it left no process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "FEDSLM_TEST_MARKER"
+
+
+def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
+            ) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m simulations.run ARGS`` tagged with a unique marker in its environment;
+    every process it spawns (SuperLink, ServerApp, Ray) inherits the marker."""
+    marker = uuid.uuid4().hex
+    full_env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "simulations.run", *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc, marker
+
+
+def survivors(marker: str, wait: float = 15.0) -> list[str]:
+    """Processes still alive that carry ``marker`` (after up to ``wait`` s to exit)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.environ().get(MARKER) == marker:
+                    alive.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:120]}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)

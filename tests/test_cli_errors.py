@@ -1,0 +1,45 @@
+"""Bad input ends the command with one line naming the problem and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.proc_util import run_cli, survivors
+
+
+def _one_line_error(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["peft.r=0"], "error: peft.r: must be > 0, got 0"),
+    (["strategy.fraction_train=1.5"], "error: strategy.fraction_train: must be in (0, 1], got 1.5"),
+    (["data=text_files", "data.path=/no/such/dir"], "error: data.path: /no/such/dir does not exist"),
+    (["training.seq_len=4096"], "error: training.seq_len: 4096 exceeds the maximum sequence length 256"),
+    (["model.name_or_path=/no/such/model"], "error: model.name_or_path: cannot load '/no/such/model'"),
+    (["strategy.name=fedbogus"], "error: strategy.name: unknown value 'fedbogus'"),
+])
+def test_bad_values_fail_fast_with_one_line(args: list[str], expected: str) -> None:
+    proc, marker = run_cli(args, timeout=120)
+    assert _one_line_error(proc).startswith(expected)
+    assert survivors(marker, wait=0) == []
+
+
+def test_empty_client_partition_is_named(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("one paragraph only.\n\nand a second one.\n")
+    proc, _ = run_cli(["data=text_files", f"data.path={tmp_path}"], timeout=120)
+    line = _one_line_error(proc)
+    assert line.startswith("error: ") and "client" in line
+
+
+def test_unknown_strategy_group_lists_the_options() -> None:
+    proc, _ = run_cli(["strategy=bogus"], timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'strategy/bogus'" in proc.stderr
+    assert "fedadam" in proc.stderr
