@@ -110,7 +110,7 @@ def load_ledger(state_dir: Path) -> PrivacyLedger:
             raise ValueError(f"unsupported version {data.get('version')!r}")
         history = merged(tuple(e) for e in data["history"])
         rounds = [int(r) for r in data["rounds"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LedgerError(f"{path}: unreadable privacy ledger ({exc}); refusing to start "
                           "a new one, which would silently reset this client's budget") from exc
     return PrivacyLedger(history=history, rounds=rounds)

@@ -20,6 +20,7 @@ of the update and the noised clipped-count released together (Andrew et al. 2021
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -81,19 +82,30 @@ class ServerPrivacyState:
 
 def user_level_epsilon(releases: list[Release], *, delta: float) -> float:
     """Epsilon of the composed releases, replace-one relation, amplified by sampling."""
+    groups: list[tuple[float, int, int, int]] = []  # (z, m, N, count): identical releases folded
+    for r in releases:
+        key = (float(r.noise_multiplier), int(r.sample_size), int(r.population))
+        if groups and groups[-1][:3] == key:
+            groups[-1] = (*key, groups[-1][3] + 1)
+        else:
+            groups.append((*key, 1))
+    return _epsilon(tuple(groups), float(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(groups: tuple[tuple[float, int, int, int], ...], delta: float) -> float:
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    if not releases:
+    if not groups:
         return 0.0
-    if any(r.noise_multiplier <= 0 for r in releases):
+    if any(z <= 0 for z, _, _, _ in groups):
         return math.inf
     acc = rdp_privacy_accountant.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    for r in releases:
+    for z, m, n, count in groups:
         acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-            source_dataset_size=r.population, sample_size=r.sample_size,
-            event=dp_accounting.GaussianDpEvent(r.noise_multiplier / 2)))
+            source_dataset_size=n, sample_size=m, event=dp_accounting.GaussianDpEvent(z / 2)), count)
     return float(acc.get_epsilon(delta))
 
 
@@ -127,7 +139,7 @@ def load_server_privacy(path: Path) -> ServerPrivacyState | None:
         return None
     try:
         return ServerPrivacyState.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); refusing to reset "
                                 "the privacy ledger") from exc
 
