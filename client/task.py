@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from client.privacy import BudgetExhausted
 from client.train import evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
@@ -33,10 +35,18 @@ def _client_data(cfg: ExperimentConfig, partition_id: int, split: str):
 
 
 def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, partition_id: int,
-        server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], Metrics]:
-    """Train the global adapter on this client's train split; return the new adapter."""
+        server_round: int, proximal_mu: float = 0.0,
+        state_dir: Path | None = None) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Train the global adapter on this client's train split; return the new adapter.
+
+    With ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger in
+    ``state_dir`` (required then) and may raise ``client.privacy.BudgetExhausted``.
+    """
     model, blocks = _client_data(cfg, partition_id, "train")
     load_adapter_arrays(model, global_arrays)
+    if cfg.privacy.mode == "dp_sgd":
+        return _fit_dp_sgd(cfg, model, blocks, partition_id=partition_id,
+                           server_round=server_round, state_dir=state_dir)
     reference = None
     if proximal_mu > 0:
         reference = {k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()}
@@ -49,6 +59,30 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
         "seconds": result.seconds,
         "num-examples": int(blocks.shape[0]),
         "partition-id": partition_id,
+    }
+    return adapter_arrays(model), metrics
+
+
+def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, server_round: int,
+                state_dir: Path | None) -> tuple[dict[str, np.ndarray], Metrics]:
+    from client.dp_sgd import train_dp_sgd
+
+    if state_dir is None:
+        raise ValueError("fit: privacy.mode=dp_sgd needs state_dir for the client's privacy ledger")
+    try:
+        result, dp_metrics = train_dp_sgd(
+            model, blocks, cfg.training, cfg.privacy, state_dir=state_dir, server_round=server_round,
+            generator_seed=round_seed(cfg.training.seed, partition_id, server_round))
+    except BudgetExhausted as exc:
+        exc.metrics["partition-id"] = partition_id
+        raise
+    metrics: Metrics = {
+        "loss": result.loss,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "num-examples": int(blocks.shape[0]),
+        "partition-id": partition_id,
+        **dp_metrics,
     }
     return adapter_arrays(model), metrics
 

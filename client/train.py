@@ -9,7 +9,8 @@ Training is split so a privacy engine can step in between construction and the l
 ``run_steps`` sets the learning rate on ``setup.optimizer.param_groups`` each step (no
 scheduler object to re-attach after wrapping), and clips the global grad norm only when
 ``setup.max_grad_norm > 0`` (set it to 0 when a DP optimizer already clips per sample).
-Empty batches (Poisson sampling) go to ``setup.on_empty_batch``. The FedProx term's
+Empty batches (Poisson sampling) go to ``setup.on_empty_batch``; ``setup.loss_fn``, when
+set, replaces the model's own loss (DP-SGD needs a per-example loss). The FedProx term's
 gradient lands in ``p.grad`` directly, which a DP optimizer rebuilding ``p.grad`` from
 per-sample gradients would drop: combining FedProx with DP needs explicit handling.
 
@@ -24,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +132,9 @@ class TrainingSetup:
     # Called instead of forward/backward for an empty batch; None skips the step. A DP
     # engine sets a noise-only step here (the accountant counts the step either way).
     on_empty_batch: Callable[["TrainingSetup"], None] | None = None
+    # (model, input_ids, labels) -> loss; None = the model's own loss. A DP engine sets a
+    # per-example loss here (one record's gradient must not depend on the others).
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any] | None = None
 
     def total_steps(self) -> int:
         return self.local_steps if self.local_steps > 0 else self.local_epochs * len(self.loader)
@@ -235,7 +240,11 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
             if setup.on_empty_batch is not None:
                 setup.on_empty_batch(setup)
             continue
-        loss = model(input_ids=batch, labels=labels_for(batch, setup.pad_token_id)).loss
+        labels = labels_for(batch, setup.pad_token_id)
+        if setup.loss_fn is not None:
+            loss = setup.loss_fn(model, batch, labels)
+        else:
+            loss = model(input_ids=batch, labels=labels).loss
         objective = loss + proximal_term(setup.proximal, setup.proximal_mu) if setup.proximal else loss
         objective.backward()
         if setup.max_grad_norm > 0:

@@ -249,6 +249,75 @@ class TrainingConfig:
         _non_negative(f"{at}.eval_max_batches", self.eval_max_batches)
 
 
+PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
+# Strategies whose aggregate is the plain mean of client updates, so noise added to it
+# has sensitivity clipping_norm / m. The others post-process the mean (momentum, Adam)
+# *before* Flower's DP wrapper adds noise, where that sensitivity no longer holds.
+DP_FEDAVG_STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy: per record on each client, or per client on the server.
+
+    ``dp_sgd``: every client trains with Opacus DP-SGD (Poisson sampling, per-example
+    clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``); its ledger of
+    (noise, sample rate, steps) lives on its disk and ``accountant`` (``prv`` or ``rdp``)
+    turns it into a cumulative epsilon at ``delta`` (0 = 1/(10 n), n its records).
+    ``target_epsilon`` > 0 calibrates the noise so each round alone spends that much.
+    ``grad_sample_mode`` ``ghost`` clips without materialising per-example gradients.
+    ``dp_fedavg``: the server clips each client's whole update to ``clipping_norm``
+    (``clip_side`` server, or client via Flower's clipping mod), averages with equal
+    weights and adds Gaussian noise; ``clipping`` ``adaptive`` tracks the
+    ``target_quantile`` of update norms (Andrew et al.) with a noised count of stddev
+    ``clipped_count_stddev`` (0 = sampled clients / 20). Accounted with ``rdp`` (dp-accounting),
+    with amplification by client sampling. ``max_epsilon`` > 0 is a hard budget: a client
+    (dp_sgd) or the server (dp_fedavg) stops before a round that would exceed it.
+    """
+
+    mode: str = "none"
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 0.0
+    accountant: str = ""  # "" = prv for dp_sgd, rdp for dp_fedavg
+    grad_sample_mode: str = "hooks"
+    target_epsilon: float = 0.0
+    max_epsilon: float = 0.0
+    clipping: str = "fixed"
+    clip_side: str = "server"
+    clipping_norm: float = 0.1
+    target_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.mode", self.mode, PRIVACY_MODES)
+        _non_negative(f"{at}.noise_multiplier", self.noise_multiplier)
+        _positive(f"{at}.max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.delta < 1:
+            _fail(f"{at}.delta", f"must be in [0, 1) (0 = 1/(10 n)), got {self.delta}")
+        if self.accountant:
+            _one_of(f"{at}.accountant", self.accountant, ("prv", "rdp"))
+        if self.mode == "dp_fedavg" and self.accountant == "prv":
+            _fail(f"{at}.accountant", "prv is Opacus's accountant for dp_sgd; dp_fedavg is "
+                  "accounted with rdp (sampling without replacement)")
+        _one_of(f"{at}.grad_sample_mode", self.grad_sample_mode, ("hooks", "ghost"))
+        _non_negative(f"{at}.target_epsilon", self.target_epsilon)
+        if self.target_epsilon > 0 and self.mode != "dp_sgd":
+            _fail(f"{at}.target_epsilon", f"is only used by privacy.mode=dp_sgd, not {self.mode}")
+        _non_negative(f"{at}.max_epsilon", self.max_epsilon)
+        _one_of(f"{at}.clipping", self.clipping, ("fixed", "adaptive"))
+        _one_of(f"{at}.clip_side", self.clip_side, ("server", "client"))
+        _positive(f"{at}.clipping_norm", self.clipping_norm)
+        if not 0 <= self.target_quantile <= 1:
+            _fail(f"{at}.target_quantile", f"must be in [0, 1], got {self.target_quantile}")
+        _positive(f"{at}.clip_norm_lr", self.clip_norm_lr)
+        _non_negative(f"{at}.clipped_count_stddev", self.clipped_count_stddev)
+
+    def accountant_name(self) -> str:
+        return self.accountant or ("rdp" if self.mode == "dp_fedavg" else "prv")
+
+
 @dataclass
 class TrackingConfig:
     """MLflow: ``uri`` "" means a sqlite store in the output root (absolute path)."""
@@ -274,6 +343,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -294,6 +364,7 @@ class ExperimentConfig:
             )
         if s.proximal_mu > 0 and s.name != "fedprox":
             _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
+        check_privacy_combination(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
@@ -304,6 +375,31 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sampled_train_clients(strategy: StrategyConfig, num_clients: int) -> int:
+    """Clients Flower's FedAvg samples per round when all ``num_clients`` are connected."""
+    return min(num_clients, max(int(num_clients * strategy.fraction_train),
+                                min(strategy.min_train_clients, num_clients)))
+
+
+def check_privacy_combination(cfg: ExperimentConfig) -> None:
+    """Options that are each valid but silently weaken or break DP together."""
+    p, s = cfg.privacy, cfg.strategy
+    if p.mode == "dp_sgd" and s.proximal_mu > 0:
+        _fail("strategy.proximal_mu", "must be 0 with privacy.mode=dp_sgd: Opacus rebuilds "
+              "gradients from per-example ones and would silently drop the proximal term")
+    if p.mode == "dp_fedavg" and s.name not in DP_FEDAVG_STRATEGIES:
+        _fail("strategy.name", f"privacy.mode=dp_fedavg cannot wrap {s.name}: it transforms the "
+              f"mean update before noise is added; use one of {', '.join(DP_FEDAVG_STRATEGIES)}")
+    if p.mode == "dp_fedavg" and p.clipping == "adaptive" and p.noise_multiplier > 0:
+        sampled = sampled_train_clients(s, cfg.federation.num_clients)
+        stddev = p.clipped_count_stddev or sampled / 20
+        if p.noise_multiplier >= 2 * stddev:
+            _fail("privacy.clipped_count_stddev", f"{stddev:g} is too small for "
+                  f"noise_multiplier={p.noise_multiplier:g} with adaptive clipping "
+                  f"(needs noise_multiplier < 2 * clipped_count_stddev; 0 means "
+                  f"{sampled} sampled clients / 20)")
 
 
 def _build(cls: type, data: Any, at: str) -> Any:

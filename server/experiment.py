@@ -26,6 +26,7 @@ from fedslm.data import build_federated_texts
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import model_path, peft_model, token_blocks
 from server.plots import plot_rounds
+from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
 from server.strategy import build_strategy
 from server.tracking import NoTracker, Tracker
@@ -80,14 +81,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     # 3. data the server may see: only the central held-out split
     texts = build_federated_texts(cfg.data, num_clients=cfg.federation.num_clients)
     # 4. strategy, tracking, round plan
-    strategy = build_strategy(cfg)
+    strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
     tracker = make_tracker(cfg, output_dir)
     flat = to_run_config(cfg)
     run_id = tracker.start(flat, tags={"fedslm.output_dir": str(output_dir)})
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker.log_artifact(output_dir / "config.json")
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
-                     central_eval=make_central_eval(cfg, texts.central_test))
+                     central_eval=make_central_eval(cfg, texts.central_test), privacy=privacy)
     history = History()
     try:
         # 5. rounds
@@ -107,6 +108,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,
                    "output_dir": str(output_dir)}
+        if privacy is not None:
+            summary["privacy"] = privacy.summary()
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         tracker.end("FINISHED")
         return summary

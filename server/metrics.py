@@ -16,6 +16,7 @@ from server.strategy import METRICS_KEY, WEIGHT_KEY
 
 BOOKKEEPING = {WEIGHT_KEY, "partition-id"}
 SPREAD_KEYS = {"loss", "perplexity"}
+DP_PREFIX = "dp-"  # privacy figures: summarized by server.privacy_rounds, not averaged here
 
 
 def client_rows(phase: str, server_round: int, replies: Iterable[Message]) -> list[dict]:
@@ -40,7 +41,7 @@ def summarize(rows: list[dict], prefix: str) -> dict[str, float]:
     total = sum(weights) or 1.0
     keys = sorted({k for r in rows for k, v in r.items()
                    if isinstance(v, (int, float)) and k not in BOOKKEEPING
-                   and k not in ("round", "node_id")})
+                   and k not in ("round", "node_id") and not k.startswith(DP_PREFIX)})
     out: dict[str, float] = {}
     for key in keys:
         pairs = [(float(r[key]), w) for r, w in zip(rows, weights) if key in r]

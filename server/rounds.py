@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
@@ -22,6 +23,9 @@ from fedslm.adapters import payload_bytes
 from server.messaging import send_and_collect
 from server.metrics import client_rows, summarize
 from server.strategy import ARRAYS_KEY, screen_train_replies
+
+if TYPE_CHECKING:
+    from server.privacy_rounds import RoundPrivacy
 
 CentralEval = Callable[[int, ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord, dict[str, float], list[dict]], None]
@@ -37,6 +41,7 @@ class RoundPlan:
     evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
     central_eval: CentralEval | None = None
     on_round_end: RoundHook | None = None
+    privacy: RoundPrivacy | None = None  # refusals, DP metrics, budget stop (server.privacy_rounds)
 
 
 @dataclass
@@ -67,7 +72,8 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     label = f"[round {server_round}/{plan.num_rounds}] train"
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
-    screened = screen_train_replies(got.ok, arrays)
+    replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
+    screened = screen_train_replies(replies, arrays)
     for node, why in screened.rejected.items():
         log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
     for node, why in got.failed.items():
@@ -84,6 +90,9 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
         clients_timed_out=float(len(got.timed_out)),
         clients_rejected=float(len(screened.rejected)),
     )
+    if plan.privacy is not None:
+        metrics.update(plan.privacy.round_metrics(server_round, rows, refused))
+        rows += client_rows("refused", server_round, refused)
     if new_arrays is None:
         log(WARNING, "%s: no usable update; the global adapter is unchanged", label)
         new_arrays = arrays
@@ -100,6 +109,9 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
         metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
     for rnd in range(first_round, plan.num_rounds + 1):
+        if plan.privacy is not None and (why := plan.privacy.stop_reason(rnd)):
+            log(WARNING, "[round %d/%d] stopping: %s", rnd, plan.num_rounds, why)
+            break
         start = time.monotonic()
         arrays, train_metrics, train_rows = train_phase(grid, strategy, plan, rnd, arrays)
         eval_metrics, eval_rows = evaluate_phase(grid, strategy, plan, rnd, arrays)

@@ -31,7 +31,25 @@ def where_to_look(summary: dict) -> str:
     uri = summary.get("mlflow_uri", "")
     lines = [f"Outputs:      {summary['output_dir']}",
              f"Adapter:      {summary['adapter_dir']}  (PeftModel.from_pretrained(base, path))"]
+    privacy = summary.get("privacy")
+    if privacy:
+        lines.append(f"Privacy:      {privacy_line(privacy)}")
     if uri:
         lines += [f"MLflow run:   {summary['mlflow_run_id']} in {uri}",
                   f"Open it with: mlflow ui --backend-store-uri {uri}"]
     return "\n".join(lines)
+
+
+def privacy_line(privacy: dict) -> str:
+    """The epsilon a user reads at the end of a run, with what it covers."""
+    if "epsilon_user" in privacy:
+        text = (f"user-level epsilon {privacy['epsilon_user']:.3g} at delta {privacy['delta']:.2g} "
+                f"(whole client contribution, {privacy['releases']} releases)")
+    elif "epsilon_sample_max" in privacy:
+        text = (f"sample-level epsilon {privacy['epsilon_sample_max']:.3g} at delta <= "
+                f"{privacy['delta']:.2g} (per record, max over clients)")
+    else:
+        text = f"{privacy.get('mode')}: nothing released"
+    if privacy.get("stopped_early"):
+        text += f"; stopped early: {privacy['stopped_early']}"
+    return text

@@ -1,0 +1,234 @@
+"""DP-SGD for one client's round: Opacus on the already-built PEFT model.
+
+Order matters (an Opacus issue reports silently wrong LoRA updates otherwise): the PEFT
+model is built and its adapter loaded first, then ``make_training_setup`` builds the
+optimizer over the trainable (LoRA) parameters, then ``make_private`` takes over the
+optimizer and the loader. Opacus attaches hooks to the model in place
+(``wrap_model=False``), so the process-wide cached model stays a ``PeftModel``; the
+hooks are removed after the round, whatever happens.
+
+The loss is computed per example (mean over a block's own target tokens, then mean over
+the batch), so one record's gradient depends on that record alone; Hugging Face's
+built-in loss averages over all tokens of the batch, which couples records.
+No Flower imports: ``client.task`` calls ``train_dp_sgd``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+
+from client.privacy import (
+    BudgetExhausted,
+    PrivacyLedger,
+    client_delta,
+    epsilon_of,
+    load_ledger,
+    save_ledger,
+)
+from client.train import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
+from fedslm.config import PrivacyConfig, TrainingConfig
+
+Metrics = dict[str, int | float]
+
+
+@dataclass
+class RoundBudget:
+    """What one round will cost: Opacus's sample rate, the step count, the noise."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+
+def plan_round(privacy: PrivacyConfig, training: TrainingConfig, *, num_records: int) -> RoundBudget:
+    """The round's (noise, sample rate, steps), known before any data is touched.
+
+    Opacus samples each record with probability 1/len(loader) = 1/ceil(n/B). With
+    ``target_epsilon`` the noise is calibrated by Opacus's ``get_noise_multiplier`` (what
+    ``make_private_with_epsilon`` calls) for this round's exact step count, because
+    ``make_private_with_epsilon`` only accepts whole epochs and a round is usually a
+    fixed number of steps.
+    """
+    batches = -(-num_records // training.batch_size)
+    sample_rate = 1.0 / batches
+    steps = training.local_steps if training.local_steps > 0 else training.local_epochs * batches
+    delta = client_delta(privacy.delta, num_records)
+    noise = privacy.noise_multiplier
+    if privacy.target_epsilon > 0:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        noise = float(get_noise_multiplier(
+            target_epsilon=privacy.target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=privacy.accountant_name()))
+    return RoundBudget(noise_multiplier=noise, sample_rate=sample_rate, steps=steps, delta=delta)
+
+
+def per_example_mean_loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each block's mean next-token loss (pad targets excluded)."""
+    logits = model(input_ids=batch).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    mask = targets != IGNORE_INDEX
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+class ClipCounter:
+    """Counts per-example gradients whose norm exceeded the clip (a diagnostic for C)."""
+
+    def __init__(self, max_grad_norm: float) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.clipped = 0
+        self.seen = 0
+
+    def observe(self, norms: torch.Tensor | None) -> None:
+        if norms is not None and norms.numel():
+            self.clipped += int((norms > self.max_grad_norm).sum())
+            self.seen += int(norms.numel())
+
+    @property
+    def fraction(self) -> float:
+        return self.clipped / self.seen if self.seen else 0.0
+
+
+@dataclass
+class PrivateTraining:
+    """A ``TrainingSetup`` taken over by Opacus, plus what is needed to account and clean up."""
+
+    setup: TrainingSetup
+    engine: PrivacyEngine
+    hooks: Any  # Opacus GradSampleHooks(FastGradientClipping); .cleanup() removes them
+    clips: ClipCounter
+
+
+def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm: float,
+                 grad_sample_mode: str, accountant: str,
+                 noise_generator: torch.Generator | None = None) -> PrivateTraining:
+    """Hand ``setup``'s optimizer and loader to Opacus; the loop itself is unchanged.
+
+    The noise comes from a generator seeded with fresh OS entropy unless one is given:
+    noise reproducible from public config (the run's seeds) would protect nothing.
+    """
+    if noise_generator is None:
+        noise_generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    engine = PrivacyEngine(accountant=accountant)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    out = engine.make_private(
+        module=setup.model, optimizer=setup.optimizer, data_loader=setup.loader,
+        criterion=criterion, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode, wrap_model=False,
+        noise_generator=noise_generator,
+    )
+    if grad_sample_mode == "ghost":
+        hooks, optimizer, dp_criterion, loader = out
+        setup.loss_fn = _ghost_loss(dp_criterion)
+    else:
+        hooks, optimizer, loader = out
+        setup.loss_fn = per_example_mean_loss
+    setup.optimizer, setup.loader = optimizer, loader
+    setup.max_grad_norm = 0.0  # Opacus clips per example; no second, global clip
+    setup.on_empty_batch = _noise_only_step(grad_sample_mode)
+    clips = ClipCounter(max_grad_norm)
+    optimizer.original_optimizer.register_step_pre_hook(_clip_observer(optimizer, hooks, clips, grad_sample_mode))
+    return PrivateTraining(setup=setup, engine=engine, hooks=hooks, clips=clips)
+
+
+def _ghost_loss(dp_criterion: Callable) -> Callable:
+    def loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor):
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        return dp_criterion(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            shape=targets.shape)
+    return loss
+
+
+def _noise_only_step(grad_sample_mode: str) -> Callable[[TrainingSetup], None]:
+    """An empty Poisson batch is still a step: zero clipped sum, plus noise, accounted."""
+
+    def step(setup: TrainingSetup) -> None:
+        for p in setup.model.parameters():
+            if p.requires_grad:
+                if grad_sample_mode == "ghost":
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device)
+        setup.optimizer.step()
+
+    return step
+
+
+def _clip_observer(optimizer, hooks, clips: ClipCounter, grad_sample_mode: str) -> Callable:
+    """Runs after Opacus clipped and noised, before the inner optimizer steps."""
+
+    def observe(*_: Any) -> None:
+        if grad_sample_mode == "ghost":
+            clips.observe(getattr(hooks, "per_sample_gradient_norms", None))
+            hooks.per_sample_gradient_norms = None  # an empty batch sets none: count once
+            return
+        samples = [p.grad_sample for p in optimizer.params]
+        if not samples or samples[0] is None or isinstance(samples[0], list) or len(samples[0]) == 0:
+            return
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+        clips.observe(norms)
+
+    return observe
+
+
+def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: TrainingConfig,
+                 privacy: PrivacyConfig, *, state_dir: Path, server_round: int,
+                 generator_seed: int) -> tuple[TrainResult, Metrics]:
+    """One DP-SGD round for the client whose ledger lives in ``state_dir``.
+
+    Raises BudgetExhausted, before touching the data, when the round would exceed
+    ``privacy.max_epsilon``. Otherwise trains, saves the extended ledger, and returns the
+    result with the metrics the reply carries (cumulative epsilon included).
+    """
+    accountant = privacy.accountant_name()
+    ledger = load_ledger(state_dir)
+    budget = plan_round(privacy, training, num_records=len(blocks))
+    entry = (budget.noise_multiplier, budget.sample_rate, budget.steps)
+    spent = epsilon_of(ledger.history, accountant=accountant, delta=budget.delta)
+    if privacy.max_epsilon > 0:
+        projected = epsilon_of(ledger.with_round(entry), accountant=accountant, delta=budget.delta)
+        if projected > privacy.max_epsilon:
+            raise BudgetExhausted(
+                f"budget exhausted: epsilon {spent:.4g} now, {projected:.4g} after this round "
+                f"> privacy.max_epsilon={privacy.max_epsilon:g}",
+                {"dp-budget-exhausted": 1, "dp-epsilon": spent, "dp-epsilon-next": projected,
+                 "dp-delta": budget.delta, "dp-rounds": len(ledger.rounds)})
+    setup = make_training_setup(model, blocks, training, generator_seed=generator_seed)
+    private = make_private(setup, noise_multiplier=budget.noise_multiplier,
+                           max_grad_norm=privacy.max_grad_norm,
+                           grad_sample_mode=privacy.grad_sample_mode, accountant=accountant)
+    private.engine.accountant.history = list(ledger.history)
+    try:
+        result = run_steps(private.setup)
+    finally:
+        private.hooks.cleanup()
+    new_history = private.engine.accountant.history
+    if merged_steps(new_history) - merged_steps(ledger.history) != budget.steps:
+        raise RuntimeError(f"DP-SGD accounted {merged_steps(new_history) - merged_steps(ledger.history)} "
+                           f"steps, planned {budget.steps}")
+    updated = PrivacyLedger(history=list(new_history), rounds=[*ledger.rounds, server_round])
+    save_ledger(updated, state_dir, accountant=accountant, delta=budget.delta)
+    epsilon = epsilon_of(updated.history, accountant=accountant, delta=budget.delta)
+    return result, {
+        "dp-epsilon": epsilon, "dp-delta": budget.delta,
+        "dp-noise-multiplier": budget.noise_multiplier, "dp-sample-rate": budget.sample_rate,
+        "dp-steps": budget.steps, "dp-rounds": len(updated.rounds),
+        "dp-clipped-fraction": private.clips.fraction,
+    }
+
+
+def merged_steps(history: list) -> int:
+    return sum(int(steps) for _, _, steps in history)
+

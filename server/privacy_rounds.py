@@ -1,0 +1,136 @@
+"""What the round loop asks of the privacy layer: who refused, what to log, when to stop.
+
+Sample-level DP (dp_sgd) lives on the clients; the server only reads their replies: the
+cumulative epsilon each reports, and "budget exhausted" refusals, which are counted and
+kept out of aggregation (they are not failures). User-level DP (dp_fedavg) lives in the
+``UserLevelDp`` strategy wrapper; its ledger gives the user-level epsilon. Either way
+the per-round figures go to MLflow through the loop's ``log_metrics`` (only the server
+writes there), and the run stops cleanly, with a reason, when privacy leaves too few
+clients or the next release would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+from logging import WARNING
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.common import log
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
+from fedslm.config import ExperimentConfig, sampled_train_clients
+from server.dp_fedavg import UserLevelDp
+from server.privacy import expected_release, restore_or_new, server_privacy_path
+from server.strategy import METRICS_KEY
+
+
+def is_refusal(reply: Message) -> bool:
+    status = reply.content.config_records.get(STATUS_RECORD)
+    return status is not None and status.get(STATUS_KEY) == BUDGET_EXHAUSTED
+
+
+class RoundPrivacy:
+    """Per-run privacy bookkeeping on the server, consulted by ``server.rounds``."""
+
+    def __init__(self, cfg: ExperimentConfig, user_level: UserLevelDp | None = None) -> None:
+        self.cfg = cfg
+        self.user_level = user_level
+        self.client_epsilon: dict[int, tuple[float, float]] = {}  # partition -> (epsilon, delta)
+        self.exhausted: set[int] = set()
+        self.refused_total = 0
+        self.stopped: str | None = None
+        self._population = cfg.federation.num_clients
+
+    def split_refusals(self, replies: list[Message]) -> tuple[list[Message], list[Message]]:
+        """(replies to aggregate, budget-exhausted refusals)."""
+        kept, refused = [], []
+        for reply in replies:
+            (refused if is_refusal(reply) else kept).append(reply)
+        for reply in refused:
+            metrics = reply.content.metric_records.get(METRICS_KEY, {})
+            pid = int(metrics.get("partition-id", -reply.metadata.src_node_id))
+            self.exhausted.add(pid)
+            if "dp-epsilon" in metrics:
+                self.client_epsilon[pid] = (float(metrics["dp-epsilon"]), float(metrics.get("dp-delta", 0.0)))
+            log(WARNING, "client %s refused to train: %s", pid,
+                reply.content.config_records[STATUS_RECORD].get("message", BUDGET_EXHAUSTED))
+        self.refused_total += len(refused)
+        return kept, refused
+
+    def round_metrics(self, server_round: int, rows: list[dict], refused: list[Message]) -> dict[str, float]:
+        """The privacy figures of a round, for MLflow and rounds.csv."""
+        if self.cfg.privacy.mode == "dp_fedavg":
+            if self.user_level is None:
+                return {}
+            state = self.user_level.state  # epsilon even for a round that released nothing
+            return {"dp_epsilon_user": state.epsilon(), "dp_delta": state.delta,
+                    **self.user_level.last_round}
+        for row in rows:
+            if "dp-epsilon" in row and "partition-id" in row:
+                self.client_epsilon[int(row["partition-id"])] = (float(row["dp-epsilon"]), float(row["dp-delta"]))
+        out: dict[str, float] = {"dp_clients_refused": float(len(refused)),
+                                 "dp_clients_exhausted": float(len(self.exhausted)),
+                                 "dp_clip_norm": self.cfg.privacy.max_grad_norm}
+        if self.client_epsilon:  # every client seen so far: the run's guarantee only grows
+            eps = [e for e, _ in self.client_epsilon.values()]
+            out.update(dp_epsilon_sample_max=max(eps), dp_epsilon_sample_mean=statistics.fmean(eps),
+                       dp_delta=max(d for _, d in self.client_epsilon.values()))
+        for key, name in (("dp-noise-multiplier", "dp_noise_multiplier"),
+                          ("dp-clipped-fraction", "dp_clipped_fraction")):
+            values = [float(r[key]) for r in rows if key in r]
+            if values:
+                out[name] = statistics.fmean(values)
+        return out
+
+    def stop_reason(self, next_round: int) -> str | None:
+        """Why round ``next_round`` must not run (None: it may)."""
+        p = self.cfg.privacy
+        if p.max_epsilon <= 0:
+            return None
+        if p.mode == "dp_sgd":
+            left = self.cfg.federation.num_clients - len(self.exhausted)
+            needed = min(self.cfg.strategy.min_train_clients, self.cfg.federation.num_clients)
+            if left < needed:
+                self.stopped = (f"privacy budget exhausted: {len(self.exhausted)} of "
+                                f"{self.cfg.federation.num_clients} clients reached "
+                                f"privacy.max_epsilon={p.max_epsilon:g}; {left} left, "
+                                f"strategy.min_train_clients={needed}")
+        elif p.mode == "dp_fedavg" and self.user_level is not None:
+            state = self.user_level.state
+            release = expected_release(self.cfg, next_round, population=self._population)
+            projected = state.epsilon(release)
+            if projected > p.max_epsilon:
+                self.stopped = (f"privacy budget exhausted: round {next_round} would take user-level "
+                                f"epsilon from {state.epsilon():.4g} to {projected:.4g} > "
+                                f"privacy.max_epsilon={p.max_epsilon:g}")
+        return self.stopped
+
+    def summary(self) -> dict:
+        out: dict = {"mode": self.cfg.privacy.mode, "stopped_early": self.stopped}
+        if self.cfg.privacy.mode == "dp_sgd" and self.client_epsilon:
+            out.update(epsilon_sample_max=max(e for e, _ in self.client_epsilon.values()),
+                       delta=max(d for _, d in self.client_epsilon.values()),
+                       clients_exhausted=sorted(self.exhausted), refusals=self.refused_total)
+        if self.user_level is not None:
+            state = self.user_level.state
+            out.update(epsilon_user=state.epsilon(), delta=state.delta,
+                       releases=len(state.releases), clipping_norm=state.clipping_norm)
+        return out
+
+
+def setup_privacy(cfg: ExperimentConfig, strategy: Strategy, output_dir: Path
+                  ) -> tuple[Strategy, RoundPrivacy | None]:
+    """The strategy to run (wrapped for dp_fedavg) and the loop's privacy hooks."""
+    if cfg.privacy.mode == "none":
+        return strategy, None
+    if cfg.privacy.mode == "dp_sgd":
+        return strategy, RoundPrivacy(cfg)
+    if not isinstance(strategy, FedAvg):
+        raise ValueError(f"strategy.name: dp_fedavg cannot wrap {type(strategy).__name__}")
+    path = server_privacy_path(output_dir)
+    state = restore_or_new(cfg, path)
+    wrapped = UserLevelDp(strategy, state, privacy=cfg.privacy, state_path=path,
+                          expected_sampled=sampled_train_clients(cfg.strategy, cfg.federation.num_clients))
+    return wrapped, RoundPrivacy(cfg, wrapped)

@@ -1,0 +1,144 @@
+"""Privacy-utility plot: epsilon against final perplexity for the runs of an MLflow experiment.
+
+    python -m simulations.run -m privacy=dp_sgd privacy.noise_multiplier=0.5,1.0,2.0 tracking.experiment=dp
+    python -m simulations.run tracking.experiment=dp            # the non-DP baseline
+    python -m simulations.privacy_plot --experiment dp --tracking-uri sqlite:////abs/outputs/mlflow.db
+
+Each finished run contributes its last logged epsilon (sample-level: the max over
+clients; user-level: the server's) and its last perplexity (central held-out if logged,
+else the clients' test splits). Runs without DP are the baseline (a dashed line). The
+PNG and a CSV of the points are saved and logged to a new run of the same experiment,
+tagged ``fedslm.kind=privacy-plot`` (such runs are skipped when plotting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOT_TAG = "fedslm.kind"
+PLOT_KIND = "privacy-plot"
+EPSILON_KEYS = {"dp_sgd": "dp_epsilon_sample_max", "dp_fedavg": "dp_epsilon_user"}
+PERPLEXITY_KEYS = ("central_perplexity", "eval_perplexity")
+
+
+@dataclass
+class Point:
+    run_id: str
+    run_name: str
+    mode: str
+    noise_multiplier: float
+    epsilon: float  # inf for runs without DP
+    delta: float
+    perplexity: float
+    perplexity_metric: str
+
+
+def collect_points(client, experiment_id: str) -> list[Point]:
+    """One point per finished run that logged a perplexity (plot runs excluded)."""
+    points = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  max_results=10_000):
+        if run.data.tags.get(PLOT_TAG) == PLOT_KIND:
+            continue
+        metrics, params = run.data.metrics, run.data.params
+        ppl_key = next((k for k in PERPLEXITY_KEYS if k in metrics), None)
+        if ppl_key is None:
+            continue
+        mode = params.get("privacy.mode", "none")
+        eps_key = EPSILON_KEYS.get(mode)
+        if eps_key is not None and eps_key not in metrics:
+            continue  # a DP run that released nothing has no epsilon to show
+        points.append(Point(
+            run_id=run.info.run_id, run_name=run.info.run_name or run.info.run_id[:8], mode=mode,
+            noise_multiplier=float(params.get("privacy.noise_multiplier", "nan")) if mode != "none" else 0.0,
+            epsilon=float(metrics[eps_key]) if eps_key else math.inf,
+            delta=float(metrics.get("dp_delta", 0.0)), perplexity=float(metrics[ppl_key]),
+            perplexity_metric=ppl_key))
+    return sorted(points, key=lambda p: (p.mode, p.epsilon))
+
+
+def draw(points: list[Point], path: Path, *, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mode, marker in (("dp_sgd", "o"), ("dp_fedavg", "s")):
+        pts = [p for p in points if p.mode == mode and math.isfinite(p.epsilon)]
+        if pts:
+            label = "sample-level (DP-SGD)" if mode == "dp_sgd" else "user-level (DP-FedAvg)"
+            ax.plot([p.epsilon for p in pts], [p.perplexity for p in pts], marker=marker, label=label)
+            for p in pts:
+                ax.annotate(f"σ={p.noise_multiplier:g}", (p.epsilon, p.perplexity),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for i, p in enumerate(p for p in points if p.mode == "none"):
+        ax.axhline(p.perplexity, linestyle="--", color="gray", label="no DP" if i == 0 else None)
+    if any(math.isfinite(p.epsilon) and p.epsilon > 0 for p in points):
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel="ε (cumulative, at the run's δ)", ylabel="final perplexity (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_csv(points: list[Point], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(Point.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(p) for p in points)
+    return path
+
+
+def table(points: list[Point]) -> str:
+    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'perplexity':>10}  run"]
+    for p in points:
+        lines.append(f"{p.mode:<10} {p.noise_multiplier:>6g} {p.epsilon:>10.3f} {p.delta:>9.2g} "
+                     f"{p.perplexity:>10.3f}  {p.run_name}")
+    return "\n".join(lines)
+
+
+def plot_experiment(experiment: str, tracking_uri: str, out: Path) -> tuple[list[Point], str]:
+    """Draw, save and log the plot; returns the points and the MLflow run id it was logged to."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"error: no MLflow experiment named {experiment!r} in {tracking_uri}")
+    points = collect_points(client, exp.experiment_id)
+    if not points:
+        raise SystemExit(f"error: experiment {experiment!r} has no finished runs with a perplexity")
+    png = draw(points, out, title=f"Privacy vs utility: {experiment}")
+    data = write_csv(points, out.with_suffix(".csv"))
+    run = client.create_run(exp.experiment_id, run_name="privacy-utility", tags={PLOT_TAG: PLOT_KIND})
+    client.log_artifact(run.info.run_id, str(png))
+    client.log_artifact(run.info.run_id, str(data))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return points, run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", required=True, help="e.g. sqlite:////abs/path/outputs/mlflow.db")
+    parser.add_argument("--out", type=Path, default=Path("privacy_utility.png"), help="PNG path")
+    args = parser.parse_args(argv)
+    points, run_id = plot_experiment(args.experiment, args.tracking_uri, args.out.resolve())
+    print(table(points))
+    print(f"\nPlot: {args.out.resolve()} (logged to MLflow run {run_id})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

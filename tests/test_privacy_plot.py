@@ -1,0 +1,60 @@
+"""The privacy-utility plot reads a real MLflow store and logs its PNG back to it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from simulations.privacy_plot import PLOT_KIND, PLOT_TAG, main, plot_experiment
+
+
+def _run(client, exp_id, name, params, metrics, status="FINISHED"):
+    run = client.create_run(exp_id, run_name=name)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, values in metrics.items():
+        for step, value in enumerate(values, start=1):
+            client.log_metric(run.info.run_id, key, value, step=step)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: Path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("dp", artifact_location=(tmp_path / "artifacts").as_uri())
+    _run(client, exp, "sgd-1", {"privacy.mode": "dp_sgd", "privacy.noise_multiplier": "1.0"},
+         {"dp_epsilon_sample_max": [1.0, 2.5], "dp_delta": [1e-3, 1e-3], "central_perplexity": [9.0, 8.5]})
+    _run(client, exp, "sgd-2", {"privacy.mode": "dp_sgd", "privacy.noise_multiplier": "0.5"},
+         {"dp_epsilon_sample_max": [4.0, 9.0], "central_perplexity": [8.8, 8.1]})
+    _run(client, exp, "fedavg", {"privacy.mode": "dp_fedavg", "privacy.noise_multiplier": "1.0"},
+         {"dp_epsilon_user": [6.0, 9.5], "eval_perplexity": [9.5, 9.2]})
+    _run(client, exp, "base", {"privacy.mode": "none"}, {"central_perplexity": [8.0, 7.5]})
+    _run(client, exp, "broken", {"privacy.mode": "dp_sgd"}, {"central_perplexity": [1.0]}, status="FAILED")
+    _run(client, exp, "no-release", {"privacy.mode": "dp_sgd"}, {"central_perplexity": [9.9]})
+
+    out = tmp_path / "plot" / "pu.png"
+    points, run_id = plot_experiment("dp", uri, out)
+    got = {p.run_name: (p.mode, p.noise_multiplier, p.epsilon, p.perplexity, p.perplexity_metric) for p in points}
+    assert got == {
+        "sgd-1": ("dp_sgd", 1.0, 2.5, 8.5, "central_perplexity"),
+        "sgd-2": ("dp_sgd", 0.5, 9.0, 8.1, "central_perplexity"),
+        "fedavg": ("dp_fedavg", 1.0, 9.5, 9.2, "eval_perplexity"),
+        "base": ("none", 0.0, math.inf, 7.5, "central_perplexity"),
+    }
+    assert out.stat().st_size > 10_000 and out.with_suffix(".csv").exists()
+    plot_run = client.get_run(run_id)
+    assert plot_run.data.tags[PLOT_TAG] == PLOT_KIND
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["pu.csv", "pu.png"]
+    # running it again does not plot its own earlier plot run
+    main(["--experiment", "dp", "--tracking-uri", uri, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("dp_sgd") == 2 and "privacy-utility" not in printed.split("Plot:")[0]
+
+
+def test_plot_names_a_missing_experiment(tmp_path: Path):
+    with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
+        plot_experiment("nope", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "x.png")
