@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from client.personal import TRAINED_IN_FIT, evaluate_personal, fit_personal
+from client.personal_state import resolve_state_dir
 from client.train import evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
-from fedslm.runtime import client_split, peft_model, token_blocks
+from fedslm.runtime import client_split, experiment_model, token_blocks
 
 Metrics = dict[str, int | float]
 
@@ -26,15 +29,24 @@ def round_seed(seed: int, partition_id: int, server_round: int) -> int:
 
 
 def _client_data(cfg: ExperimentConfig, partition_id: int, split: str):
-    model, tokenizer = peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed)
+    model, tokenizer = experiment_model(cfg)
     texts = getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
                                  partition_id=partition_id), split)
     return model, token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
 
 
 def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, partition_id: int,
-        server_round: int, proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], Metrics]:
-    """Train the global adapter on this client's train split; return the new adapter."""
+        server_round: int, proximal_mu: float = 0.0,
+        state_dir: Path | None = None) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Train the global adapter on this client's train split; return the new adapter.
+
+    With a personalization that trains a personal part (``client.personal``), that part
+    is kept under ``state_dir`` (default: ``resolve_state_dir(cfg)``) and not returned.
+    """
+    if cfg.personalization.method in TRAINED_IN_FIT:
+        return fit_personal(cfg, global_arrays, partition_id=partition_id,
+                            server_round=server_round, proximal_mu=proximal_mu,
+                            state_dir=state_dir or resolve_state_dir(cfg))
     model, blocks = _client_data(cfg, partition_id, "train")
     load_adapter_arrays(model, global_arrays)
     reference = None
@@ -54,8 +66,15 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
 
 
 def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
-             partition_id: int) -> Metrics:
-    """Loss, perplexity and next-token accuracy of the global adapter on this client's test split."""
+             partition_id: int, server_round: int = 0, state_dir: Path | None = None) -> Metrics:
+    """Loss, perplexity and next-token accuracy of the global adapter on this client's test split.
+
+    With personalization, the personal model's too (``client.personal.evaluate_personal``).
+    """
+    if cfg.personalization.method != "none":
+        return evaluate_personal(cfg, global_arrays, partition_id=partition_id,
+                                 server_round=server_round,
+                                 state_dir=state_dir or resolve_state_dir(cfg))
     model, blocks = _client_data(cfg, partition_id, "test")
     load_adapter_arrays(model, global_arrays)
     result = evaluate_lm(model, blocks, batch_size=cfg.training.batch_size,
