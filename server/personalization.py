@@ -116,15 +116,12 @@ def _pyplot():
     return plt
 
 
-def MaxNLocator(**kwargs):  # noqa: N802 - matplotlib's class, imported late like pyplot
-    from matplotlib.ticker import MaxNLocator as locator
-
-    return locator(**kwargs)
-
 
 def plot_quality(rounds: list[dict[str, float]], path: Path) -> Path:
     """Perplexity and accuracy over rounds: mean over clients, band = 10th-90th percentile."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, q in zip(axes, ("perplexity", "accuracy")):
         for who, label in (("global", "global adapter"), ("personal", "personal")):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from simulations.report import _fmt_bytes
 
@@ -45,6 +46,10 @@ def collect(tracking_uri: str, experiment: str, *, every_run: bool = False) -> l
     """Rows for the experiment's finished runs (latest per method unless ``every_run``)."""
     import mlflow
 
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():  # MLflow would silently create an empty store
+            raise CompareError(f"--tracking-uri: no MLflow database at {db}")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
