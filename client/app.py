@@ -1,8 +1,9 @@
 """Flower ClientApp: unpack the message, call the plain task function, pack the reply.
 
 Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``) and
-scalar metrics leave the client; base weights and text never do. A DP-SGD client whose
-budget is spent replies with a status record and its epsilon instead of an update.
+scalar metrics leave the client; base weights, text and personal tensors never do. A
+DP-SGD client whose budget is spent replies with a status record and its epsilon
+instead of an update.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
+from client.personal_state import resolve_state_dir
 from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
 from client.task import evaluate, fit
 from fedslm.adapters import from_array_record, to_array_record
@@ -39,18 +41,12 @@ def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def state_dir(cfg: ExperimentConfig, context: Context) -> Path:
-    """Where this client keeps state across rounds (its privacy ledger).
-
-    ``node_config["state-dir"]`` when the deployment gives one (a device's own disk);
-    otherwise ``<output dir>/clients/<partition id>`` (simulation: one dir per virtual client).
-    """
-    configured = context.node_config.get("state-dir")
-    if configured:
-        return Path(str(configured))
-    base = Path(cfg.output_dir) if cfg.output_dir else (
-        Path.home() / ".cache" / "fedslm" / "runs" / str(context.run_id))
-    return base / "clients" / str(partition_id(context))
+def state_dir(context: Context) -> Path:
+    """Base dir of client state (personal adapters, privacy ledgers): the node config's
+    ``state-dir`` (a device agent's own disk) if set, else from the experiment config;
+    each client keeps its files under ``<base>/<partition id>/``."""
+    return resolve_state_dir(experiment(context), run_id=context.run_id,
+                             override=str(context.node_config.get("state-dir", "")))
 
 
 def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -74,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
             partition_id=partition_id(context),
             server_round=int(config["server-round"]),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
-            state_dir=state_dir(cfg, context),
+            state_dir=state_dir(context),
         )
     except BudgetExhausted as exc:  # a clear status instead of an update, not an error
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
@@ -87,5 +83,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=partition_id(context))
+                       partition_id=partition_id(context),
+                       server_round=int(msg.content["config"].get("server-round", 0)),
+                       state_dir=state_dir(context))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.personal import TRAINED_IN_FIT, evaluate_personal, fit_personal
+from client.personal_state import resolve_state_dir
 from client.privacy import BudgetExhausted
 from client.train import evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
-from fedslm.runtime import client_split, peft_model, token_blocks
+from fedslm.runtime import client_split, experiment_model, token_blocks
 
 Metrics = dict[str, int | float]
 
@@ -28,7 +30,7 @@ def round_seed(seed: int, partition_id: int, server_round: int) -> int:
 
 
 def _client_data(cfg: ExperimentConfig, partition_id: int, split: str):
-    model, tokenizer = peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed)
+    model, tokenizer = experiment_model(cfg)
     texts = getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
                                  partition_id=partition_id), split)
     return model, token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
@@ -39,14 +41,22 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
         state_dir: Path | None = None) -> tuple[dict[str, np.ndarray], Metrics]:
     """Train the global adapter on this client's train split; return the new adapter.
 
-    With ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger in
-    ``state_dir`` (required then) and may raise ``client.privacy.BudgetExhausted``.
+    ``state_dir`` is the base of client state (default ``resolve_state_dir(cfg)``); this
+    client's files live in ``<state_dir>/<partition_id>/``. With a personalization that
+    trains a personal part (``client.personal``), that part is kept there and not
+    returned. With ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger kept
+    there and may raise ``client.privacy.BudgetExhausted``.
     """
+    state_dir = state_dir or resolve_state_dir(cfg)
+    if cfg.personalization.method in TRAINED_IN_FIT:
+        return fit_personal(cfg, global_arrays, partition_id=partition_id,
+                            server_round=server_round, proximal_mu=proximal_mu,
+                            state_dir=state_dir)
     model, blocks = _client_data(cfg, partition_id, "train")
     load_adapter_arrays(model, global_arrays)
     if cfg.privacy.mode == "dp_sgd":
         return _fit_dp_sgd(cfg, model, blocks, partition_id=partition_id,
-                           server_round=server_round, state_dir=state_dir)
+                           server_round=server_round, ledger_dir=state_dir / str(partition_id))
     reference = None
     if proximal_mu > 0:
         reference = {k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()}
@@ -64,14 +74,12 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
 
 
 def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, server_round: int,
-                state_dir: Path | None) -> tuple[dict[str, np.ndarray], Metrics]:
+                ledger_dir: Path) -> tuple[dict[str, np.ndarray], Metrics]:
     from client.dp_sgd import train_dp_sgd
 
-    if state_dir is None:
-        raise ValueError("fit: privacy.mode=dp_sgd needs state_dir for the client's privacy ledger")
     try:
         result, dp_metrics = train_dp_sgd(
-            model, blocks, cfg.training, cfg.privacy, state_dir=state_dir, server_round=server_round,
+            model, blocks, cfg.training, cfg.privacy, state_dir=ledger_dir, server_round=server_round,
             generator_seed=round_seed(cfg.training.seed, partition_id, server_round))
     except BudgetExhausted as exc:
         exc.metrics["partition-id"] = partition_id
@@ -88,8 +96,15 @@ def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, serv
 
 
 def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
-             partition_id: int) -> Metrics:
-    """Loss, perplexity and next-token accuracy of the global adapter on this client's test split."""
+             partition_id: int, server_round: int = 0, state_dir: Path | None = None) -> Metrics:
+    """Loss, perplexity and next-token accuracy of the global adapter on this client's test split.
+
+    With personalization, the personal model's too (``client.personal.evaluate_personal``).
+    """
+    if cfg.personalization.method != "none":
+        return evaluate_personal(cfg, global_arrays, partition_id=partition_id,
+                                 server_round=server_round,
+                                 state_dir=state_dir or resolve_state_dir(cfg))
     model, blocks = _client_data(cfg, partition_id, "test")
     load_adapter_arrays(model, global_arrays)
     result = evaluate_lm(model, blocks, batch_size=cfg.training.batch_size,

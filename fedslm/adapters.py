@@ -7,6 +7,10 @@ all name the same tensors, so a disagreement fails loudly instead of leaking a b
 weight over the wire. Names are PEFT's checkpoint names (``get_peft_model_state_dict``,
 as in ``adapter_model.safetensors``): adapter name removed, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+
+With personalization some adapter tensors are ``personal``: they train but never leave
+the client. The model remembers which personalization it was built for
+(``apply_roles``), so no caller can ask for the travelling set under another rule.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from safetensors.torch import save_file
 
 from fedslm.config import PeftConfig
 
-Role = Literal["frozen", "shared"]
+Role = Literal["frozen", "shared", "personal"]
+
+GLOBAL_ADAPTER = "default"  # PEFT's name for the first adapter: the one that travels
+PERSONAL_ADAPTER = "personal"  # the second adapter of ``dual``; it never travels
+_PERSONALIZATION_ATTR = "fedslm_personalization"
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,23 +50,36 @@ class AdapterError(ValueError):
     """Adapter tensors do not fit the model or are unusable; the message names the tensor."""
 
 
-def parameter_role(name: str, *, bias: str = "none") -> Role:
+def parameter_role(name: str, *, bias: str = "none", personalization: str = "none") -> Role:
     """Role of a parameter, from its name alone (parameter or checkpoint name).
 
     ``bias`` is ``PeftConfig.bias``: it cannot be read off a name, and it decides
     whether bias terms train. ``lora_only`` shares the biases of LoRA-targeted layers
     (PEFT keeps them at ``<layer>.base_layer.bias``); ``all`` shares every bias, as PEFT
-    does. A later "personal" role is one more rule checked before the "shared" ones.
+    does. ``personalization`` is ``PersonalizationConfig.method``; it turns some
+    trainable tensors ``personal`` (trained, kept on the client): ``local_only`` all
+    of them, ``split`` the LoRA B matrices, ``dual`` the tensors of the adapter named
+    ``personal`` (only parameter names carry the adapter name). ``none`` and
+    ``finetune`` share the whole adapter (finetune's private copy is a separate value of
+    the same tensors, made and kept on the client, see ``client.personal``).
     """
     parts = name.split(".")
-    if _LORA_PARTS.intersection(parts):
-        return "shared"
-    if parts[-1] == "bias":
-        if bias == "all":
-            return "shared"
-        if bias == "lora_only" and len(parts) >= 2 and parts[-2] == "base_layer":
-            return "shared"
-    return "frozen"
+    lora = _LORA_PARTS.intersection(parts)
+    if lora:
+        trainable: Role = "shared"
+    elif parts[-1] == "bias" and (
+        bias == "all" or (bias == "lora_only" and len(parts) >= 2 and parts[-2] == "base_layer")
+    ):
+        trainable = "shared"
+    else:
+        return "frozen"
+    if personalization == "local_only":
+        return "personal"
+    if personalization == "split" and lora & {"lora_B", "lora_embedding_B"}:
+        return "personal"
+    if personalization == "dual" and lora and PERSONAL_ADAPTER in parts:
+        return "personal"
+    return trainable
 
 
 def lora_config(peft_cfg: PeftConfig, *, base_model: str | None = None) -> LoraConfig:
@@ -74,41 +95,94 @@ def lora_config(peft_cfg: PeftConfig, *, base_model: str | None = None) -> LoraC
     )
 
 
-def apply_roles(model: PeftModel) -> None:
-    """Set ``requires_grad`` on every parameter from ``parameter_role``."""
-    bias = model.peft_config[model.active_adapter].bias
-    for name, param in model.named_parameters():
-        param.requires_grad_(parameter_role(name, bias=bias) == "shared")
+def personalization_of(model: PeftModel) -> str:
+    """The personalization the model's roles were set for (``apply_roles``)."""
+    return getattr(model, _PERSONALIZATION_ATTR, "none")
 
 
-def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """The travelling parameters themselves, keyed by checkpoint name.
+def apply_roles(model: PeftModel, personalization: str | None = None) -> None:
+    """Set ``requires_grad`` on every parameter from ``parameter_role``.
 
-    Checked: PEFT's saved set == the role rule's set == the ``requires_grad`` set.
+    ``personalization`` (default: what the model was last set for) is remembered on
+    the model, so the travelling set is always computed under the same rule.
     """
-    adapter = model.active_adapter
-    bias = model.peft_config[adapter].bias
+    if personalization is None:
+        personalization = personalization_of(model)
+    setattr(model, _PERSONALIZATION_ATTR, personalization)
+    bias = model.peft_config[GLOBAL_ADAPTER].bias
+    for name, param in model.named_parameters():
+        role = parameter_role(name, bias=bias, personalization=personalization)
+        param.requires_grad_(role != "frozen")
+
+
+def adapter_parameters(model: PeftModel, role: Role = "shared") -> dict[str, torch.nn.Parameter]:
+    """The parameters of one role (default: the travelling ones), keyed by checkpoint name.
+
+    Checked on every call: PEFT's saved set (over all adapters) == the role rule's
+    non-frozen set == the ``requires_grad`` set, and no checkpoint name means two
+    different tensors of the asked role.
+    """
+    personalization = personalization_of(model)
+    bias = model.peft_config[GLOBAL_ADAPTER].bias
     params = dict(model.named_parameters())
-    saved = get_peft_model_state_dict(
-        model, state_dict=params, adapter_name=adapter, save_embedding_layers=False
-    )
-    saved_ids = {id(p) for p in saved.values()}
+    roles = {id(p): parameter_role(n, bias=bias, personalization=personalization)
+             for n, p in params.items()}
+    by_adapter = {
+        adapter: get_peft_model_state_dict(
+            model, state_dict=params, adapter_name=adapter, save_embedding_layers=False
+        )
+        for adapter in model.peft_config
+    }
+    saved_ids = {id(p) for saved in by_adapter.values() for p in saved.values()}
     for name, param in params.items():
-        shared = parameter_role(name, bias=bias) == "shared"
-        if shared != (id(param) in saved_ids) or shared != param.requires_grad:
+        trainable = roles[id(param)] != "frozen"
+        if trainable != (id(param) in saved_ids) or trainable != param.requires_grad:
             raise AdapterError(
-                f"{name}: role={'shared' if shared else 'frozen'} but "
+                f"{name}: role={roles[id(param)]} but "
                 f"saved_by_peft={id(param) in saved_ids}, requires_grad={param.requires_grad}"
             )
-    return saved
+    out: dict[str, torch.nn.Parameter] = {}
+    for saved in by_adapter.values():
+        for ckpt, param in saved.items():
+            if roles[id(param)] != role:
+                continue
+            if ckpt in out and out[ckpt] is not param:
+                raise AdapterError(f"{ckpt}: two different {role} tensors share this name")
+            out[ckpt] = param
+    return out
 
 
-def adapter_arrays(model: PeftModel) -> dict[str, np.ndarray]:
-    """The travelling tensors as float32 numpy copies, keyed by checkpoint name."""
+def adapter_arrays(model: PeftModel, role: Role = "shared") -> dict[str, np.ndarray]:
+    """The tensors of one role (default: the travelling ones) as float32 numpy copies."""
     return {
         name: param.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
-        for name, param in adapter_parameters(model).items()
+        for name, param in adapter_parameters(model, role).items()
     }
+
+
+def reset_to_init(model: PeftModel, role: Role, *, seed: int) -> None:
+    """Give the tensors of ``role`` PEFT's own fresh LoRA init (A random, B zero), from ``seed``.
+
+    Every adapter is re-initialised in module order under ``torch.manual_seed(seed)``
+    (so with one adapter this is exactly the server's initial adapter for that seed),
+    then every tensor not of ``role`` gets its value back. The caller's RNG is untouched.
+    """
+    if not adapter_parameters(model, role):
+        return
+    keep = {name: p.detach().clone() for name, p in adapter_parameters(model, _other(role)).items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                for adapter_name in module.lora_A.keys():
+                    module.reset_lora_parameters(adapter_name, True)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model, _other(role)).items():
+            param.copy_(keep[name])
+
+
+def _other(role: Role) -> Role:
+    return "personal" if role == "shared" else "shared"
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -129,9 +203,11 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
             raise AdapterError(f"{name}: contains non-finite values (NaN or Inf)")
 
 
-def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
-    """Copy ``arrays`` into the adapter in place, after checking all of them first."""
-    params = adapter_parameters(model)
+def load_adapter_arrays(
+    model: PeftModel, arrays: Mapping[str, np.ndarray], role: Role = "shared"
+) -> None:
+    """Copy ``arrays`` into the tensors of ``role`` in place, after checking all of them first."""
+    params = adapter_parameters(model, role)
     check_arrays(arrays, {n: tuple(p.shape) for n, p in params.items()})
     with torch.no_grad():
         for name, param in params.items():
@@ -154,12 +230,14 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 
 def save_adapter(
-    arrays: Mapping[str, np.ndarray], peft_cfg: PeftConfig, *, base_model: str, out_dir: Path
+    arrays: Mapping[str, np.ndarray], peft_cfg: PeftConfig, *, base_model: str, out_dir: Path,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a standard PEFT adapter dir; an existing one is replaced only by a complete one.
 
     Loadable with ``PeftModel.from_pretrained(base, out_dir)``. Values are checked
-    (finite, floating) before anything is written.
+    (finite, floating) before anything is written. ``extra_files`` (name -> text) are
+    written into the same dir, so they are replaced atomically with the tensors.
     """
     out_dir = Path(out_dir)
     check_arrays(arrays, {n: np.shape(v) for n, v in arrays.items()})
@@ -172,6 +250,8 @@ def save_adapter(
             n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for n, v in arrays.items()
         }
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
         sync_tree(tmp)
         _replace_dir(tmp, out_dir)
     finally:

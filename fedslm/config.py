@@ -332,6 +332,33 @@ class TrackingConfig:
             _fail(f"{at}.experiment", "must not be empty")
 
 
+PERSONALIZATION_METHODS = ("none", "local_only", "finetune", "split", "dual")
+
+
+@dataclass
+class PersonalizationConfig:
+    """Whether and how each client keeps its own adapter (personal weights never leave it).
+
+    ``none``: the global adapter only. ``local_only``: every client trains its own
+    adapter and nothing is aggregated. ``finetune``: on each global adapter it receives
+    for evaluation, a client fine-tunes a private copy for ``finetune_steps`` steps on
+    its train split and keeps it. ``split`` (FedSA-LoRA): LoRA A matrices are shared and
+    aggregated, B matrices stay on the client. ``dual`` (FedDPA): a federated global
+    adapter plus a personal adapter trained only locally, both active at inference.
+    Personal adapters live on disk under ``state_dir`` ("" = ``<output_dir>/clients``),
+    one ``<partition-id>/personal/`` dir per client.
+    """
+
+    method: str = "none"
+    finetune_steps: int = 5
+    state_dir: str = ""
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.method", self.method, PERSONALIZATION_METHODS)
+        if self.finetune_steps < 1:
+            _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
+
+
 @dataclass
 class ExperimentConfig:
     """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
@@ -344,6 +371,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -365,6 +393,13 @@ class ExperimentConfig:
         if s.proximal_mu > 0 and s.name != "fedprox":
             _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
         check_privacy_combination(self)
+        if self.personalization.method == "local_only" and self.peft.bias != "none":
+            _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
+                  "weights: a client without state could not get fresh ones back)")
+        if self.privacy.mode != "none" and self.personalization.method != "none":
+            _fail("personalization.method", f"{self.personalization.method} is not supported "
+                  f"together with privacy.mode={self.privacy.mode} yet (the personal training "
+                  "path has no DP accounting); use personalization=none")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":

@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedslm.adapters import apply_roles, lora_config, sync_tree
+from fedslm.adapters import GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree
 from fedslm.config import BUILTIN_MODEL, ModelConfig, PeftConfig
 
 
@@ -293,8 +293,15 @@ def max_sequence_length(path: str) -> int:
     raise ModelError(f"model.name_or_path: {path!r} config states no maximum sequence length")
 
 
-def build_peft_model(base: PreTrainedModel, peft_cfg: PeftConfig) -> PeftModel:
-    """Wrap ``base`` (modified in place) with a fresh LoRA adapter; trainability from adapters."""
+def build_peft_model(
+    base: PreTrainedModel, peft_cfg: PeftConfig, *, personalization: str = "none"
+) -> PeftModel:
+    """Wrap ``base`` (modified in place) with a fresh LoRA adapter; trainability from adapters.
+
+    ``personalization="dual"`` adds a second LoRA adapter of the same shape named
+    ``personal``; both are active (their updates add up) and ``parameter_role`` keeps
+    the second one on the client.
+    """
     modules = [(name, module) for name, module in base.named_modules() if name]
     targetable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _is_targetable(m)})
     for target in peft_cfg.target_modules:
@@ -310,7 +317,10 @@ def build_peft_model(base: PreTrainedModel, peft_cfg: PeftConfig) -> PeftModel:
         model = get_peft_model(base, lora_config(peft_cfg))
     except ValueError as exc:
         raise ModelError(f"peft.target_modules: {' '.join(str(exc).split())[:200]}") from exc
-    apply_roles(model)
+    if personalization == "dual":
+        model.add_adapter(PERSONAL_ADAPTER, lora_config(peft_cfg))
+        model.base_model.set_adapter([GLOBAL_ADAPTER, PERSONAL_ADAPTER])
+    apply_roles(model, personalization)
     return model
 
 

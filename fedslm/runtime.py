@@ -14,7 +14,7 @@ from dataclasses import astuple
 
 import torch
 
-from fedslm.config import DataConfig, ModelConfig, PeftConfig
+from fedslm.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig
 from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
 from fedslm.model import build_peft_model, load_base_model, resolve_model_path
 
@@ -31,17 +31,28 @@ def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _peft_model(path: str, dtype: str, peft_key: tuple):
+def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str):
     base, tokenizer = load_base_model(path, dtype=dtype)
     peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
-    return build_peft_model(base, peft_cfg), tokenizer
+    return build_peft_model(base, peft_cfg, personalization=personalization), tokenizer
 
 
-def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0):
-    """The process's PEFT model and tokenizer for this (base, LoRA) pair."""
+def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0,
+               personalization: str = "none"):
+    """The process's PEFT model and tokenizer for this (base, LoRA, personalization).
+
+    One model per process whatever the number of clients: personal adapters are loaded
+    into it per call from each client's state dir, never kept here.
+    """
     key = astuple(peft_cfg)
     key = key[:3] + (tuple(key[3]),) + key[4:]
-    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key)
+    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization)
+
+
+def experiment_model(cfg: ExperimentConfig):
+    """``peft_model`` for an experiment config (base, LoRA and personalization from it)."""
+    return peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed,
+                      personalization=cfg.personalization.method)
 
 
 def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int) -> ClientSplit:

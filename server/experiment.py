@@ -20,11 +20,13 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from client.train import evaluate_lm
-from fedslm.adapters import adapter_arrays, load_adapter_arrays, save_adapter, to_array_record
+from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_to_init, save_adapter,
+                             to_array_record)
 from fedslm.config import ExperimentConfig
 from fedslm.data import build_federated_texts
 from fedslm.runconfig import to_run_config
-from fedslm.runtime import model_path, peft_model, token_blocks
+from fedslm.runtime import experiment_model, model_path, token_blocks
+from server.personalization import PersonalizationReport
 from server.plots import plot_rounds
 from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
@@ -34,8 +36,8 @@ from server.tracking import NoTracker, Tracker
 
 def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     """A freshly initialized LoRA adapter (PEFT's own init: A random, B zero),
-    reproducible from ``training.seed``."""
-    model, _ = peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed)
+    reproducible from ``training.seed``; only its shared (travelling) tensors."""
+    model, _ = experiment_model(cfg)
     torch.manual_seed(cfg.training.seed)
     for module in model.modules():
         if hasattr(module, "reset_lora_parameters"):
@@ -48,11 +50,12 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...]) -> CentralE
     """Evaluate the global adapter on held-out text no client trains on."""
     if not cfg.training.central_eval or not texts:
         return None
-    model, tokenizer = peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed)
+    model, tokenizer = experiment_model(cfg)
     blocks = token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_arrays(model, {k: v.numpy() for k, v in arrays.items()})
+        reset_to_init(model, "personal", seed=cfg.training.seed)  # the global model alone
         res = evaluate_lm(model, blocks, batch_size=cfg.training.batch_size,
                           max_batches=cfg.training.eval_max_batches)
         return {"central_loss": res.loss, "central_perplexity": math.exp(min(res.loss, 50.0)),
@@ -87,8 +90,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     run_id = tracker.start(flat, tags={"fedslm.output_dir": str(output_dir)})
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker.log_artifact(output_dir / "config.json")
+    personal_report = PersonalizationReport(output_dir, tracker)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
-                     central_eval=make_central_eval(cfg, texts.central_test), privacy=privacy)
+                     central_eval=make_central_eval(cfg, texts.central_test), privacy=privacy,
+                     round_metrics=personal_report.round_metrics)
     history = History()
     try:
         # 5. rounds
@@ -104,6 +109,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
         for name in ("rounds.csv", "clients.csv", "curves.png"):
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
+        personal_report.finish()
         summary = {"status": "ok", "rounds": history.rounds, "mlflow_uri": tracker.uri,
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,

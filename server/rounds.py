@@ -42,6 +42,9 @@ class RoundPlan:
     central_eval: CentralEval | None = None
     on_round_end: RoundHook | None = None
     privacy: RoundPrivacy | None = None  # refusals, DP metrics, budget stop (server.privacy_rounds)
+    # Extra per-round metrics from the round's evaluate rows (e.g. per-client spreads of
+    # personalized vs global quality); merged into the round's metrics before logging.
+    round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -63,6 +66,8 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
     if plan.central_eval is not None:
         metrics.update(plan.central_eval(server_round, arrays))
+    if plan.round_metrics is not None:
+        metrics.update(plan.round_metrics(server_round, rows))
     return metrics, rows
 
 

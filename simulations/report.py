@@ -53,3 +53,19 @@ def privacy_line(privacy: dict) -> str:
     if privacy.get("stopped_early"):
         text += f"; stopped early: {privacy['stopped_early']}"
     return text
+
+
+def personal_table(rounds: list[dict]) -> str:
+    """Per round, means over clients on their own test splits: global vs personal
+    perplexity, the mean per-client gain and the share of clients improved."""
+    header = f"{'round':>5} {'global ppl':>10} {'personal ppl':>12} {'gain %':>7} {'improved':>8} {'clients':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rounds:
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if key in r else "-"
+        lines.append(
+            f"{r['round']:>5} {num('global_perplexity_mean', '10.3f'):>10} "
+            f"{num('personal_perplexity_mean', '12.3f'):>12} {num('gain_mean', '7.2f'):>7} "
+            f"{num('clients_improved_pct', '7.0f') + '%' if 'clients_improved_pct' in r else '-':>8} "
+            f"{num('personal_clients', '7.0f'):>7}")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ from fedslm.data import DataError
 from fedslm.model import ModelError
 from simulations.launch import LaunchError, run_on_remote, run_on_simulation
 from simulations.preflight import preflight
-from simulations.report import summary_table, where_to_look
+from simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
 
@@ -50,11 +50,15 @@ def run(cfg: ExperimentConfig) -> dict:
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
     preflight(cfg)
     print(f"[fedslm] {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
-          f"strategy {cfg.strategy.name}, LoRA r={cfg.peft.r}, engine {cfg.federation.engine}",
+          f"strategy {cfg.strategy.name}, LoRA r={cfg.peft.r}, engine {cfg.federation.engine}, "
+          f"personalization {cfg.personalization.method}",
           flush=True)
     engine = run_on_simulation if cfg.federation.engine == "simulation" else run_on_remote
     summary = engine(cfg)
     print("\n" + summary_table(summary["rounds"]))
+    if cfg.personalization.method != "none":
+        print(f"\nPersonalization ({cfg.personalization.method}), means over clients:")
+        print(personal_table(summary["rounds"]))
     print(f"\nWall time: {time.monotonic() - start:.1f}s")
     print(where_to_look(summary), flush=True)
     return summary

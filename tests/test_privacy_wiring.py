@@ -24,21 +24,21 @@ def _context(cfg: ExperimentConfig, **node_config) -> Context:
 
 
 def test_client_state_dir_follows_the_run_or_the_device(tmp_path: Path) -> None:
+    """The base of client state; each client keeps its ledger in <base>/<partition id>/."""
     cfg = ExperimentConfig.from_dict({"output_dir": str(tmp_path)})
-    assert state_dir(cfg, _context(cfg)) == tmp_path / "clients" / "2"
-    assert state_dir(cfg, _context(cfg, **{"state-dir": "/var/lib/fedslm"})) == Path("/var/lib/fedslm")
+    assert state_dir(_context(cfg)) == tmp_path / "clients"
+    assert state_dir(_context(cfg, **{"state-dir": "/var/lib/fedslm"})) == Path("/var/lib/fedslm")
     no_dir = ExperimentConfig.from_dict({})
-    assert state_dir(no_dir, _context(no_dir)) == Path.home() / ".cache/fedslm/runs/77/clients/2"
+    assert state_dir(_context(no_dir)) == Path.home() / ".cache/fedslm/runs/77/clients"
 
 
-def test_fit_refuses_with_the_partition_and_needs_a_state_dir(tmp_path: Path) -> None:
+def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path) -> None:
     cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
                                       "privacy": {"mode": "dp_sgd", "max_epsilon": 1.0, "delta": 1e-3}})
     model, _ = peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed)
     arrays = adapter_arrays(model)
-    with pytest.raises(ValueError, match="needs state_dir"):
-        fit(cfg, arrays, partition_id=1, server_round=1)
-    save_ledger(PrivacyLedger(history=[(1.0, 0.5, 100)], rounds=[1]), tmp_path, accountant="prv", delta=1e-3)
+    save_ledger(PrivacyLedger(history=[(1.0, 0.5, 100)], rounds=[1]), tmp_path / "1",
+                accountant="prv", delta=1e-3)
     with pytest.raises(BudgetExhausted) as refused:
         fit(cfg, arrays, partition_id=1, server_round=2, state_dir=tmp_path)
     assert refused.value.metrics["partition-id"] == 1

@@ -1,0 +1,90 @@
+"""Personal adapters on disk, one dir per client: ``<state_dir>/<partition-id>/personal/``.
+
+On disk, not in memory: in simulation one process serves many clients round after
+round, and memory must not grow with the population; a client sampled again resumes
+from its dir. A device agent passes its own state dir. Each dir is a PEFT-format
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``, the client's
+``personal``-role tensors) plus ``fedslm-personal.json`` (method, last round, number
+of updates), all replaced atomically by ``fedslm.adapters.save_adapter``: a crash
+mid-write leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from fedslm.adapters import ADAPTER_WEIGHTS_FILE, save_adapter
+from fedslm.config import ExperimentConfig, PeftConfig
+
+STATE_FILE = "fedslm-personal.json"
+
+
+class PersonalStateError(ValueError):
+    """A client's state dir cannot be used; the message names the dir."""
+
+
+@dataclass(frozen=True)
+class PersonalState:
+    arrays: dict[str, np.ndarray]  # checkpoint name -> tensor (the personal role)
+    method: str  # personalization method that wrote it
+    round: int  # server round of the last update
+    updates: int  # how many rounds updated it
+
+
+def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0, override: str = "") -> Path:
+    """Base dir of all clients' personal state.
+
+    ``override`` (a device agent's own dir) wins, then ``personalization.state_dir``,
+    then ``<output_dir>/clients`` (``output_dir`` "" means the ServerApp's default
+    ``~/.cache/fedslm/runs/<run_id>``).
+    """
+    if override:
+        return Path(override).expanduser()
+    if cfg.personalization.state_dir:
+        return Path(cfg.personalization.state_dir).expanduser()
+    out = Path(cfg.output_dir) if cfg.output_dir else Path.home() / ".cache" / "fedslm" / "runs" / str(run_id)
+    return out / "clients"
+
+
+def client_dir(state_dir: Path, partition_id: int) -> Path:
+    return Path(state_dir) / str(int(partition_id)) / "personal"
+
+
+def load_personal(state_dir: Path, partition_id: int, *, method: str) -> PersonalState | None:
+    """The client's last personal state, or None if it has none yet.
+
+    A dir written by another personalization method is an error, not silently reused
+    or overwritten.
+    """
+    directory = client_dir(state_dir, partition_id)
+    if not directory.exists():
+        return None
+    meta_file = directory / STATE_FILE
+    if not meta_file.is_file() or not (directory / ADAPTER_WEIGHTS_FILE).is_file():
+        raise PersonalStateError(f"personalization.state_dir: {directory} is not a personal state dir "
+                                 f"(no {STATE_FILE} or {ADAPTER_WEIGHTS_FILE})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("method") != method:
+        raise PersonalStateError(
+            f"personalization.state_dir: {directory} holds a {meta.get('method')!r} personal adapter, "
+            f"this run uses {method!r}; use another output_dir or personalization.state_dir")
+    arrays = {name: value for name, value in load_file(str(directory / ADAPTER_WEIGHTS_FILE)).items()}
+    return PersonalState(arrays=arrays, method=method, round=int(meta["round"]),
+                         updates=int(meta["updates"]))
+
+
+def save_personal(state_dir: Path, partition_id: int, arrays: Mapping[str, np.ndarray], *,
+                  method: str, server_round: int, updates: int, peft_cfg: PeftConfig,
+                  base_model: str) -> Path:
+    """Atomically replace the client's personal state with ``arrays``."""
+    meta = {"method": method, "round": int(server_round), "updates": int(updates),
+            "partition_id": int(partition_id)}
+    return save_adapter(arrays, peft_cfg, base_model=base_model,
+                        out_dir=client_dir(state_dir, partition_id),
+                        extra_files={STATE_FILE: json.dumps(meta, indent=2)})
