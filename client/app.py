@@ -1,7 +1,8 @@
 """Flower ClientApp: unpack the message, call the plain task function, pack the reply.
 
 Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``) and
-scalar metrics leave the client; base weights and text never do.
+scalar metrics leave the client; base weights and text never do. The node config says
+where this client's data and state live (client/node.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported fir
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.node import NodeSetup, node_setup, record_participation
 from client.task import evaluate, fit
 from fedslm.adapters import from_array_record, to_array_record
 from fedslm.config import ExperimentConfig
@@ -31,26 +33,36 @@ def experiment(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def partition_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+def node(context: Context) -> NodeSetup:
+    """Partition (simulation) or local data path (device), and the client's state dir."""
+    return node_setup(context.node_config, node_id=context.node_id,
+                      output_dir=experiment(context).output_dir)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config, me = msg.content["config"], node(context)
+    server_round = int(config["server-round"])
     arrays, metrics = fit(
         experiment(context),
         from_array_record(msg.content["arrays"]),
-        partition_id=partition_id(context),
-        server_round=int(config["server-round"]),
+        partition_id=me.partition_id,
+        server_round=server_round,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        data_path=me.data_path,
     )
+    record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
+                         phase="train", metrics=metrics)
     content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    me = node(context)
     metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=partition_id(context))
+                       partition_id=me.partition_id, data_path=me.data_path)
+    record_participation(me.participation_log, run_id=context.run_id,
+                         server_round=int(msg.content["config"].get("server-round", 0)),
+                         phase="evaluate", metrics=metrics)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
