@@ -3,19 +3,20 @@
 Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``) and
 scalar metrics leave the client; base weights, text and personal tensors never do. A
 DP-SGD client whose budget is spent replies with a status record and its epsilon
-instead of an update.
+instead of an update. The node config says where this client's data and state live
+(client/node.py).
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
+from client.node import NodeSetup, node_setup, record_participation
 from client.personal_state import resolve_state_dir
 from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
 from client.task import evaluate, fit
@@ -37,16 +38,11 @@ def experiment(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def partition_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
-
-
-def state_dir(context: Context) -> Path:
-    """Base dir of client state (personal adapters, privacy ledgers): the node config's
-    ``state-dir`` (a device agent's own disk) if set, else from the experiment config;
-    each client keeps its files under ``<base>/<partition id>/``."""
-    return resolve_state_dir(experiment(context), run_id=context.run_id,
-                             override=str(context.node_config.get("state-dir", "")))
+def node(context: Context) -> NodeSetup:
+    """Partition (simulation) or local data path (device), and this client's state dir."""
+    cfg = experiment(context)
+    return node_setup(context.node_config, node_id=context.node_id,
+                      simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
 
 
 def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -61,29 +57,38 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
 
 @app.train(mods=[user_level_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    cfg = experiment(context)
+    config, me = msg.content["config"], node(context)
+    server_round = int(config["server-round"])
     try:
         arrays, metrics = fit(
-            cfg,
+            experiment(context),
             from_array_record(msg.content["arrays"]),
-            partition_id=partition_id(context),
-            server_round=int(config["server-round"]),
+            partition_id=me.partition_id,
+            server_round=server_round,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
-            state_dir=state_dir(context),
+            client_dir=me.state_dir,
+            data_path=me.data_path,
         )
     except BudgetExhausted as exc:  # a clear status instead of an update, not an error
+        record_participation(me.participation_log, run_id=context.run_id,
+                             server_round=server_round, phase="refused", metrics=exc.metrics)
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
         return Message(RecordDict({"metrics": MetricRecord(exc.metrics), STATUS_RECORD: status}),
                        reply_to=msg)
+    record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
+                         phase="train", metrics=metrics)
     content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    me = node(context)
     metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=partition_id(context),
+                       partition_id=me.partition_id,
                        server_round=int(msg.content["config"].get("server-round", 0)),
-                       state_dir=state_dir(context))
+                       client_dir=me.state_dir, data_path=me.data_path)
+    record_participation(me.participation_log, run_id=context.run_id,
+                         server_round=int(msg.content["config"].get("server-round", 0)),
+                         phase="evaluate", metrics=metrics)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

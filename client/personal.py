@@ -32,7 +32,7 @@ from client.personal_state import PersonalState, load_personal, save_personal
 from client.train import EvalResult, evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
 from fedslm.config import ExperimentConfig
-from fedslm.runtime import client_split, experiment_model, model_path, token_blocks
+from fedslm.runtime import experiment_model, model_path, token_blocks
 
 Metrics = dict[str, int | float]
 
@@ -46,9 +46,11 @@ def _round_seed(seed: int, partition_id: int, server_round: int) -> int:
     return round_seed(seed, partition_id, server_round)
 
 
-def _blocks(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer) -> torch.Tensor:
-    texts = getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
-                                 partition_id=partition_id), split)
+def _blocks(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer,
+            data_path: str = "") -> torch.Tensor:
+    from client.task import client_texts
+
+    texts = client_texts(cfg, partition_id, split, data_path)
     return token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
 
 
@@ -62,23 +64,23 @@ def _load(model, global_arrays: Mapping[str, np.ndarray], state: PersonalState |
         load_adapter_arrays(model, state.arrays, "personal")
 
 
-def _save(cfg: ExperimentConfig, state_dir: Path, partition_id: int, arrays, *,
+def _save(cfg: ExperimentConfig, client_dir: Path, arrays, *,
           server_round: int, updates: int) -> None:
-    save_personal(state_dir, partition_id, arrays, method=cfg.personalization.method,
+    save_personal(client_dir, arrays, method=cfg.personalization.method,
                   server_round=server_round, updates=updates, peft_cfg=cfg.peft,
                   base_model=model_path(cfg.model, cfg.data.seed))
 
 
 def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
                  partition_id: int, server_round: int, proximal_mu: float = 0.0,
-                 state_dir: Path) -> tuple[dict[str, np.ndarray], Metrics]:
+                 client_dir: Path, data_path: str = "") -> tuple[dict[str, np.ndarray], Metrics]:
     """Train shared + personal tensors on the train split; keep personal, return shared."""
     method = cfg.personalization.method
     if method not in TRAINED_IN_FIT:
         raise ValueError(f"personalization.method: {method!r} does not train a personal part in fit")
     model, tokenizer = experiment_model(cfg)
-    blocks = _blocks(cfg, partition_id, "train", tokenizer)
-    state = load_personal(state_dir, partition_id, method=method)
+    blocks = _blocks(cfg, partition_id, "train", tokenizer, data_path)
+    state = load_personal(client_dir, method=method)
     _load(model, global_arrays, state, seed=cfg.training.seed)
     reference = None
     if proximal_mu > 0:  # FedProx pulls only the shared tensors towards the global ones
@@ -87,7 +89,7 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
                          generator_seed=_round_seed(cfg.training.seed, partition_id, server_round))
     personal = adapter_arrays(model, "personal")
     updates = (state.updates if state else 0) + 1
-    _save(cfg, state_dir, partition_id, personal, server_round=server_round, updates=updates)
+    _save(cfg, client_dir, personal, server_round=server_round, updates=updates)
     metrics: Metrics = {
         "loss": result.loss,
         "steps": result.steps,
@@ -101,7 +103,8 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
 
 
 def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
-                      partition_id: int, server_round: int, state_dir: Path) -> Metrics:
+                      partition_id: int, server_round: int, client_dir: Path,
+                      data_path: str = "") -> Metrics:
     """Global and personal loss / perplexity / next-token accuracy on the client's test split.
 
     A client with no personal adapter yet (never trained) reports its global metrics as
@@ -110,25 +113,25 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
     """
     method = cfg.personalization.method
     model, tokenizer = experiment_model(cfg)
-    test = _blocks(cfg, partition_id, "test", tokenizer)
+    test = _blocks(cfg, partition_id, "test", tokenizer, data_path)
     evaluate = lambda: evaluate_lm(model, test, batch_size=cfg.training.batch_size,  # noqa: E731
                                    max_batches=cfg.training.eval_max_batches)
     if method == "finetune":
         _load(model, global_arrays, None, seed=cfg.training.seed)
         global_result = evaluate()
-        state = load_personal(state_dir, partition_id, method=method)
+        state = load_personal(client_dir, method=method)
         steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps)
         seed = _round_seed(cfg.training.seed + FINETUNE_SEED_OFFSET, partition_id, server_round)
-        train_local(model, _blocks(cfg, partition_id, "train", tokenizer), steps, generator_seed=seed)
+        train_local(model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps, generator_seed=seed)
         updates = (state.updates if state else 0) + 1
-        _save(cfg, state_dir, partition_id, adapter_arrays(model, "shared"),
+        _save(cfg, client_dir, adapter_arrays(model, "shared"),
               server_round=server_round, updates=updates)
         state = PersonalState(arrays={}, method=method, round=server_round, updates=updates)
         personal_result = evaluate()
     else:
         _load(model, global_arrays, None, seed=cfg.training.seed)  # the global model
         global_result = evaluate()
-        state = load_personal(state_dir, partition_id, method=method)
+        state = load_personal(client_dir, method=method)
         personal_result = global_result
         if state is not None:
             load_adapter_arrays(model, state.arrays, "personal")

@@ -1,4 +1,4 @@
-"""Personal adapters on disk, one dir per client: ``<state_dir>/<partition-id>/personal/``.
+"""Personal adapters on disk, in each client's own dir (``client.node``): ``<client dir>/personal/``.
 
 On disk, not in memory: in simulation one process serves many clients round after
 round, and memory must not grow with the population; a client sampled again resumes
@@ -37,32 +37,30 @@ class PersonalState:
     updates: int  # how many rounds updated it
 
 
-def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0, override: str = "") -> Path:
-    """Base dir of all clients' personal state.
+def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
+    """Base dir of simulated clients' state (each client: ``<base>/<partition id>``).
 
-    ``override`` (a device agent's own dir) wins, then ``personalization.state_dir``,
-    then ``<output_dir>/clients`` (``output_dir`` "" means the ServerApp's default
-    ``~/.cache/fedslm/runs/<run_id>``).
+    ``personalization.state_dir`` if set, else ``<output_dir>/clients`` (``output_dir``
+    "" means the ServerApp's default ``~/.cache/fedslm/runs/<run_id>``). A device uses
+    its agent's ``state-dir`` instead (``client.node``).
     """
-    if override:
-        return Path(override).expanduser()
     if cfg.personalization.state_dir:
         return Path(cfg.personalization.state_dir).expanduser()
     out = Path(cfg.output_dir) if cfg.output_dir else Path.home() / ".cache" / "fedslm" / "runs" / str(run_id)
     return out / "clients"
 
 
-def client_dir(state_dir: Path, partition_id: int) -> Path:
-    return Path(state_dir) / str(int(partition_id)) / "personal"
+def personal_dir(client_dir: Path) -> Path:
+    return Path(client_dir) / "personal"
 
 
-def load_personal(state_dir: Path, partition_id: int, *, method: str) -> PersonalState | None:
+def load_personal(client_dir: Path, *, method: str) -> PersonalState | None:
     """The client's last personal state, or None if it has none yet.
 
     A dir written by another personalization method is an error, not silently reused
     or overwritten.
     """
-    directory = client_dir(state_dir, partition_id)
+    directory = personal_dir(client_dir)
     if not directory.exists():
         return None
     meta_file = directory / STATE_FILE
@@ -79,12 +77,11 @@ def load_personal(state_dir: Path, partition_id: int, *, method: str) -> Persona
                          updates=int(meta["updates"]))
 
 
-def save_personal(state_dir: Path, partition_id: int, arrays: Mapping[str, np.ndarray], *,
+def save_personal(client_dir: Path, arrays: Mapping[str, np.ndarray], *,
                   method: str, server_round: int, updates: int, peft_cfg: PeftConfig,
                   base_model: str) -> Path:
     """Atomically replace the client's personal state with ``arrays``."""
-    meta = {"method": method, "round": int(server_round), "updates": int(updates),
-            "partition_id": int(partition_id)}
+    meta = {"method": method, "round": int(server_round), "updates": int(updates)}
     return save_adapter(arrays, peft_cfg, base_model=base_model,
-                        out_dir=client_dir(state_dir, partition_id),
+                        out_dir=personal_dir(client_dir),
                         extra_files={STATE_FILE: json.dumps(meta, indent=2)})

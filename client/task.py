@@ -19,6 +19,7 @@ from client.privacy import BudgetExhausted
 from client.train import evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
+from fedslm.data.local import local_split
 from fedslm.runtime import client_split, experiment_model, token_blocks
 
 Metrics = dict[str, int | float]
@@ -29,34 +30,43 @@ def round_seed(seed: int, partition_id: int, server_round: int) -> int:
     return (seed * 1_000_003 + partition_id * 10_007 + server_round) % (2**31 - 1)
 
 
-def _client_data(cfg: ExperimentConfig, partition_id: int, split: str):
+def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):
+    """This client's texts: its own files under ``data_path`` (a real device), or its
+    partition of the configured corpus (simulation)."""
+    if data_path:
+        return getattr(local_split(data_path, text_key=cfg.data.text_key,
+                                   test_fraction=cfg.data.test_fraction, seed=cfg.data.seed), split)
+    return getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
+                                partition_id=partition_id), split)
+
+
+def _client_data(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):
     model, tokenizer = experiment_model(cfg)
-    texts = getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
-                                 partition_id=partition_id), split)
+    texts = client_texts(cfg, partition_id, split, data_path)
     return model, token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
 
 
 def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, partition_id: int,
         server_round: int, proximal_mu: float = 0.0,
-        state_dir: Path | None = None) -> tuple[dict[str, np.ndarray], Metrics]:
+        client_dir: Path | None = None, data_path: str = "") -> tuple[dict[str, np.ndarray], Metrics]:
     """Train the global adapter on this client's train split; return the new adapter.
 
-    ``state_dir`` is the base of client state (default ``resolve_state_dir(cfg)``); this
-    client's files live in ``<state_dir>/<partition_id>/``. With a personalization that
-    trains a personal part (``client.personal``), that part is kept there and not
-    returned. With ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger kept
-    there and may raise ``client.privacy.BudgetExhausted``.
+    ``client_dir`` is this client's own state dir (``client.node``; default
+    ``<resolve_state_dir(cfg)>/<partition_id>``). With a personalization that trains a
+    personal part (``client.personal``), that part is kept there and not returned. With
+    ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger kept there and may
+    raise ``client.privacy.BudgetExhausted``.
     """
-    state_dir = state_dir or resolve_state_dir(cfg)
+    client_dir = client_dir or resolve_state_dir(cfg) / str(partition_id)
     if cfg.personalization.method in TRAINED_IN_FIT:
         return fit_personal(cfg, global_arrays, partition_id=partition_id,
                             server_round=server_round, proximal_mu=proximal_mu,
-                            state_dir=state_dir)
-    model, blocks = _client_data(cfg, partition_id, "train")
+                            client_dir=client_dir, data_path=data_path)
+    model, blocks = _client_data(cfg, partition_id, "train", data_path)
     load_adapter_arrays(model, global_arrays)
     if cfg.privacy.mode == "dp_sgd":
         return _fit_dp_sgd(cfg, model, blocks, partition_id=partition_id,
-                           server_round=server_round, ledger_dir=state_dir / str(partition_id))
+                           server_round=server_round, ledger_dir=client_dir)
     reference = None
     if proximal_mu > 0:
         reference = {k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()}
@@ -96,7 +106,8 @@ def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, serv
 
 
 def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
-             partition_id: int, server_round: int = 0, state_dir: Path | None = None) -> Metrics:
+             partition_id: int, server_round: int = 0, client_dir: Path | None = None,
+             data_path: str = "") -> Metrics:
     """Loss, perplexity and next-token accuracy of the global adapter on this client's test split.
 
     With personalization, the personal model's too (``client.personal.evaluate_personal``).
@@ -104,8 +115,9 @@ def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
     if cfg.personalization.method != "none":
         return evaluate_personal(cfg, global_arrays, partition_id=partition_id,
                                  server_round=server_round,
-                                 state_dir=state_dir or resolve_state_dir(cfg))
-    model, blocks = _client_data(cfg, partition_id, "test")
+                                 client_dir=client_dir or resolve_state_dir(cfg) / str(partition_id),
+                                 data_path=data_path)
+    model, blocks = _client_data(cfg, partition_id, "test", data_path)
     load_adapter_arrays(model, global_arrays)
     result = evaluate_lm(model, blocks, batch_size=cfg.training.batch_size,
                          max_batches=cfg.training.eval_max_batches)

@@ -185,7 +185,10 @@ class FederationConfig:
 
     ``simulation`` starts Flower's simulation engine (a private SuperLink with virtual
     SuperNodes on Ray); ``remote`` submits the same apps to a running SuperLink at
-    ``address``.
+    ``address`` over TLS, trusting the CA certificate ``root_certificates`` (``insecure``
+    only for a local SuperLink started with ``--insecure``). ``resume_from`` names the
+    output dir of an interrupted run: the run continues from its last round checkpoint,
+    in the same MLflow run (see server/checkpoint.py).
     """
 
     num_clients: int = 10
@@ -193,9 +196,11 @@ class FederationConfig:
     engine: str = "simulation"
     address: str = ""
     root_certificates: str = ""
+    insecure: bool = False
     round_timeout: float = 600.0
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
+    resume_from: str = ""
 
     def check(self, at: str) -> None:
         if self.num_clients < 1:
@@ -205,6 +210,11 @@ class FederationConfig:
         _one_of(f"{at}.engine", self.engine, ("simulation", "remote"))
         if self.engine == "remote" and not self.address:
             _fail(f"{at}.address", "is required for federation.engine=remote")
+        if self.engine == "remote" and not (self.root_certificates or self.insecure):
+            _fail(f"{at}.root_certificates", "is required for federation.engine=remote "
+                  "(TLS is on by default; federation.insecure=true only for a local test SuperLink)")
+        if self.root_certificates and self.insecure:
+            _fail(f"{at}.insecure", "contradicts federation.root_certificates; set only one")
         _positive(f"{at}.round_timeout", self.round_timeout)
         if self.client_num_cpus < 1:
             _fail(f"{at}.client_num_cpus", f"must be >= 1, got {self.client_num_cpus}")

@@ -26,8 +26,16 @@ from fedslm.config import ExperimentConfig
 from fedslm.data import build_federated_texts
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import experiment_model, model_path, token_blocks
+from server.checkpoint import (
+    StateHook,
+    checkpoint_path,
+    make_checkpoint,
+    resume_state,
+    save_checkpoint,
+)
 from server.personalization import PersonalizationReport
 from server.plots import plot_rounds
+from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
 from server.strategy import build_strategy
@@ -83,22 +91,32 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     arrays = to_array_record(initial_adapter(cfg))
     # 3. data the server may see: only the central held-out split
     texts = build_federated_texts(cfg.data, num_clients=cfg.federation.num_clients)
-    # 4. strategy, tracking, round plan
+    # 4. strategy (wrapped for user-level DP), tracking, round plan; a resumed run
+    # continues its checkpoint
     strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
+    # Server state beyond the strategy that must survive a restart registers here.
+    state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),) if h is not None]
+    resumed = resume_state(cfg, strategy, state_hooks)
+    if resumed is not None:
+        arrays = to_array_record(resumed.arrays)
     tracker = make_tracker(cfg, output_dir)
     flat = to_run_config(cfg)
-    run_id = tracker.start(flat, tags={"fedslm.output_dir": str(output_dir)})
+    run_id = tracker.start(flat, run_id=resumed.mlflow_run_id if resumed else None,
+                           tags={"fedslm.output_dir": str(output_dir)})
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker.log_artifact(output_dir / "config.json")
     personal_report = PersonalizationReport(output_dir, tracker)
+    history = resumed.history if resumed is not None else History()
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
                      central_eval=make_central_eval(cfg, texts.central_test), privacy=privacy,
-                     round_metrics=personal_report.round_metrics)
-    history = History()
+                     round_metrics=personal_report.round_metrics,
+                     on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
+                                                  run_id=run_id, hooks=state_hooks))
     try:
         # 5. rounds
         arrays, history = run_rounds(
             grid, strategy, plan, arrays, history=history,
+            first_round=resumed.round + 1 if resumed is not None else 1,
             log_metrics=lambda metrics, step: tracker.log_metrics(metrics, step=step),
         )
         # 6. save: adapter (PEFT format), tables, plot, summary
@@ -123,6 +141,42 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
         write_tables(history, output_dir)
         tracker.end("FAILED")
         raise
+
+
+def privacy_state_hook(strategy: Any) -> StateHook | None:
+    """The user-level privacy ledger (DP-FedAvg) in every checkpoint. On resume the
+    ledger with more releases wins: a release the clients already saw (e.g. an aggregate
+    sent for evaluation just before a crash) is never forgotten."""
+    if not isinstance(getattr(strategy, "state", None), ServerPrivacyState):
+        return None
+
+    def load(data: dict[str, Any]) -> None:
+        saved = ServerPrivacyState.from_dict(data)
+        if len(saved.releases) > len(strategy.state.releases):
+            strategy.state = saved
+
+    return StateHook("privacy_accountant", lambda: strategy.state.to_dict(), load)
+
+
+def round_end_saver(cfg: ExperimentConfig, output_dir: Path, strategy: Any, history: History,
+                    tracker: Tracker | NoTracker, *, run_id: str, hooks: list[StateHook]):
+    """After each round: checkpoint (atomic), tables on disk and in MLflow, and a tag
+    naming the clients that dropped, so a crash loses at most the round in progress."""
+
+    def on_round_end(rnd: int, arrays: ArrayRecord, metrics: dict, rows: list[dict]) -> None:
+        adapter = {k: v.numpy() for k, v in arrays.items()}
+        save_checkpoint(checkpoint_path(output_dir),
+                        make_checkpoint(rnd, adapter, strategy, history, mlflow_run_id=run_id,
+                                        cfg=cfg, hooks=hooks))
+        write_tables(history, output_dir)
+        for name in ("rounds.csv", "clients.csv"):
+            tracker.log_artifact(output_dir / name)
+        dropped = [f"{r['phase']}:{r['node_id']}:{r['status']}" for r in rows
+                   if r.get("status", "ok") != "ok"]
+        if dropped:
+            tracker.set_tag(f"dropped.round_{rnd:03d}", " ".join(dropped))
+
+    return on_round_end
 
 
 def write_tables(history: History, output_dir: Path) -> None:

@@ -15,9 +15,13 @@ from logging import INFO
 
 from flwr.app import Message
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 POLL_SECONDS = 0.1
+# Error replies the SuperLink makes for a task whose TTL (= the deadline) ran out: the
+# node did not answer in time, which is a timeout, not a failure of the client.
+EXPIRED = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 
 
 @dataclass
@@ -48,19 +52,32 @@ def send_and_collect(
     result = Collected()
     if not messages:
         return result
+    for msg in messages:
+        # The task is void after the deadline: the SuperLink no longer hands it to a node
+        # that has not pulled it yet, so a straggler skips it and rejoins the next round.
+        msg.metadata.ttl = timeout
     pending_dst: dict[str, int] = {}
+    expired: list[int] = []
     for msg_id, msg in zip(grid.push_messages(messages), messages):
+        if msg_id is None:  # the SuperLink refused this one message
+            result.failed[msg.metadata.dst_node_id] = "message could not be pushed"
+            continue
         pending_dst[msg_id] = msg.metadata.dst_node_id
     total = len(pending_dst)
     deadline = start + timeout
     while pending_dst and time.monotonic() < deadline:
         got = list(grid.pull_messages(list(pending_dst)))
         for reply in got:
+            # Replies are matched by the id of the message they answer, and only this
+            # phase's ids are pulled: a late reply to an earlier round can never be
+            # taken for one of this round's.
             src = pending_dst.pop(reply.metadata.reply_to_message_id, None)
             if src is None:
                 continue
             result.replies.append(reply)
-            if reply.has_error():
+            if reply.has_error() and reply.error.code in EXPIRED:
+                expired.append(src)  # the SuperLink voided the task at its deadline
+            elif reply.has_error():
                 result.failed[src] = reply.error.reason
         if got:
             done = total - len(pending_dst)
@@ -69,7 +86,7 @@ def send_and_collect(
                 on_progress(done, total)
         if pending_dst:
             time.sleep(POLL_SECONDS)
-    result.timed_out = sorted(pending_dst.values())
+    result.timed_out = sorted([*pending_dst.values(), *expired])
     if result.timed_out:
         log(INFO, "%s: %d client(s) missed the %.0fs deadline: %s", label,
             len(result.timed_out), timeout, result.timed_out)

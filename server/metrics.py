@@ -14,7 +14,7 @@ from flwr.app import Message
 
 from server.strategy import METRICS_KEY, WEIGHT_KEY
 
-BOOKKEEPING = {WEIGHT_KEY, "partition-id"}
+BOOKKEEPING = {WEIGHT_KEY, "partition-id", "status", "error"}
 SPREAD_KEYS = {"loss", "perplexity"}
 DP_PREFIX = "dp-"  # privacy figures: summarized by server.privacy_rounds, not averaged here
 
@@ -27,7 +27,25 @@ def client_rows(phase: str, server_round: int, replies: Iterable[Message]) -> li
             continue
         metrics = dict(msg.content.metric_records[METRICS_KEY])
         rows.append({"round": server_round, "phase": phase,
-                     "node_id": msg.metadata.src_node_id, **metrics})
+                     "node_id": msg.metadata.src_node_id, "status": "ok", **metrics})
+    return rows
+
+
+def dropped_rows(phase: str, server_round: int, *, failed: dict[int, str],
+                 timed_out: list[int], rejected: dict[int, str]) -> list[dict]:
+    """One row per client that was asked but did not count: who, and why.
+
+    ``failed``: the client (or Flower on its behalf, e.g. node unavailable) replied with
+    an error; ``timed_out``: no reply before the round deadline; ``rejected``: the update
+    failed screening. These rows go to clients.csv, never into the averages.
+    """
+    rows = []
+    for status, reasons in (("failed", failed), ("timed_out", dict.fromkeys(timed_out, "")),
+                            ("rejected", rejected)):
+        for node_id, reason in sorted(reasons.items()):
+            first_line = (reason or "").strip().splitlines()[0] if (reason or "").strip() else ""
+            rows.append({"round": server_round, "phase": phase, "node_id": node_id,
+                         "status": status, "error": first_line[:200]})
     return rows
 
 

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
 from server.messaging import send_and_collect
-from server.metrics import client_rows, summarize
+from server.metrics import client_rows, dropped_rows, summarize
 from server.strategy import ARRAYS_KEY, screen_train_replies
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     strategy.aggregate_evaluate(server_round, got.ok)
     rows = client_rows("evaluate", server_round, got.ok)
     metrics = summarize(rows, "eval_")
+    rows += dropped_rows("evaluate", server_round, failed=got.failed, timed_out=got.timed_out,
+                         rejected={})
     metrics["bytes_down_eval"] = float(payload_bytes(arrays) * len(messages))
     metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
     if plan.central_eval is not None:
@@ -86,6 +88,8 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     new_arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
     rows = client_rows("train", server_round, screened.accepted)
     metrics = summarize(rows, "train_")
+    rows += dropped_rows("train", server_round, failed=got.failed, timed_out=got.timed_out,
+                         rejected=screened.rejected)
     metrics.update(
         bytes_down=float(payload_bytes(arrays) * len(messages)),
         bytes_up=float(sum(payload_bytes(m.content.array_records[ARRAYS_KEY])

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -18,7 +20,7 @@ from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
 from simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from simulations.preflight import preflight
+from simulations.preflight import preflight, preflight_deployment
 from simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
@@ -47,8 +49,15 @@ def quiet_libraries() -> None:
 def run(cfg: ExperimentConfig) -> dict:
     start = time.monotonic()
     quiet_libraries()
+    if cfg.federation.resume_from:  # continue in the interrupted run's own output dir
+        resume = str(Path(cfg.federation.resume_from).resolve())
+        cfg = dataclasses.replace(cfg, output_dir=resume, federation=dataclasses.replace(
+            cfg.federation, resume_from=resume))
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
+    done_rounds = preflight_deployment(cfg)
     preflight(cfg)
+    if done_rounds:
+        print(f"[fedslm] resuming {cfg.output_dir} after round {done_rounds}", flush=True)
     print(f"[fedslm] {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
           f"strategy {cfg.strategy.name}, LoRA r={cfg.peft.r}, engine {cfg.federation.engine}, "
           f"personalization {cfg.personalization.method}",

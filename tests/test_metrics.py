@@ -22,3 +22,18 @@ def test_summary_weights_by_examples_and_reports_spread() -> None:
 
 def test_empty_round_has_no_metrics() -> None:
     assert summarize([], "train_") == {}
+
+
+def test_dropped_clients_get_a_row_each_with_why() -> None:
+    from server.metrics import dropped_rows
+
+    rows = dropped_rows("train", 2, failed={9: "Error: Node Unavailable\nmore"},
+                        timed_out=[4, 3], rejected={5: "tensor x has non-finite values"})
+    assert rows == [
+        {"round": 2, "phase": "train", "node_id": 9, "status": "failed", "error": "Error: Node Unavailable"},
+        {"round": 2, "phase": "train", "node_id": 3, "status": "timed_out", "error": ""},
+        {"round": 2, "phase": "train", "node_id": 4, "status": "timed_out", "error": ""},
+        {"round": 2, "phase": "train", "node_id": 5, "status": "rejected",
+         "error": "tensor x has non-finite values"},
+    ]
+    assert summarize([{"loss": 1.0, "num-examples": 2, "status": "ok"}], "train_")["train_clients"] == 1.0

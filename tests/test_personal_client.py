@@ -21,7 +21,7 @@ from client.app import app
 from client.personal_state import (
     STATE_FILE,
     PersonalStateError,
-    client_dir,
+    personal_dir,
     load_personal,
     save_personal,
 )
@@ -89,7 +89,7 @@ def test_personal_tensors_are_never_in_a_reply(method, tmp_path):
         assert all(isinstance(v, (int, float)) for v in train_reply.content["metrics"].values())
         sent = train_reply.content["arrays"]
         sent = {n: a.numpy() for n, a in sent.items()}
-    state = load_personal(tmp_path / "clients", 0, method=method)
+    state = load_personal(tmp_path / "clients" / "0", method=method)
     assert state is not None and state.round == 2 and state.updates == 2
     personal = _values(state.arrays)
     assert any(p.any() for p in personal)  # trained, not an all-zero placeholder
@@ -110,7 +110,7 @@ def test_local_only_sends_nothing(tmp_path):
     reply = app(_incoming("train", {}, 1), _context(cfg, partition_id=1))
     assert len(reply.content["arrays"]) == 0
     assert reply.content["metrics"]["personal_bytes"] == 8 * 512 * 4
-    assert load_personal(tmp_path / "clients", 1, method="local_only").updates == 1
+    assert load_personal(tmp_path / "clients" / "1", method="local_only").updates == 1
 
 
 # --- personalization helps where clients differ -------------------------------------
@@ -150,15 +150,15 @@ def test_personal_state_resumes_across_rounds_and_does_not_leak(tmp_path):
     g = initial_adapter(cfg)
     untouched = evaluate(cfg, g, partition_id=1, server_round=0)
     fit(cfg, g, partition_id=0, server_round=1)
-    first = load_personal(tmp_path / "clients", 0, method="dual")
+    first = load_personal(tmp_path / "clients" / "0", method="dual")
     # client 1, with no state, sees nothing of client 0's personal adapter
     assert evaluate(cfg, g, partition_id=1, server_round=1) == untouched
     # round 2 resumes from round 1's state: compare with a client that lost its state
     fresh_dir = tmp_path / "fresh"
     _, m_resumed = fit(cfg, g, partition_id=0, server_round=2)
-    _, m_fresh = fit(cfg, g, partition_id=0, server_round=2, state_dir=fresh_dir)
-    resumed = load_personal(tmp_path / "clients", 0, method="dual")
-    fresh = load_personal(fresh_dir, 0, method="dual")
+    _, m_fresh = fit(cfg, g, partition_id=0, server_round=2, client_dir=fresh_dir)
+    resumed = load_personal(tmp_path / "clients" / "0", method="dual")
+    fresh = load_personal(fresh_dir, method="dual")
     assert (m_resumed["personal_updates"], m_fresh["personal_updates"]) == (2, 1)
     assert (resumed.round, resumed.updates, first.round) == (2, 2, 1)
     assert any(not np.array_equal(resumed.arrays[n], fresh.arrays[n]) for n in resumed.arrays)
@@ -167,6 +167,7 @@ def test_personal_state_resumes_across_rounds_and_does_not_leak(tmp_path):
 
 RESTART = """
 import json, sys, numpy as np
+from pathlib import Path
 from fedslm.config import ExperimentConfig
 from client.task import evaluate
 from client.personal_state import load_personal
@@ -176,7 +177,7 @@ cfg = ExperimentConfig.from_dict(json.loads(sys.argv[1]))
 g = dict(np.load(sys.argv[2]))
 metrics = evaluate(cfg, g, partition_id=0, server_round=3)
 model, _ = experiment_model(cfg)
-load_adapter_arrays(model, load_personal(sys.argv[3], 0, method="split").arrays, "personal")
+load_adapter_arrays(model, load_personal(Path(sys.argv[3]) / "0", method="split").arrays, "personal")
 np.savez(sys.argv[4], **adapter_arrays(model, "personal"))
 print(json.dumps(metrics))
 """
@@ -188,7 +189,7 @@ def test_personal_state_survives_a_process_restart(tmp_path):
     for rnd in (1, 2):
         g = fedavg([fit(cfg, g, partition_id=p, server_round=rnd) for p in range(2)])
     here = evaluate(cfg, g, partition_id=0, server_round=3)
-    saved = load_personal(tmp_path / "clients", 0, method="split")
+    saved = load_personal(tmp_path / "clients" / "0", method="split")
     np.savez(tmp_path / "global.npz", **g)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
@@ -205,18 +206,18 @@ def test_personal_state_survives_a_process_restart(tmp_path):
 def test_state_of_another_method_is_refused_not_overwritten(tmp_path):
     cfg = experiment("split", tmp_path)
     fit(cfg, initial_adapter(cfg), partition_id=0, server_round=1)
-    before = {p.name: p.read_bytes() for p in client_dir(tmp_path / "clients", 0).iterdir()}
+    before = {p.name: p.read_bytes() for p in personal_dir(tmp_path / "clients" / "0").iterdir()}
     dual = experiment("dual", tmp_path)
     with pytest.raises(PersonalStateError, match=r"holds a 'split' personal adapter, this run uses 'dual'"):
         fit(dual, initial_adapter(dual), partition_id=0, server_round=2)
-    after = {p.name: p.read_bytes() for p in client_dir(tmp_path / "clients", 0).iterdir()}
+    after = {p.name: p.read_bytes() for p in personal_dir(tmp_path / "clients" / "0").iterdir()}
     assert after == before
 
 
 def test_failed_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
     cfg = experiment("local_only", tmp_path)
     fit(cfg, {}, partition_id=0, server_round=1)
-    directory = client_dir(tmp_path / "clients", 0)
+    directory = personal_dir(tmp_path / "clients" / "0")
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     assert json.loads(before[STATE_FILE])["round"] == 1
 
@@ -234,9 +235,9 @@ def test_failed_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
 def test_save_and_load_round_trip(tmp_path):
     arrays = {"a.lora_B.weight": np.arange(6, dtype=np.float32).reshape(3, 2)}
     cfg = experiment("split", tmp_path)
-    save_personal(tmp_path, 4, arrays, method="split", server_round=3, updates=2,
+    save_personal(tmp_path / "4", arrays, method="split", server_round=3, updates=2,
                   peft_cfg=cfg.peft, base_model="base")
-    state = load_personal(tmp_path, 4, method="split")
+    state = load_personal(tmp_path / "4", method="split")
     assert (state.round, state.updates, list(state.arrays)) == (3, 2, ["a.lora_B.weight"])
     assert np.array_equal(state.arrays["a.lora_B.weight"], arrays["a.lora_B.weight"])
-    assert load_personal(tmp_path, 5, method="split") is None
+    assert load_personal(tmp_path / "5", method="split") is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import state_dir
+from client.app import node
 from client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
 from client.task import fit
 from fedslm.adapters import adapter_arrays
@@ -24,12 +24,12 @@ def _context(cfg: ExperimentConfig, **node_config) -> Context:
 
 
 def test_client_state_dir_follows_the_run_or_the_device(tmp_path: Path) -> None:
-    """The base of client state; each client keeps its ledger in <base>/<partition id>/."""
+    """One rule: a device's state-dir as given, else <output>/clients/<partition id>."""
     cfg = ExperimentConfig.from_dict({"output_dir": str(tmp_path)})
-    assert state_dir(_context(cfg)) == tmp_path / "clients"
-    assert state_dir(_context(cfg, **{"state-dir": "/var/lib/fedslm"})) == Path("/var/lib/fedslm")
+    assert node(_context(cfg)).state_dir == tmp_path / "clients" / "2"
+    assert node(_context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
     no_dir = ExperimentConfig.from_dict({})
-    assert state_dir(_context(no_dir)) == Path.home() / ".cache/fedslm/runs/77/clients"
+    assert node(_context(no_dir)).state_dir == Path.home() / ".cache/fedslm/runs/77/clients/2"
 
 
 def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path)
     save_ledger(PrivacyLedger(history=[(1.0, 0.5, 100)], rounds=[1]), tmp_path / "1",
                 accountant="prv", delta=1e-3)
     with pytest.raises(BudgetExhausted) as refused:
-        fit(cfg, arrays, partition_id=1, server_round=2, state_dir=tmp_path)
+        fit(cfg, arrays, partition_id=1, server_round=2, client_dir=tmp_path / "1")
     assert refused.value.metrics["partition-id"] == 1
     assert refused.value.metrics["dp-epsilon"] > 1.0
     assert all(np.array_equal(v, adapter_arrays(model)[k]) for k, v in arrays.items())

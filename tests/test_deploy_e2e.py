@@ -1,0 +1,253 @@
+"""Flower's deployment engine for real: a TLS SuperLink with node authentication and a
+database, device agents, runs submitted with the simulation's Hydra config, and the
+faults the system must survive (an agent killed mid-round, the server killed between
+rounds, an unregistered or TLS-less node).
+
+Everything runs as real processes on 127.0.0.1 and carries an environment marker; the
+``no_leftovers`` fixture fails a test that leaves any of its processes behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.node import read_participation
+from server.checkpoint import checkpoint_path, load_checkpoint
+from simulations.local_deployment import (
+    Deployment,
+    free_port,
+    kill_tree,
+    marked_processes,
+    stop_marked,
+    write_device_data,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+# Tiny and fast: 2 local steps, one evaluating client per round, no central evaluation.
+FAST = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
+        "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
+        "strategy.min_train_clients=2", "federation.num_rounds=2"]
+
+
+def tracking(root: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=deploy-e2e"]
+
+
+def finish(proc: subprocess.Popen, dep: Deployment, timeout: float = 200) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not finish in {timeout}s\n{dep.tail()}")
+    assert proc.returncode == 0, dep.tail()
+
+
+def wait_for(predicate, timeout: float, what: str, dep: Deployment) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}\n{dep.tail()}")
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def client_rows(out: Path) -> list[dict]:
+    with open(out / "clients.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def metric_steps(root: Path, run_id: str, key: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def mlflow_run(root: Path, run_id: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+
+
+@pytest.fixture
+def no_leftovers():
+    """Collects deployments; after the test every one of their processes must be gone."""
+    made: list[Deployment] = []
+    yield made
+    leftovers = {}
+    for dep in made:
+        dep.stop_all()
+        leftovers.update(marked_processes(dep.mark))
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A TLS SuperLink with node authentication, 3 registered agents on local data."""
+    dep = Deployment(tmp_path_factory.mktemp("federation"))
+    try:
+        dep.init_pki(nodes=4)  # node-4 is never registered
+        dep.start_superlink()
+        node_ids = {i: dep.register(i) for i in (1, 2, 3)}
+        data = write_device_data(dep.root, 3)
+        for i in (1, 2, 3):
+            dep.start_agent(i, data[i - 1])
+        dep.wait_connected([1, 2, 3])
+        dep.node_ids, dep.data = node_ids, data  # type: ignore[attr-defined]
+        yield dep
+    finally:
+        dep.stop_all()
+        left = marked_processes(dep.mark)
+        stop_marked(dep.mark)
+        assert not left, f"processes left running: {left}"
+
+
+def test_three_agents_with_tls_and_node_auth_run_two_rounds(federation: Deployment) -> None:
+    dep = federation
+    proc = dep.submit(*FAST, "federation.num_clients=3", "federation.round_timeout=120",
+                      *tracking(dep.root), name="two-rounds")
+    finish(proc, dep)
+    out = dep.root / "hydra" / "two-rounds"
+    result = summary(out)
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert [r["clients_sampled"] for r in result["rounds"][1:]] == [3.0, 3.0]
+    assert [r["train_clients"] for r in result["rounds"][1:]] == [3.0, 3.0]
+    run_id = result["mlflow_run_id"]
+    assert metric_steps(dep.root, run_id, "train_loss") == [1, 2]
+    assert metric_steps(dep.root, run_id, "eval_loss") == [0, 1, 2]
+    assert mlflow_run(dep.root, run_id).info.status == "FINISHED"
+    trained = {int(r["node_id"]) for r in client_rows(out) if r["phase"] == "train"}
+    assert trained == set(dep.node_ids.values())  # type: ignore[attr-defined]
+    # The state dir reached every ClientApp: each device logged its own two train rounds.
+    flower_runs = set()
+    for i in (1, 2, 3):
+        rows = [r for r in read_participation(dep.state_dir(i)) if r["phase"] == "train"]
+        assert [r["round"] for r in rows][-2:] == [1, 2]
+        flower_runs.add(rows[-1]["run_id"])
+        assert (dep.state_dir(i) / "node-config.toml").read_text().count("data-path") == 1
+    assert len(flower_runs) == 1
+
+
+def test_unregistered_tls_less_and_wrong_ca_nodes_are_refused(federation: Deployment,
+                                                              tmp_path: Path) -> None:
+    dep = federation
+    cmd = [*dep.agent_command(4, dep.data[0]), "--max-wait-time", "1"]  # type: ignore[attr-defined]
+    unregistered = subprocess.run(cmd, cwd=dep.root, env=dep.env(), capture_output=True,
+                                  text=True, timeout=90)
+    assert unregistered.returncode == 3, unregistered.stdout + unregistered.stderr
+    assert "refused this node: its public key" in unregistered.stderr
+    # A SuperNode without TLS cannot even reach the Fleet API. (Output to a file: the
+    # SuperExec it spawns would hold a pipe open after the SuperNode exits.)
+    log = tmp_path / "insecure-supernode.log"
+    with open(log, "wb") as fh:
+        insecure = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", dep.address,
+             "--insecure", "--max-retries", "0", "--port", str(free_port())],
+            env=dep.env(FLWR_HOME=str(tmp_path / "flwr")), stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        assert insecure.wait(timeout=60) != 0
+    finally:
+        kill_tree(insecure.pid)
+    assert "Failed to initialize the connection to the SuperLink" in log.read_text()
+    # The agent checks the SuperLink's certificate against its CA before anything else.
+    from fedslm.pki import init_dev_pki
+
+    other = init_dev_pki(tmp_path / "other-ca", ["127.0.0.1"])
+    cmd = dep.agent_command(1, dep.data[0])  # type: ignore[attr-defined]
+    cmd[cmd.index("--root-certificates") + 1] = str(other["ca_cert"])
+    wrong_ca = subprocess.run(cmd, cwd=dep.root, env=dep.env(), capture_output=True, text=True,
+                              timeout=60)
+    assert wrong_ca.returncode == 2
+    assert wrong_ca.stderr.startswith("error: --root-certificates: ")
+    assert "does not verify the certificate of the SuperLink" in wrong_ca.stderr
+
+
+def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federation: Deployment) -> None:
+    dep = federation
+    victim = 3
+    log = dep.root / "logs" / f"agent-{victim}.log"
+    seen = log.read_text().count("Receiving: train message")
+    proc = dep.submit(*FAST, "federation.num_clients=3", "federation.round_timeout=40",
+                      *tracking(dep.root), name="agent-killed")
+    wait_for(lambda: log.read_text().count("Receiving: train message") > seen, 120,
+             "agent 3 to receive its round-1 train message", dep)
+    kill_tree(dep.agents[victim].pid)  # the device dies: agent, SuperNode, ClientApp
+    dep.agents[victim].wait(timeout=10)
+    dep.start_agent(victim, dep.data[victim - 1])  # type: ignore[attr-defined]  # ... and reboots
+    finish(proc, dep)
+    out = dep.root / "hydra" / "agent-killed"
+    result = summary(out)
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    victim_id = dep.node_ids[victim]  # type: ignore[attr-defined]
+    round1 = [r for r in client_rows(out) if r["round"] == "1" and r["phase"] == "train"]
+    assert {"node_id": str(victim_id), "status": "timed_out"}.items() <= next(
+        r for r in round1 if r["node_id"] == str(victim_id)).items()
+    assert result["rounds"][1]["clients_timed_out"] >= 1.0
+    assert result["rounds"][1]["train_clients"] >= 1.0  # the others' updates were averaged
+    tags = mlflow_run(dep.root, result["mlflow_run_id"]).data.tags
+    assert f"train:{victim_id}:timed_out" in tags["dropped.round_001"]
+    # The rebooted device is accepted again under the same identity once the SuperLink
+    # stops counting the crashed one as online (two missed heartbeats); the agent retries.
+    wait_for(lambda: log.read_text().count(f"SuperNode ID: {victim_id}") >= 2, 120,
+             "the rebooted agent to be accepted again", dep)
+
+
+def test_server_killed_after_round_one_resumes_same_mlflow_run(tmp_path: Path, no_leftovers) -> None:
+    dep = Deployment(tmp_path)
+    no_leftovers.append(dep)
+    dep.init_pki(nodes=2)
+    dep.start_superlink()
+    for i in (1, 2):
+        dep.register(i)
+    data = write_device_data(tmp_path, 2)
+    for i in (1, 2):
+        dep.start_agent(i, data[i - 1])
+    dep.wait_connected([1, 2])
+    out = tmp_path / "hydra" / "first"
+    common = [*FAST, "strategy=fedadam", "federation.num_clients=2",
+              "federation.round_timeout=90", *tracking(tmp_path)]
+    first = dep.submit(*common, name="first")
+    ckpt_file = checkpoint_path(out)
+    wait_for(ckpt_file.exists, 180, "the round-1 checkpoint", dep)
+    dep.kill_superlink_side()  # the server machine crashes: SuperLink, SuperExec, ServerApp
+    kill_tree(first.pid)
+    first.wait(timeout=10)
+    after_one = load_checkpoint(ckpt_file)
+    assert after_one.round == 1 and after_one.mlflow_run_id
+    assert json.loads((out / "status.json").read_text())["status"] == "running"
+
+    dep.start_superlink()  # same --database: the registered nodes are still known
+    second = dep.submit(*common, f"federation.resume_from={out}", name="resume")
+    finish(second, dep)
+    result = summary(out)
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert result["mlflow_run_id"] == after_one.mlflow_run_id
+    assert metric_steps(tmp_path, after_one.mlflow_run_id, "train_loss") == [1, 2]
+    assert mlflow_run(tmp_path, after_one.mlflow_run_id).info.status == "FINISHED"
+    # FedAdam's moments continued from round 1: round 2's update follows from them exactly.
+    final = load_checkpoint(ckpt_file)
+    assert final.round == 2
+    b1, b2, eta, tau = 0.9, 0.99, 0.01, 0.001
+    eta_norm = eta * np.sqrt(1 - b2 ** 3) / (1 - b1 ** 3)
+    for name, x1 in after_one.arrays.items():
+        m1, v1 = after_one.strategy_state[f"0/m_t/{name}"], after_one.strategy_state[f"0/v_t/{name}"]
+        m2, v2 = final.strategy_state[f"0/m_t/{name}"], final.strategy_state[f"0/v_t/{name}"]
+        delta = (m2 - b1 * m1) / (1 - b1)
+        np.testing.assert_allclose(v2, b2 * v1 + (1 - b2) * delta ** 2, rtol=1e-4, atol=1e-12)
+        np.testing.assert_allclose(final.arrays[name], x1 + eta_norm * m2 / (np.sqrt(v2) + tau),
+                                   rtol=1e-5, atol=1e-7)
+    # NOTE: the user-level privacy accountant is not on main yet; once server/privacy.py
+    # registers its StateHook, assert here that round 2's epsilon continues round 1's.
