@@ -10,7 +10,8 @@ the client's state dir (``client.personal_state``) and never returned.
   train locally and both are active at inference.
 - ``finetune``: the whole adapter travels (``fit`` is the plain one); on each global
   adapter sent for evaluation the client fine-tunes a copy for
-  ``personalization.finetune_steps`` steps, evaluates it and keeps it.
+  ``personalization.finetune_steps`` steps at ``finetune_learning_rate``, evaluates it
+  and keeps it (so it always has one: a fresh copy of each new global adapter).
 
 Evaluation protocol, every method: on the client's own test split, the *global* model
 is the received shared tensors with personal ones at their fresh init (for ``split`` and
@@ -117,7 +118,8 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
         _load(model, global_arrays, None, seed=cfg.training.seed)
         global_result = evaluate()
         state = load_personal(state_dir, partition_id, method=method)
-        steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps)
+        steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps,
+                                    learning_rate=cfg.personalization.finetune_learning_rate)
         seed = _round_seed(cfg.training.seed + FINETUNE_SEED_OFFSET, partition_id, server_round)
         train_local(model, _blocks(cfg, partition_id, "train", tokenizer), steps, generator_seed=seed)
         updates = (state.updates if state else 0) + 1
