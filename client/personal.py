@@ -10,7 +10,8 @@ the client's state dir (``client.personal_state``) and never returned.
   train locally and both are active at inference.
 - ``finetune``: the whole adapter travels (``fit`` is the plain one); on each global
   adapter sent for evaluation the client fine-tunes a copy for
-  ``personalization.finetune_steps`` steps, evaluates it and keeps it.
+  ``personalization.finetune_steps`` steps at ``finetune_learning_rate``, evaluates it
+  and keeps it (so it always has one: a fresh copy of each new global adapter).
 
 Evaluation protocol, every method: on the client's own test split, the *global* model
 is the received shared tensors with personal ones at their fresh init (for ``split`` and
@@ -114,31 +115,30 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
     method = cfg.personalization.method
     model, tokenizer = experiment_model(cfg)
     test = _blocks(cfg, partition_id, "test", tokenizer, data_path)
-    evaluate = lambda: evaluate_lm(model, test, batch_size=cfg.training.batch_size,  # noqa: E731
-                                   max_batches=cfg.training.eval_max_batches)
-    if method == "finetune":
-        _load(model, global_arrays, None, seed=cfg.training.seed)
-        global_result = evaluate()
-        state = load_personal(client_dir, method=method)
-        steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps)
+
+    def score() -> EvalResult:
+        return evaluate_lm(model, test, batch_size=cfg.training.batch_size,
+                           max_batches=cfg.training.eval_max_batches)
+
+    _load(model, global_arrays, None, seed=cfg.training.seed)  # the global model
+    global_result = score()
+    state = load_personal(client_dir, method=method)
+    if method == "finetune":  # a fresh private copy of this global adapter, kept
+        steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps,
+                                    learning_rate=cfg.personalization.finetune_learning_rate)
         seed = _round_seed(cfg.training.seed + FINETUNE_SEED_OFFSET, partition_id, server_round)
-        train_local(model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps, generator_seed=seed)
-        updates = (state.updates if state else 0) + 1
+        train_local(model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps,
+                    generator_seed=seed)
         _save(cfg, client_dir, adapter_arrays(model, "shared"),
-              server_round=server_round, updates=updates)
-        state = PersonalState(arrays={}, method=method, round=server_round, updates=updates)
-        personal_result = evaluate()
-    else:
-        _load(model, global_arrays, None, seed=cfg.training.seed)  # the global model
-        global_result = evaluate()
-        state = load_personal(client_dir, method=method)
-        personal_result = global_result
-        if state is not None:
-            load_adapter_arrays(model, state.arrays, "personal")
-            personal_result = evaluate()
-    return comparison_metrics(global_result, personal_result, has_personal=state is not None,
-                              personal_round=state.round if state else -1,
-                              partition_id=partition_id)
+              server_round=server_round, updates=(state.updates if state else 0) + 1)
+        return comparison_metrics(global_result, score(), has_personal=True,
+                                  personal_round=server_round, partition_id=partition_id)
+    if state is None:
+        return comparison_metrics(global_result, global_result, has_personal=False,
+                                  personal_round=-1, partition_id=partition_id)
+    load_adapter_arrays(model, state.arrays, "personal")
+    return comparison_metrics(global_result, score(), has_personal=True,
+                              personal_round=state.round, partition_id=partition_id)
 
 
 def _ppl(loss: float) -> float:

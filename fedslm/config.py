@@ -355,18 +355,22 @@ class PersonalizationConfig:
     its train split and keeps it. ``split`` (FedSA-LoRA): LoRA A matrices are shared and
     aggregated, B matrices stay on the client. ``dual`` (FedDPA): a federated global
     adapter plus a personal adapter trained only locally, both active at inference.
+    ``finetune_learning_rate`` is the peak learning rate of finetune's few steps (lower
+    than training's: a few full-rate steps on one client's small split overfit it).
     Personal adapters live on disk under ``state_dir`` ("" = ``<output_dir>/clients``),
     one ``<partition-id>/personal/`` dir per client.
     """
 
     method: str = "none"
     finetune_steps: int = 5
+    finetune_learning_rate: float = 1e-3
     state_dir: str = ""
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.method", self.method, PERSONALIZATION_METHODS)
         if self.finetune_steps < 1:
             _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
+        _positive(f"{at}.finetune_learning_rate", self.finetune_learning_rate)
 
 
 @dataclass

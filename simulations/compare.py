@@ -6,7 +6,8 @@ One row per ``personalization.method`` (its most recent FINISHED run; ``--all`` 
 every finished run). Quality numbers are the last evaluated round's means over clients,
 each client counting once, on the clients' own test splits: ``personal ppl`` (clients
 with a personal adapter), ``global ppl`` (every client, global model) and ``improved``
-(share of clients whose personal perplexity is lower). ``bytes sent`` is adapter
+(share of clients whose personal perplexity is lower), ``gain`` (mean over clients of
+100 * (1 - ppl_personal / ppl_global), with its standard error). ``bytes sent`` is adapter
 payload over the whole run, server->clients plus clients->server; ``wall`` is the MLflow
 run's duration.
 """
@@ -34,6 +35,8 @@ class MethodRow:
     personal_ppl: float | None
     global_ppl: float | None
     improved_pct: float | None
+    gain_mean: float | None
+    gain_sem: float | None
     bytes_sent: float
     wall_seconds: float | None
 
@@ -72,6 +75,8 @@ def collect(tracking_uri: str, experiment: str, *, every_run: bool = False) -> l
             personal_ppl=metrics.get("personal_perplexity_mean"),
             global_ppl=metrics.get("global_perplexity_mean"),
             improved_pct=metrics.get("clients_improved_pct"),
+            gain_mean=metrics.get("gain_mean"),
+            gain_sem=metrics.get("gain_sem"),
             bytes_sent=_sum_history(client, run.info.run_id, "bytes_up")
             + _sum_history(client, run.info.run_id, "bytes_down"),
             wall_seconds=(end - start) / 1000.0 if end and start else None,
@@ -85,9 +90,10 @@ def format_table(rows: list[MethodRow], *, with_run: bool = False) -> str:
         return "-" if value is None else format(value, fmt)
 
     head = ["method"] + (["run"] if with_run else []) + [
-        "personal ppl", "global ppl", "improved %", "bytes sent", "wall s"]
+        "personal ppl", "global ppl", "improved %", "gain % ±sem", "bytes sent", "wall s"]
     body = [[r.method] + ([r.run_name] if with_run else []) + [
         num(r.personal_ppl, ".3f"), num(r.global_ppl, ".3f"), num(r.improved_pct, ".0f"),
+        "-" if r.gain_mean is None else f"{r.gain_mean:+.2f} ±{r.gain_sem or 0.0:.2f}",
         _fmt_bytes(r.bytes_sent), num(r.wall_seconds, ".1f")] for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

@@ -113,6 +113,15 @@ def test_local_only_sends_nothing(tmp_path):
     assert load_personal(tmp_path / "clients" / "1", method="local_only").updates == 1
 
 
+def test_a_device_agent_state_dir_from_node_config_wins(tmp_path):
+    cfg = experiment("split", tmp_path / "run")
+    ctx = _context(cfg, partition_id=2)
+    ctx.node_config["state-dir"] = str(tmp_path / "agent-state")
+    app(_incoming("train", initial_adapter(cfg), 1), ctx)
+    assert load_personal(tmp_path / "agent-state", method="split").round == 1  # the device is one client
+    assert not (tmp_path / "run" / "clients").exists()
+
+
 # --- personalization helps where clients differ -------------------------------------
 
 

@@ -27,6 +27,7 @@ def test_overrides_compose(tmp_path: Path) -> None:
     (["personalization.method=fedper"], "personalization.method: unknown value 'fedper'; expected one of none, local_only, finetune, split, dual"),
     (["personalization=finetune", "personalization.finetune_steps=0"], "personalization.finetune_steps: must be >= 1, got 0"),
     (["personalization=local_only", "peft.bias=all"], "personalization.method: local_only needs peft.bias=none"),
+    (["personalization.finetune_learning_rate=0"], "personalization.finetune_learning_rate: must be > 0, got 0.0"),
 ])
 def test_bad_values_fail_naming_the_key(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:

@@ -77,7 +77,8 @@ def _log_run(uri: str, method: str, *, personal: list[float] | None, global_: li
     for step, g in enumerate(global_):
         metrics = {"global_perplexity_mean": g}
         if personal is not None and step > 0:
-            metrics.update(personal_perplexity_mean=personal[step - 1], clients_improved_pct=improved)
+            metrics.update(personal_perplexity_mean=personal[step - 1], clients_improved_pct=improved,
+                           gain_mean=100 * (1 - personal[step - 1] / global_[step]), gain_sem=1.5)
         if step > 0:
             metrics.update(bytes_up=bytes_up, bytes_down=bytes_down)
         tracker.log_metrics(metrics, step=step)
@@ -95,9 +96,9 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
     assert compare.main(["--experiment", "cmp", "--tracking-uri", uri]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["method", "personal", "ppl", "global", "ppl", "improved", "%",
-                                "bytes", "sent", "wall", "s"]
-    assert lines[2].split()[:6] == ["none", "-", "9.000", "-", "8.0", "KiB"]
-    assert lines[3].split()[:6] == ["dual", "7.500", "9.400", "100", "6.0", "KiB"]
+                                "gain", "%", "±sem", "bytes", "sent", "wall", "s"]
+    assert lines[2].split()[:7] == ["none", "-", "9.000", "-", "-", "8.0", "KiB"]
+    assert lines[3].split()[:8] == ["dual", "7.500", "9.400", "100", "+20.21", "±1.50", "6.0", "KiB"]
     assert len(lines) == 4
     assert compare.main(["--experiment", "cmp", "--tracking-uri", uri, "--all"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 5
