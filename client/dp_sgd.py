@@ -58,9 +58,9 @@ def plan_round(privacy: PrivacyConfig, training: TrainingConfig, *, num_records:
     ``make_private_with_epsilon`` only accepts whole epochs and a round is usually a
     fixed number of steps.
     """
-    batches = -(-num_records // training.batch_size)
-    sample_rate = 1.0 / batches
-    steps = training.local_steps if training.local_steps > 0 else training.local_epochs * batches
+    sample_rate = 1.0 / -(-num_records // training.batch_size)
+    # an epoch of Opacus's Poisson loader is int(1/rate) steps (92, not 93, for 93 batches)
+    steps = training.local_steps if training.local_steps > 0 else training.local_epochs * int(1 / sample_rate)
     delta = client_delta(privacy.delta, num_records)
     noise = privacy.noise_multiplier
     if privacy.target_epsilon > 0:
@@ -110,16 +110,24 @@ class PrivateTraining:
     clips: ClipCounter
 
 
+def _entropy_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm: float,
                  grad_sample_mode: str, accountant: str,
-                 noise_generator: torch.Generator | None = None) -> PrivateTraining:
+                 noise_generator: torch.Generator | None = None,
+                 sample_generator: torch.Generator | None = None) -> PrivateTraining:
     """Hand ``setup``'s optimizer and loader to Opacus; the loop itself is unchanged.
 
-    The noise comes from a generator seeded with fresh OS entropy unless one is given:
-    noise reproducible from public config (the run's seeds) would protect nothing.
+    Noise and Poisson sampling draw from generators seeded with fresh OS entropy unless
+    given (tests pass seeded ones). Opacus would otherwise sample with the original
+    loader's generator, which ``make_training_setup`` seeds from the run's public
+    config: noise or a batch selection anyone can reproduce would protect nothing.
     """
-    if noise_generator is None:
-        noise_generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    noise_generator = noise_generator or _entropy_generator()
     engine = PrivacyEngine(accountant=accountant)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     out = engine.make_private(
@@ -134,6 +142,9 @@ def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm
     else:
         hooks, optimizer, loader = out
         setup.loss_fn = per_example_mean_loss
+    if not isinstance(loader.batch_sampler, UniformWithReplacementSampler):
+        raise RuntimeError("Opacus did not return a Poisson-sampling loader")
+    loader.batch_sampler.generator = sample_generator or _entropy_generator()
     setup.optimizer, setup.loader = optimizer, loader
     setup.max_grad_norm = 0.0  # Opacus clips per example; no second, global clip
     setup.on_empty_batch = _noise_only_step(grad_sample_mode)

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 PLOT_TAG = "fedslm.kind"
 PLOT_KIND = "privacy-plot"
@@ -41,6 +42,7 @@ class Point:
     delta: float
     perplexity: float
     perplexity_metric: str
+    initial_perplexity: float  # before any training (round 0)
 
 
 def collect_points(client, experiment_id: str) -> list[Point]:
@@ -63,8 +65,13 @@ def collect_points(client, experiment_id: str) -> list[Point]:
             noise_multiplier=float(params.get("privacy.noise_multiplier", "nan")) if mode != "none" else 0.0,
             epsilon=float(metrics[eps_key]) if eps_key else math.inf,
             delta=float(metrics.get("dp_delta", 0.0)), perplexity=float(metrics[ppl_key]),
-            perplexity_metric=ppl_key))
+            perplexity_metric=ppl_key, initial_perplexity=_first_value(client, run.info.run_id, ppl_key)))
     return sorted(points, key=lambda p: (p.mode, p.epsilon))
+
+
+def _first_value(client, run_id: str, key: str) -> float:
+    history = client.get_metric_history(run_id, key)
+    return float(min(history, key=lambda m: (m.step, m.timestamp)).value) if history else math.nan
 
 
 def draw(points: list[Point], path: Path, *, title: str) -> Path:
@@ -79,8 +86,14 @@ def draw(points: list[Point], path: Path, *, title: str) -> Path:
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
     for i, p in enumerate(p for p in points if p.mode == "none"):
         ax.axhline(p.perplexity, linestyle="--", color="gray", label="no DP" if i == 0 else None)
+    start = next((p.initial_perplexity for p in points if math.isfinite(p.initial_perplexity)), None)
+    if start is not None:
+        ax.axhline(start, linestyle=":", color="black", label="before training")
     if any(math.isfinite(p.epsilon) and p.epsilon > 0 for p in points):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set(title=title, xlabel="ε (cumulative, at the run's δ)", ylabel="final perplexity (lower is better)")
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
@@ -101,10 +114,10 @@ def write_csv(points: list[Point], path: Path) -> Path:
 
 
 def table(points: list[Point]) -> str:
-    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'perplexity':>10}  run"]
+    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'start ppl':>9} {'final ppl':>9}  run"]
     for p in points:
         lines.append(f"{p.mode:<10} {p.noise_multiplier:>6g} {p.epsilon:>10.3f} {p.delta:>9.2g} "
-                     f"{p.perplexity:>10.3f}  {p.run_name}")
+                     f"{p.initial_perplexity:>9.3f} {p.perplexity:>9.3f}  {p.run_id[:8]}")
     return "\n".join(lines)
 
 

@@ -165,11 +165,12 @@ def _grads_at_step(setup) -> list[list[torch.Tensor]]:
     return seen
 
 
-def _private(model, blocks, *, noise, clip, mode="hooks", steps=1, batch_size=None, lr=0.0):
+def _private(model, blocks, *, noise, clip, mode="hooks", steps=1, batch_size=None, lr=0.0,
+             sample_generator=None):
     cfg = _training(local_steps=steps, batch_size=batch_size or len(blocks), learning_rate=lr or 1e-9)
     setup = make_training_setup(model, blocks, cfg, generator_seed=0)
     private = make_private(setup, noise_multiplier=noise, max_grad_norm=clip, grad_sample_mode=mode,
-                           accountant="prv")
+                           accountant="prv", sample_generator=sample_generator)
     return private
 
 
@@ -259,8 +260,8 @@ def test_lora_weights_change_under_dp_and_base_weights_do_not(make_peft, tiny_ba
 
 def test_empty_poisson_batches_are_noise_only_steps_and_accounted(make_peft, tiny_base, sentences):
     blocks = _blocks(tiny_base[1], sentences, 12)
-    torch.manual_seed(3)  # Opacus samples with torch's global RNG
-    private = _private(make_peft(), blocks, noise=1.0, clip=1.0, steps=30, batch_size=1, lr=0.01)  # q = 1/12
+    private = _private(make_peft(), blocks, noise=1.0, clip=1.0, steps=30, batch_size=1, lr=0.01,
+                       sample_generator=torch.Generator().manual_seed(3))  # q = 1/12
     empty = []
     noise_step = private.setup.on_empty_batch
     private.setup.on_empty_batch = lambda s: (empty.append(1), noise_step(s))
@@ -271,3 +272,27 @@ def test_empty_poisson_batches_are_noise_only_steps_and_accounted(make_peft, tin
     assert private.engine.accountant.history == [(1.0, 1 / 12, 30)]
     assert any(not np.array_equal(before[k], v) for k, v in adapter_arrays(private.setup.model).items())
 
+
+
+@pytest.mark.parametrize(("records", "batch_size"), [(93, 1), (20, 4), (7, 8)])
+def test_planned_epoch_steps_match_opacus_loader(records, batch_size):
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(TensorDataset(torch.zeros(records, 2)), batch_size=batch_size))
+    budget = plan_round(PrivacyConfig(mode="dp_sgd"),
+                        _training(local_steps=0, local_epochs=2, batch_size=batch_size), num_records=records)
+    assert budget.steps == 2 * len(loader)
+    assert budget.sample_rate == loader.sample_rate
+
+
+def test_poisson_sampling_does_not_follow_the_public_seed(make_peft, tiny_base, sentences):
+    """Two setups built from the same (public) seeds must not draw the same batches."""
+    blocks = _blocks(tiny_base[1], sentences, 40)
+    draws = []
+    for _ in range(2):
+        private = _private(make_peft(), blocks, noise=1.0, clip=1.0, batch_size=4)
+        draws.append([tuple(batch[0].shape) + tuple(batch[0][:, 0].tolist()) for batch in private.setup.loader])
+        private.hooks.cleanup()
+    assert draws[0] != draws[1]

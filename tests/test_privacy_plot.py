@@ -38,12 +38,13 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
 
     out = tmp_path / "plot" / "pu.png"
     points, run_id = plot_experiment("dp", uri, out)
-    got = {p.run_name: (p.mode, p.noise_multiplier, p.epsilon, p.perplexity, p.perplexity_metric) for p in points}
+    got = {p.run_name: (p.mode, p.noise_multiplier, p.epsilon, p.perplexity, p.perplexity_metric,
+                        p.initial_perplexity) for p in points}
     assert got == {
-        "sgd-1": ("dp_sgd", 1.0, 2.5, 8.5, "central_perplexity"),
-        "sgd-2": ("dp_sgd", 0.5, 9.0, 8.1, "central_perplexity"),
-        "fedavg": ("dp_fedavg", 1.0, 9.5, 9.2, "eval_perplexity"),
-        "base": ("none", 0.0, math.inf, 7.5, "central_perplexity"),
+        "sgd-1": ("dp_sgd", 1.0, 2.5, 8.5, "central_perplexity", 9.0),
+        "sgd-2": ("dp_sgd", 0.5, 9.0, 8.1, "central_perplexity", 8.8),
+        "fedavg": ("dp_fedavg", 1.0, 9.5, 9.2, "eval_perplexity", 9.5),
+        "base": ("none", 0.0, math.inf, 7.5, "central_perplexity", 8.0),
     }
     assert out.stat().st_size > 10_000 and out.with_suffix(".csv").exists()
     plot_run = client.get_run(run_id)

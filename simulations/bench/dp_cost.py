@@ -3,13 +3,16 @@
     python -m simulations.bench.dp_cost                       # tiny + small models, CPU
     python -m simulations.bench.dp_cost --sizes small --batch-size 16 --seq-len 128 --json out.json
 
-Each (model size, mode) runs in a fresh process, so peak memory is that configuration's
-own: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the peak
-resident set size during the timed steps minus the resident size just before them
-(the training working set), plus the absolute peak. Time per step is the median over
-``--repeats`` timed blocks of ``--steps`` steps, after ``--warmup`` steps. The same
-LoRA setup and training loop (``client.train.run_steps``) as the federated clients;
-models other than ``tiny`` (the builtin tiny Llama) are randomly initialised Llamas of
+Each (model size, mode) runs in fresh processes (``--passes`` of them, interleaved with
+the other configurations, so a busy machine slows all alike), so peak memory is that
+configuration's own: on CUDA ``torch.cuda.max_memory_allocated`` while training; on CPU
+the peak resident set size while training minus the resident size before the first step
+(the training working set). Time per step, wall clock and CPU time of the process (less
+sensitive to other load), is the median over ``--repeats`` timed blocks of ``--steps``
+steps after ``--warmup`` steps, then the median over passes; ratios are of CPU time.
+
+Same LoRA setup and training loop (``client.train.run_steps``) as the federated clients.
+Models other than ``tiny`` (the builtin tiny Llama) are randomly initialised Llamas of
 the given size: the cost of DP does not depend on the weights' values.
 """
 
@@ -81,24 +84,25 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
         private = make_private(setup, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
                                accountant="prv")
         setup, hooks = private.setup, private.hooks
-    setup.local_steps = warmup
-    run_steps(setup)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_bytes()
-    times = []
+    rss_before = _rss_bytes()  # model and data loaded, nothing trained yet
+    setup.local_steps = warmup
+    run_steps(setup)
+    times, cpu_times = [], []
     setup.local_steps = steps
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run_steps(setup)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / steps)
+        cpu_times.append((time.process_time() - cpu_start) / steps)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"size": size, "mode": mode, "device": device, "batch_size": batch_size, "seq_len": seq_len,
            "threads": threads, "steps": steps * repeats, "step_seconds": statistics.median(times),
-           "step_seconds_all": times, "examples_per_step": result.num_examples / max(1, result.steps),
+           "step_seconds_all": times, "cpu_step_seconds": statistics.median(cpu_times), "examples_per_step": result.num_examples / max(1, result.steps),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total_params": sum(p.numel() for p in model.parameters())}
     if device == "cuda":
@@ -128,18 +132,32 @@ def run_isolated(**kwargs) -> dict:
     return result
 
 
+def combine(passes: list[dict]) -> dict:
+    """Medians over the interleaved passes of one configuration."""
+    ok = [p for p in passes if "error" not in p]
+    if not ok:
+        return passes[0]
+    out = dict(ok[0])
+    for key in ("step_seconds", "cpu_step_seconds", "peak_memory_bytes", "examples_per_step"):
+        out[key] = statistics.median(p[key] for p in ok)
+    out["passes"] = [{k: p[k] for k in ("step_seconds", "cpu_step_seconds", "peak_memory_bytes")} for p in ok]
+    return out
+
+
 def table(results: list[dict]) -> str:
-    lines = [f"{'model':<7} {'mode':<6} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'params (train/total)':>22}"]
+    lines = [f"{'model':<7} {'mode':<6} {'wall ms/step':>12} {'cpu ms/step':>11} {'x plain':>8} "
+             f"{'peak MiB':>9} {'x plain':>8} {'params (train/total)':>22}"]
     plain = {r["size"]: r for r in results if r["mode"] == "none" and "error" not in r}
     for r in results:
         if "error" in r:
             lines.append(f"{r['size']:<7} {r['mode']:<6} failed: {r['error']}")
             continue
         base = plain.get(r["size"])
-        t_ratio = r["step_seconds"] / base["step_seconds"] if base else float("nan")
+        t_ratio = r["cpu_step_seconds"] / base["cpu_step_seconds"] if base else float("nan")
         m_ratio = (r["peak_memory_bytes"] / base["peak_memory_bytes"]
                    if base and base["peak_memory_bytes"] else float("nan"))
-        lines.append(f"{r['size']:<7} {r['mode']:<6} {1000 * r['step_seconds']:>9.1f} {t_ratio:>8.2f} "
+        lines.append(f"{r['size']:<7} {r['mode']:<6} {1000 * r['step_seconds']:>12.1f} "
+                     f"{1000 * r['cpu_step_seconds']:>11.1f} {t_ratio:>8.2f} "
                      f"{r['peak_memory_bytes'] / 2**20:>9.1f} {m_ratio:>8.2f} "
                      f"{r['trainable_params']:>10,}/{r['total_params']:<11,}")
     return "\n".join(lines)
@@ -154,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--passes", type=int, default=3, help="fresh processes per configuration, interleaved")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", type=Path, default=Path("outputs/bench/dp_cost.json"))
@@ -164,13 +183,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bad = [g for g in given if g not in allowed]
         if bad:
             parser.error(f"{name}: unknown {bad[0]!r}; expected {', '.join(allowed)}")
-    results = []
-    for size in sizes:
-        for mode in modes:
-            results.append(run_isolated(size=size, mode=mode, batch_size=args.batch_size,
-                                        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                                        repeats=args.repeats, threads=args.threads, device=args.device))
-            print(f"[dp_cost] {size}/{mode} done", file=sys.stderr, flush=True)
+    passes: dict[tuple[str, str], list[dict]] = {(s, m): [] for s in sizes for m in modes}
+    for index in range(args.passes):  # interleaved, so load from other processes hits all modes alike
+        for size in sizes:
+            for mode in modes:
+                passes[(size, mode)].append(run_isolated(
+                    size=size, mode=mode, batch_size=args.batch_size, seq_len=args.seq_len,
+                    steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                    device=args.device))
+                print(f"[dp_cost] pass {index + 1}/{args.passes}: {size}/{mode} done", file=sys.stderr, flush=True)
+    results = [combine(p) for p in passes.values()]
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
