@@ -1,21 +1,25 @@
 """Flower ClientApp: unpack the message, call the plain task function, pack the reply.
 
-Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``) and
-scalar metrics leave the client; base weights and text never do.
+Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``), or
+their compressed delta (``fedslm.compression``), and scalar metrics leave the client;
+base weights and text never do.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.task import evaluate, fit
-from fedslm.adapters import from_array_record, to_array_record
+from fedslm.adapters import from_array_record
+from fedslm.compression import residual_file, update_records
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
+from fedslm.rundir import output_dir_for
 
 app = ClientApp()
 
@@ -35,18 +39,27 @@ def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def residual_path(cfg: ExperimentConfig, context: Context) -> Path | None:
+    """This partition's compression residual file, or None without error feedback."""
+    if cfg.compression.method == "none" or not cfg.compression.error_feedback:
+        return None
+    return residual_file(output_dir_for(cfg.output_dir, context.run_id), partition_id(context))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    cfg, config = experiment(context), msg.content["config"]
+    received = from_array_record(msg.content["arrays"])
     arrays, metrics = fit(
-        experiment(context),
-        from_array_record(msg.content["arrays"]),
+        cfg,
+        received,
         partition_id=partition_id(context),
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    update = update_records(arrays, received, method=cfg.compression.method,
+                            residual_path=residual_path(cfg, context))
+    return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -263,6 +263,27 @@ class TrackingConfig:
             _fail(f"{at}.experiment", "must not be empty")
 
 
+COMPRESSION_METHODS = ("none", "fp16", "int8")
+
+
+@dataclass
+class CompressionConfig:
+    """Uplink compression of client updates (``fedslm.compression``).
+
+    ``fp16`` or ``int8`` send the adapter delta (client update minus the global it
+    received) in 16 or 8 bits (int8: per-tensor symmetric, float32 scale per tensor);
+    the server decodes it back to a full adapter before screening and aggregation.
+    ``error_feedback`` carries what quantization dropped into the client's next update
+    (kept on disk under the run dir per partition); it has no effect with ``none``.
+    """
+
+    method: str = "none"
+    error_feedback: bool = True
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.method", self.method, COMPRESSION_METHODS)
+
+
 @dataclass
 class ExperimentConfig:
     """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
@@ -274,6 +295,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from client.train import evaluate_lm
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, save_adapter, to_array_record
 from fedslm.config import ExperimentConfig
-from fedslm.data import build_federated_texts
+from fedslm.data import central_test_texts
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import model_path, peft_model, token_blocks
 from server.plots import plot_rounds
@@ -78,7 +78,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     base_path = model_path(cfg.model, cfg.data.seed)
     arrays = to_array_record(initial_adapter(cfg))
     # 3. data the server may see: only the central held-out split
-    texts = build_federated_texts(cfg.data, num_clients=cfg.federation.num_clients)
+    central_texts = central_test_texts(cfg.data, num_clients=cfg.federation.num_clients)
     # 4. strategy, tracking, round plan
     strategy = build_strategy(cfg)
     tracker = make_tracker(cfg, output_dir)
@@ -87,7 +87,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker.log_artifact(output_dir / "config.json")
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
-                     central_eval=make_central_eval(cfg, texts.central_test))
+                     central_eval=make_central_eval(cfg, central_texts))
     history = History()
     try:
         # 5. rounds
