@@ -35,15 +35,21 @@ def experiment(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def partition_id(context: Context) -> int:
+def partition_id(context: Context, msg: Message | None = None) -> int:
+    """The node's partition, or, when a few simulated SuperNodes serve many clients
+    (``federation.supernodes``), the one the server names in the message."""
+    if msg is not None and experiment(context).federation.supernodes > 0:
+        config = msg.content.config_records.get("config", {})
+        if "partition-id" in config:
+            return int(config["partition-id"])
     return int(context.node_config["partition-id"])
 
 
-def residual_path(cfg: ExperimentConfig, context: Context) -> Path | None:
+def residual_path(cfg: ExperimentConfig, context: Context, msg: Message) -> Path | None:
     """This partition's compression residual file, or None without error feedback."""
     if cfg.compression.method == "none" or not cfg.compression.error_feedback:
         return None
-    return residual_file(output_dir_for(cfg.output_dir, context.run_id), partition_id(context))
+    return residual_file(output_dir_for(cfg.output_dir, context.run_id), partition_id(context, msg))
 
 
 @app.train()
@@ -53,17 +59,17 @@ def train(msg: Message, context: Context) -> Message:
     arrays, metrics = fit(
         cfg,
         received,
-        partition_id=partition_id(context),
+        partition_id=partition_id(context, msg),
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     update = update_records(arrays, received, method=cfg.compression.method,
-                            residual_path=residual_path(cfg, context))
+                            residual_path=residual_path(cfg, context, msg))
     return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=partition_id(context))
+                       partition_id=partition_id(context, msg))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -26,6 +26,7 @@ from fedslm.data import central_test_texts
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import model_path, peft_model, token_blocks
 from server.plots import plot_rounds
+from server.population import PopulationGrid
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
 from server.strategy import build_strategy
 from server.tracking import NoTracker, Tracker
@@ -70,6 +71,8 @@ def make_tracker(cfg: ExperimentConfig, output_dir: Path) -> Tracker | NoTracker
 def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     """Run every round, write outputs, return the summary that is also saved as JSON."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.federation.supernodes > 0:  # many virtual clients on a few SuperNodes
+        grid = PopulationGrid(grid, cfg.federation.num_clients)
     # 1. reproducibility: Flower samples nodes with the `random` module
     random.seed(cfg.training.seed)
     np.random.seed(cfg.training.seed)

@@ -1,0 +1,183 @@
+"""overhead: the same federated training on Flower's simulation engine vs one plain process.
+
+Both sides run the same steps with the same code: every round each of K clients loads the
+global adapter, trains S local steps (``client.task.fit``), the server averages by example
+count, every client evaluates on its test split (``client.task.evaluate``) and the server
+evaluates on the central set. The baseline does this in a loop in one fresh Python
+process with ``federation.client_num_cpus`` torch threads; the engine run adds everything
+Flower brings: SuperLink, ServerApp process, Ray workers, messages, serialization.
+
+Two ratios (engine / baseline):
+
+* ``total``: wall time of the whole command, from process start to exit, including the
+  engine's start-up (SuperLink, ServerApp imports, Ray and its workers importing torch)
+  and teardown versus the baseline's imports and model load;
+* ``steady``: the median time of one round (train + evaluate) once everything is warm,
+  round 1 excluded (the first backward pass in each worker), as the ServerApp measures it.
+
+The engine runs ``floor(cores / client_num_cpus)`` workers in parallel and the baseline
+one client after another, so ``cpu`` (CPU seconds of the whole process tree, engine vs
+baseline) is reported too: it is what the overhead costs independent of parallelism.
+The training loop itself is measured against hand-written PyTorch by ``throughput``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations.bench.common import (
+    ProcessTreeSampler,
+    experiment,
+    machine,
+    median,
+    run_engine,
+    table,
+    write_json,
+)
+
+TARGET_STEADY = 1.15
+
+
+def baseline(cfg) -> dict[str, Any]:
+    """The federated loop in this process: no Flower, same task functions."""
+    import numpy as np
+    import torch
+
+    from client.task import evaluate, fit
+    from fedslm.adapters import to_array_record
+    from fedslm.data import central_test_texts
+    from server.experiment import initial_adapter, make_central_eval
+
+    torch.set_num_threads(cfg.federation.client_num_cpus)
+    start = time.perf_counter()
+    arrays = initial_adapter(cfg)
+    central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
+    n = cfg.federation.num_clients
+    setup = time.perf_counter() - start
+    rounds, rounds_cpu, last = {}, {}, {}
+    for rnd in range(cfg.federation.num_rounds + 1):
+        t, cpu = time.perf_counter(), time.process_time()
+        if rnd > 0:
+            updates = [fit(cfg, arrays, partition_id=p, server_round=rnd) for p in range(n)]
+            weights = np.array([m["num-examples"] for _, m in updates], dtype=np.float64)
+            arrays = {k: (sum(w * u[k] for (u, _), w in zip(updates, weights)) / weights.sum())
+                      .astype(np.float32) for k in arrays}
+        evals = [evaluate(cfg, arrays, partition_id=p) for p in range(n)]
+        if central is not None:
+            last = central(rnd, to_array_record(arrays))
+        rounds[rnd] = time.perf_counter() - t
+        rounds_cpu[rnd] = time.process_time() - cpu
+        last["eval_loss"] = sum(e["loss"] * e["num-examples"] for e in evals) / sum(
+            e["num-examples"] for e in evals)
+    return {"setup_seconds": setup, "round_seconds": rounds, "round_cpu_seconds": rounds_cpu,
+            "final": last}
+
+
+def run_baseline_process(cfg) -> dict[str, Any]:
+    """``baseline`` in a fresh interpreter, timed from spawn to exit (imports included)."""
+    cmd = [sys.executable, "-m", "simulations.bench.overhead", "--baseline-child",
+           json.dumps(cfg.to_dict())]
+    start = time.monotonic()
+    with ProcessTreeSampler() as sampler:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                             cwd=str(Path(__file__).resolve().parents[2]))
+    wall = time.monotonic() - start
+    if out.returncode != 0:
+        raise RuntimeError(f"baseline process failed: {out.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("round_seconds", "round_cpu_seconds"):
+        result[key] = {int(k): v for k, v in result[key].items()}
+    result.update(wall=wall, cpu_seconds=sampler.result.total_cpu_seconds,
+                  steady_round_seconds=steady(result["round_seconds"]),
+                  steady_round_cpu_seconds=steady(result["round_cpu_seconds"]))
+    return result
+
+
+def steady(per_round: dict[int, float]) -> float:
+    """Median over rounds >= 2, or over rounds >= 1 when there are no later ones."""
+    later = [s for r, s in per_round.items() if r >= 2]
+    return median(later or [s for r, s in per_round.items() if r >= 1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="local steps per round")
+    parser.add_argument("--tiny", action="store_true", help="2 clients x 2 rounds x 2 steps (smoke test)")
+    parser.add_argument("--echo", action="store_true", help="show the engine's log")
+    parser.add_argument("--out", help="JSON path (default outputs/bench/overhead.json)")
+    parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_child:
+        from fedslm.config import ExperimentConfig
+
+        result = baseline(ExperimentConfig.from_dict(json.loads(args.baseline_child)))
+        print(json.dumps(result))
+        return 0
+    if args.tiny:
+        args.clients, args.rounds, args.steps = 2, 2, 2
+    cfg = experiment({"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
+                      "training.local_steps": args.steps}, run_name="overhead")
+    print(f"[overhead] {args.clients} clients x {args.rounds} rounds x {args.steps} steps: "
+          "baseline, engine, baseline", flush=True)
+    before = run_baseline_process(cfg)
+    engine = run_engine(cfg, echo=args.echo)
+    after = run_baseline_process(cfg)
+    base_wall = 0.5 * (before["wall"] + after["wall"])
+    base_steady = 0.5 * (before["steady_round_seconds"] + after["steady_round_seconds"])
+    base_cpu = 0.5 * (before["cpu_seconds"] + after["cpu_seconds"])
+    base_steady_cpu = 0.5 * (before["steady_round_cpu_seconds"] + after["steady_round_cpu_seconds"])
+    engine_steady_cpu = engine.steady_cpu_per_round()
+    last = engine.summary["rounds"][-1]
+    ratios = {
+        "total": engine.wall / base_wall,
+        "steady": engine.steady_round_seconds() / base_steady,
+        "cpu_total": engine.tree.total_cpu_seconds / base_cpu,
+        "cpu_steady": sum(engine_steady_cpu.values()) / base_steady_cpu,
+    }
+    rows = [
+        {"figure": "total wall (incl. engine start)", "ratio": ratios["total"], "target": None,
+         "engine_s": engine.wall, "baseline_s": base_wall},
+        {"figure": "steady round (train+eval)", "ratio": ratios["steady"], "target": TARGET_STEADY,
+         "engine_s": engine.steady_round_seconds(), "baseline_s": base_steady},
+        {"figure": "CPU s, whole run", "ratio": ratios["cpu_total"], "target": None,
+         "engine_s": engine.tree.total_cpu_seconds, "baseline_s": base_cpu},
+        {"figure": "CPU s per steady round", "ratio": ratios["cpu_steady"], "target": TARGET_STEADY,
+         "engine_s": sum(engine_steady_cpu.values()), "baseline_s": base_steady_cpu},
+    ]
+    for row in rows:
+        row["met"] = None if row["target"] is None else ("yes" if row["ratio"] <= row["target"] else "no")
+    print(table(rows, ["figure", "ratio", "target", "met", "engine_s", "baseline_s"]))
+    phases = engine.phases()
+    print("\nEngine run, where the time goes (s): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    print("CPU seconds per steady round by process: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in engine_steady_cpu.items() if abs(v) >= 0.005))
+    print(f"Final eval loss: engine {last.get('eval_loss', float('nan')):.4f}, "
+          f"baseline {after['final'].get('eval_loss', float('nan')):.4f}")
+    result = {
+        "benchmark": "overhead",
+        "setting": {"clients": args.clients, "rounds": args.rounds, "local_steps": args.steps,
+                    "client_num_cpus": cfg.federation.client_num_cpus},
+        "ratios": ratios, "target_steady": TARGET_STEADY, "rows": rows, "engine_phases": phases,
+        "engine": {"wall": engine.wall, "round_seconds": engine.round_seconds(),
+                   "steady_cpu_per_round_by_process": engine_steady_cpu,
+                   "cpu_seconds": engine.tree.total_cpu_seconds,
+                   "peak_rss_mib": engine.tree.peak_rss / 2**20,
+                   "final": {k: last.get(k) for k in ("eval_loss", "central_loss", "train_loss")}},
+        "baseline_runs": [before, after], "machine": machine(),
+    }
+    print(f"\nwrote {write_json('overhead', result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
