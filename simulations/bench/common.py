@@ -147,6 +147,13 @@ class ProcessTreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._names: dict[int, str] = {}
+        # CPU already spent by processes alive now (this one included) is not counted
+        self._initial: dict[int, float] = {}
+        root = psutil.Process()
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                cpu = proc.cpu_times()
+                self._initial[proc.pid] = cpu.user + cpu.system
 
     def __enter__(self) -> "ProcessTreeSampler":
         self._thread.start()
@@ -178,7 +185,7 @@ class ProcessTreeSampler:
                 total += rss
                 name = self._names[proc.pid]
                 by_component[name] = by_component.get(name, 0) + rss
-                self.result.cpu_seconds[proc.pid] = cpu.user + cpu.system
+                self.result.cpu_seconds[proc.pid] = cpu.user + cpu.system - self._initial.get(proc.pid, 0.0)
         r = self.result
         r.samples += 1
         per_component: dict[str, float] = {}

@@ -60,23 +60,29 @@ def baseline(cfg) -> dict[str, Any]:
     central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
     n = cfg.federation.num_clients
     setup = time.perf_counter() - start
-    rounds, rounds_cpu, last = {}, {}, {}
+    rounds, rounds_cpu, clients_cpu, last = {}, {}, {}, {}
     for rnd in range(cfg.federation.num_rounds + 1):
         t, cpu = time.perf_counter(), time.process_time()
+        client_cpu = 0.0
         if rnd > 0:
+            c = time.process_time()
             updates = [fit(cfg, arrays, partition_id=p, server_round=rnd) for p in range(n)]
+            client_cpu += time.process_time() - c
             weights = np.array([m["num-examples"] for _, m in updates], dtype=np.float64)
             arrays = {k: (sum(w * u[k] for (u, _), w in zip(updates, weights)) / weights.sum())
                       .astype(np.float32) for k in arrays}
+        c = time.process_time()
         evals = [evaluate(cfg, arrays, partition_id=p) for p in range(n)]
+        client_cpu += time.process_time() - c
         if central is not None:
             last = central(rnd, to_array_record(arrays))
         rounds[rnd] = time.perf_counter() - t
         rounds_cpu[rnd] = time.process_time() - cpu
+        clients_cpu[rnd] = client_cpu
         last["eval_loss"] = sum(e["loss"] * e["num-examples"] for e in evals) / sum(
             e["num-examples"] for e in evals)
     return {"setup_seconds": setup, "round_seconds": rounds, "round_cpu_seconds": rounds_cpu,
-            "final": last}
+            "round_client_cpu_seconds": clients_cpu, "final": last}
 
 
 def run_baseline_process(cfg) -> dict[str, Any]:
@@ -91,11 +97,12 @@ def run_baseline_process(cfg) -> dict[str, Any]:
     if out.returncode != 0:
         raise RuntimeError(f"baseline process failed: {out.stderr.strip().splitlines()[-1:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("round_seconds", "round_cpu_seconds"):
+    for key in ("round_seconds", "round_cpu_seconds", "round_client_cpu_seconds"):
         result[key] = {int(k): v for k, v in result[key].items()}
     result.update(wall=wall, cpu_seconds=sampler.result.total_cpu_seconds,
                   steady_round_seconds=steady(result["round_seconds"]),
-                  steady_round_cpu_seconds=steady(result["round_cpu_seconds"]))
+                  steady_round_cpu_seconds=steady(result["round_cpu_seconds"]),
+                  steady_client_cpu_seconds=steady(result["round_client_cpu_seconds"]))
     return result
 
 
@@ -136,12 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     base_cpu = 0.5 * (before["cpu_seconds"] + after["cpu_seconds"])
     base_steady_cpu = 0.5 * (before["steady_round_cpu_seconds"] + after["steady_round_cpu_seconds"])
     engine_steady_cpu = engine.steady_cpu_per_round()
+    base_client_cpu = 0.5 * (before["steady_client_cpu_seconds"] + after["steady_client_cpu_seconds"])
+    engine_client_cpu = engine_steady_cpu.get("ray workers", 0.0)
+    engine_server_cpu = sum(v for k, v in engine_steady_cpu.items() if k not in ("ray workers", "bench"))
+    engine_total_cpu = engine_client_cpu + engine_server_cpu  # "bench": this process, measuring
     last = engine.summary["rounds"][-1]
     ratios = {
         "total": engine.wall / base_wall,
         "steady": engine.steady_round_seconds() / base_steady,
         "cpu_total": engine.tree.total_cpu_seconds / base_cpu,
-        "cpu_steady": sum(engine_steady_cpu.values()) / base_steady_cpu,
+        "cpu_steady": engine_total_cpu / base_steady_cpu,
+        "cpu_steady_clients": engine_client_cpu / base_client_cpu,
+        "cpu_steady_server": engine_server_cpu / max(base_steady_cpu - base_client_cpu, 1e-9),
     }
     rows = [
         {"figure": "total wall (incl. engine start)", "ratio": ratios["total"], "target": None,
@@ -151,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         {"figure": "CPU s, whole run", "ratio": ratios["cpu_total"], "target": None,
          "engine_s": engine.tree.total_cpu_seconds, "baseline_s": base_cpu},
         {"figure": "CPU s per steady round", "ratio": ratios["cpu_steady"], "target": TARGET_STEADY,
-         "engine_s": sum(engine_steady_cpu.values()), "baseline_s": base_steady_cpu},
+         "engine_s": engine_total_cpu, "baseline_s": base_steady_cpu},
+        {"figure": "  of which client work", "ratio": ratios["cpu_steady_clients"], "target": None,
+         "engine_s": engine_client_cpu, "baseline_s": base_client_cpu},
+        {"figure": "  of which server + engine", "ratio": ratios["cpu_steady_server"], "target": None,
+         "engine_s": engine_server_cpu, "baseline_s": base_steady_cpu - base_client_cpu},
     ]
     for row in rows:
         row["met"] = None if row["target"] is None else ("yes" if row["ratio"] <= row["target"] else "no")
