@@ -271,11 +271,11 @@ class EngineRun:
 def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: float = 0.25) -> EngineRun:
     """``simulations.launch``'s simulation run, with a timeline and process-tree sampling."""
     from simulations.launch import (
+        flwr_run,
         read_outcome,
         simulation_federation_config,
         simulation_superlink,
         write_connection,
-        flwr_run,
     )
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
