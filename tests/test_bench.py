@@ -82,7 +82,8 @@ def test_comm_tiny_measures_the_compressed_uplink_on_the_engine(tmp_path: Path) 
 @pytest.mark.e2e
 def test_overhead_tiny_compares_engine_and_baseline(tmp_path: Path) -> None:
     result = run("overhead", tmp_path, "--tiny")
-    assert result["setting"] == {"clients": 2, "rounds": 2, "local_steps": 2, "client_num_cpus": 1}
+    assert result["setting"] == {"clients": 2, "rounds": 2, "local_steps": 2, "client_num_cpus": 1,
+                                 "engine_workers": 1}
     assert all(r > 0 for r in result["ratios"].values())
     assert sorted(result["engine"]["round_seconds"]) == ["1", "2"]
     (baseline,) = result["baseline_runs"]

@@ -115,3 +115,13 @@ def test_supernodes_is_checked_by_key() -> None:
         ExperimentConfig.from_dict({"federation": {"supernodes": -1}})
     with pytest.raises(ConfigError, match=r"^federation\.supernodes: only applies to federation\.engine=simulation"):
         ExperimentConfig.from_dict({"federation": {"supernodes": 4, "engine": "remote", "address": "x:1"}})
+
+
+def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
+    from simulations.launch import simulation_federation_config
+
+    per_client = ExperimentConfig.from_dict({"federation": {"num_clients": 300}})
+    pooled = ExperimentConfig.from_dict({"federation": {"num_clients": 10_000, "supernodes": 10}})
+    assert simulation_federation_config(per_client).startswith("num-supernodes=300 ")
+    assert simulation_federation_config(pooled) == (
+        "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0")

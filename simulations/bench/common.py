@@ -268,8 +268,13 @@ class EngineRun:
         }
 
 
-def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: float = 0.25) -> EngineRun:
-    """``simulations.launch``'s simulation run, with a timeline and process-tree sampling."""
+def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: float = 0.25,
+               ray_cpus: int = 0) -> EngineRun:
+    """``simulations.launch``'s simulation run, with a timeline and process-tree sampling.
+
+    ``ray_cpus`` > 0 caps the CPUs Ray may hand out (Flower's ``init-args-num-cpus``),
+    hence the number of parallel workers: ``ray_cpus // client_num_cpus``.
+    """
     from simulations.launch import (
         flwr_run,
         read_outcome,
@@ -288,7 +293,10 @@ def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: fl
             with simulation_superlink(home) as address:
                 ready = time.monotonic() - start
                 write_connection(home, address)
-                flwr_run(cfg, home, federation_config=simulation_federation_config(cfg))
+                federation = simulation_federation_config(cfg)
+                if ray_cpus > 0:
+                    federation += f" init-args-num-cpus={ray_cpus}"
+                flwr_run(cfg, home, federation_config=federation)
                 finished = time.monotonic() - start
     wall = time.monotonic() - start
     summary = read_outcome(Path(cfg.output_dir), None)

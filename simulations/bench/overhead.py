@@ -5,19 +5,24 @@ global adapter, trains S local steps (``client.task.fit``), the server averages 
 count, every client evaluates on its test split (``client.task.evaluate``) and the server
 evaluates on the central set. The baseline does this in a loop in one fresh Python
 process with ``federation.client_num_cpus`` torch threads; the engine run adds everything
-Flower brings: SuperLink, ServerApp process, Ray workers, messages, serialization.
+Flower brings: SuperLink, simulation process (ServerApp thread, message routing), Ray
+and its workers, messages and their serialization. By default the engine gets one Ray
+worker (``--workers 1``), so both sides run the clients one after another on the same
+resources and the ratios measure overhead, not parallelism; ``--workers 0`` lets Flower
+start one worker per ``client_num_cpus`` cores, as ``simulations.run`` does.
 
-Two ratios (engine / baseline):
+Ratios (engine / baseline):
 
 * ``total``: wall time of the whole command, from process start to exit, including the
-  engine's start-up (SuperLink, ServerApp imports, Ray and its workers importing torch)
-  and teardown versus the baseline's imports and model load;
+  engine's start-up (SuperLink, simulation process imports, Ray and its workers
+  importing torch) and teardown, against the baseline's imports and model load;
 * ``steady``: the median time of one round (train + evaluate) once everything is warm,
-  round 1 excluded (the first backward pass in each worker), as the ServerApp measures it.
+  round 1 excluded (the first backward pass in each worker), as the ServerApp measures it;
+* CPU seconds of the whole process tree, per run and per steady round, the latter split
+  into client work (Ray workers vs the baseline's fit + evaluate) and the rest (server
+  work plus everything the engine does besides running clients). CPU time is less
+  disturbed than wall time by other work on a shared machine.
 
-The engine runs ``floor(cores / client_num_cpus)`` workers in parallel and the baseline
-one client after another, so ``cpu`` (CPU seconds of the whole process tree, engine vs
-baseline) is reported too: it is what the overhead costs independent of parallelism.
 The training loop itself is measured against hand-written PyTorch by ``throughput``.
 """
 
@@ -120,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="local steps per round")
     parser.add_argument("--tiny", action="store_true",
                         help="2 clients x 2 rounds x 2 steps, one baseline run (smoke test)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="parallel Ray workers for the engine (1: serial, like the baseline; "
+                             "0: Flower's default, one per client_num_cpus cores)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/overhead.json)")
     parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
@@ -135,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = experiment({"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
                       "training.local_steps": args.steps}, run_name="overhead")
     order = "baseline, engine" + ("" if args.tiny else ", baseline")
-    print(f"[overhead] {args.clients} clients x {args.rounds} rounds x {args.steps} steps: {order}",
-          flush=True)
+    workers = args.workers or "default"
+    print(f"[overhead] {args.clients} clients x {args.rounds} rounds x {args.steps} steps, "
+          f"{workers} engine worker(s): {order}", flush=True)
     before = run_baseline_process(cfg)
-    engine = run_engine(cfg, echo=args.echo)
+    engine = run_engine(cfg, echo=args.echo, ray_cpus=args.workers * cfg.federation.client_num_cpus)
     after = before if args.tiny else run_baseline_process(cfg)  # tiny: one baseline is enough
     base_wall = 0.5 * (before["wall"] + after["wall"])
     base_steady = 0.5 * (before["steady_round_seconds"] + after["steady_round_seconds"])
@@ -185,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "overhead",
         "setting": {"clients": args.clients, "rounds": args.rounds, "local_steps": args.steps,
-                    "client_num_cpus": cfg.federation.client_num_cpus},
+                    "client_num_cpus": cfg.federation.client_num_cpus,
+                    "engine_workers": args.workers or "default"},
         "ratios": ratios, "target_steady": TARGET_STEADY, "rows": rows, "engine_phases": phases,
         "engine": {"wall": engine.wall, "round_seconds": engine.round_seconds(),
                    "steady_cpu_per_round_by_process": engine_steady_cpu,

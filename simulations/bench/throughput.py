@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per repetition")
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a client's share)")
     parser.add_argument("--tiny", action="store_true", help="3 steps x 2 reps (smoke test)")
     parser.add_argument("--out", help="JSON path (default outputs/bench/throughput.json)")
