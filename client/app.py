@@ -1,10 +1,10 @@
 """Flower ClientApp: unpack the message, call the plain task function, pack the reply.
 
-Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``) and
-scalar metrics leave the client; base weights, text and personal tensors never do. A
-DP-SGD client whose budget is spent replies with a status record and its epsilon
-instead of an update. The node config says where this client's data and state live
-(client/node.py).
+Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``), or
+their compressed delta (``fedslm.compression``), and scalar metrics leave the client;
+base weights, text and personal tensors never do. A DP-SGD client whose budget is spent
+replies with a status record and its epsilon instead of an update. Where this client's
+data and state live is decided once, by ``client.node``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from client.node import NodeSetup, node_setup, record_participation
 from client.personal_state import resolve_state_dir
 from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
 from client.task import evaluate, fit
-from fedslm.adapters import from_array_record, to_array_record
+from fedslm.adapters import from_array_record
+from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
 
@@ -38,10 +39,17 @@ def experiment(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def node(context: Context) -> NodeSetup:
-    """Partition (simulation) or local data path (device), and this client's state dir."""
+def node(context: Context, msg: Message | None = None) -> NodeSetup:
+    """This client's partition, data path and state dir. When a few simulated SuperNodes
+    serve many clients (``federation.supernodes``), the server names the partition in
+    the message."""
     cfg = experiment(context)
-    return node_setup(context.node_config, node_id=context.node_id,
+    node_config = dict(context.node_config)
+    if msg is not None and cfg.federation.supernodes > 0:
+        config = msg.content.config_records.get("config", {})
+        if "partition-id" in config:
+            node_config["partition-id"] = int(config["partition-id"])
+    return node_setup(node_config, node_id=context.node_id,
                       simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
 
 
@@ -57,18 +65,14 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
 
 @app.train(mods=[user_level_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    config, me = msg.content["config"], node(context)
+    cfg, config, me = experiment(context), msg.content["config"], node(context, msg)
     server_round = int(config["server-round"])
+    received = from_array_record(msg.content["arrays"])
     try:
-        arrays, metrics = fit(
-            experiment(context),
-            from_array_record(msg.content["arrays"]),
-            partition_id=me.partition_id,
-            server_round=server_round,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            client_dir=me.state_dir,
-            data_path=me.data_path,
-        )
+        arrays, metrics = fit(cfg, received, partition_id=me.partition_id,
+                              server_round=server_round,
+                              proximal_mu=float(config.get("proximal-mu", 0.0)),
+                              client_dir=me.state_dir, data_path=me.data_path)
     except BudgetExhausted as exc:  # a clear status instead of an update, not an error
         record_participation(me.participation_log, run_id=context.run_id,
                              server_round=server_round, phase="refused", metrics=exc.metrics)
@@ -77,18 +81,19 @@ def train(msg: Message, context: Context) -> Message:
                        reply_to=msg)
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
-    content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    residual = (me.state_dir / RESIDUAL_FILE
+                if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
+    update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual)
+    return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    me = node(context)
+    me = node(context, msg)
+    server_round = int(msg.content["config"].get("server-round", 0))
     metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=me.partition_id,
-                       server_round=int(msg.content["config"].get("server-round", 0)),
+                       partition_id=me.partition_id, server_round=server_round,
                        client_dir=me.state_dir, data_path=me.data_path)
-    record_participation(me.participation_log, run_id=context.run_id,
-                         server_round=int(msg.content["config"].get("server-round", 0)),
+    record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="evaluate", metrics=metrics)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from fedslm.adapters import ADAPTER_WEIGHTS_FILE, save_adapter
+from fedslm.rundir import output_dir_for
 from fedslm.config import ExperimentConfig, PeftConfig
 
 STATE_FILE = "fedslm-personal.json"
@@ -46,8 +47,7 @@ def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
     """
     if cfg.personalization.state_dir:
         return Path(cfg.personalization.state_dir).expanduser()
-    out = Path(cfg.output_dir) if cfg.output_dir else Path.home() / ".cache" / "fedslm" / "runs" / str(run_id)
-    return out / "clients"
+    return output_dir_for(cfg.output_dir, run_id) / "clients"
 
 
 def personal_dir(client_dir: Path) -> Path:

@@ -188,7 +188,10 @@ class FederationConfig:
     ``address`` over TLS, trusting the CA certificate ``root_certificates`` (``insecure``
     only for a local SuperLink started with ``--insecure``). ``resume_from`` names the
     output dir of an interrupted run: the run continues from its last round checkpoint,
-    in the same MLflow run (see server/checkpoint.py).
+    in the same MLflow run (see server/checkpoint.py). ``supernodes`` 0 simulates one SuperNode per client; k > 0 runs k
+    SuperNodes that serve all ``num_clients`` clients, the server sending each sampled
+    client's partition id with its message (``server.population``): for large
+    populations, where Flower's per-node polling makes every round slower.
     """
 
     num_clients: int = 10
@@ -201,8 +204,13 @@ class FederationConfig:
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
     resume_from: str = ""
+    supernodes: int = 0
 
     def check(self, at: str) -> None:
+        if self.supernodes < 0:
+            _fail(f"{at}.supernodes", f"must be >= 0, got {self.supernodes}")
+        if self.supernodes > 0 and self.engine != "simulation":
+            _fail(f"{at}.supernodes", "only applies to federation.engine=simulation")
         if self.num_clients < 1:
             _fail(f"{at}.num_clients", f"must be >= 1, got {self.num_clients}")
         if self.num_rounds < 1:
@@ -371,6 +379,25 @@ class PersonalizationConfig:
         if self.finetune_steps < 1:
             _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
         _positive(f"{at}.finetune_learning_rate", self.finetune_learning_rate)
+COMPRESSION_METHODS = ("none", "fp16", "int8")
+
+
+@dataclass
+class CompressionConfig:
+    """Uplink compression of client updates (``fedslm.compression``).
+
+    ``fp16`` or ``int8`` send the adapter delta (client update minus the global it
+    received) in 16 or 8 bits (int8: per-tensor symmetric, float32 scale per tensor);
+    the server decodes it back to a full adapter before screening and aggregation.
+    ``error_feedback`` carries what quantization dropped into the client's next update
+    (kept on disk under the run dir per partition); it has no effect with ``none``.
+    """
+
+    method: str = "none"
+    error_feedback: bool = True
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.method", self.method, COMPRESSION_METHODS)
 
 
 @dataclass
@@ -386,6 +413,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import json
 import traceback
-from pathlib import Path
-
 import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.runconfig import from_run_config
+from fedslm.rundir import output_dir_for
 from server.experiment import run_experiment
 
 app = ServerApp()
-
-
-def output_dir_for(configured: str, run_id: int) -> Path:
-    """The configured absolute output dir, or one per Flower run under ~/.cache/fedslm."""
-    if configured:
-        return Path(configured)
-    return Path.home() / ".cache" / "fedslm" / "runs" / str(run_id)
 
 
 @app.main()

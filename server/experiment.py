@@ -23,7 +23,7 @@ from client.train import evaluate_lm
 from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_to_init, save_adapter,
                              to_array_record)
 from fedslm.config import ExperimentConfig
-from fedslm.data import build_federated_texts
+from fedslm.data import central_test_texts
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import experiment_model, model_path, token_blocks
 from server.checkpoint import (
@@ -35,6 +35,7 @@ from server.checkpoint import (
 )
 from server.personalization import PersonalizationReport
 from server.plots import plot_rounds
+from server.population import PopulationGrid
 from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
@@ -82,7 +83,15 @@ def make_tracker(cfg: ExperimentConfig, output_dir: Path) -> Tracker | NoTracker
 def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     """Run every round, write outputs, return the summary that is also saved as JSON."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    # 1. reproducibility: Flower samples nodes with the `random` module
+    if cfg.federation.supernodes > 0:  # many virtual clients on a few SuperNodes
+        grid = PopulationGrid(grid, cfg.federation.num_clients)
+    # 1. threads and reproducibility. In simulation the ServerApp shares the machine (in
+    # Flower 1.41 even the process) with the simulated clients: torch's default of one
+    # thread per core oversubscribes it, and central evaluation of the tiny model took
+    # 10x longer with 2 threads than with 1 on a busy 2-core machine.
+    if cfg.federation.engine == "simulation":
+        torch.set_num_threads(cfg.federation.client_num_cpus)
+    # Flower samples nodes with the `random` module
     random.seed(cfg.training.seed)
     np.random.seed(cfg.training.seed)
     torch.manual_seed(cfg.training.seed)
@@ -90,7 +99,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     base_path = model_path(cfg.model, cfg.data.seed)
     arrays = to_array_record(initial_adapter(cfg))
     # 3. data the server may see: only the central held-out split
-    texts = build_federated_texts(cfg.data, num_clients=cfg.federation.num_clients)
+    central_texts = central_test_texts(cfg.data, num_clients=cfg.federation.num_clients)
     # 4. strategy (wrapped for user-level DP), tracking, round plan; a resumed run
     # continues its checkpoint
     strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
@@ -108,7 +117,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     personal_report = PersonalizationReport(output_dir, tracker)
     history = resumed.history if resumed is not None else History()
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
-                     central_eval=make_central_eval(cfg, texts.central_test), privacy=privacy,
+                     central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
                      round_metrics=personal_report.round_metrics,
                      on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
                                                   run_id=run_id, hooks=state_hooks))

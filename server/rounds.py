@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
+from server.decompress import decode_train_replies
 from server.messaging import send_and_collect
 from server.metrics import client_rows, dropped_rows, summarize
 from server.strategy import ARRAYS_KEY, screen_train_replies
@@ -80,7 +81,11 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
     replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
-    screened = screen_train_replies(replies, arrays)
+    wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
+                  for m in replies if ARRAYS_KEY in m.content.array_records}
+    decoded = decode_train_replies(replies, arrays)  # compressed deltas -> full adapters
+    screened = screen_train_replies(decoded.accepted, arrays)
+    screened.rejected.update(decoded.rejected)
     for node, why in screened.rejected.items():
         log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
     for node, why in got.failed.items():
@@ -92,8 +97,7 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
                          rejected=screened.rejected)
     metrics.update(
         bytes_down=float(payload_bytes(arrays) * len(messages)),
-        bytes_up=float(sum(payload_bytes(m.content.array_records[ARRAYS_KEY])
-                           for m in screened.accepted)),
+        bytes_up=float(sum(wire_bytes[id(m)] for m in screened.accepted)),
         clients_sampled=float(len(messages)),
         clients_failed=float(len(got.failed)),
         clients_timed_out=float(len(got.timed_out)),

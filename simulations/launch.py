@@ -160,17 +160,22 @@ def read_outcome(output_dir: Path, log_hint: Path | None) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 
 
+def simulation_federation_config(cfg: ExperimentConfig) -> str:
+    """``flwr run --federation-config``: SuperNodes (one per client unless
+    ``federation.supernodes``) and client resources."""
+    fed = cfg.federation
+    return (f"num-supernodes={fed.supernodes or fed.num_clients} "
+            f"client-resources-num-cpus={fed.client_num_cpus} "
+            f"client-resources-num-gpus={fed.client_num_gpus}")
+
+
 def run_on_simulation(cfg: ExperimentConfig) -> dict:
     """Run the experiment on Flower's simulation engine and return its summary."""
-    fed = cfg.federation
-    federation_config = (f"num-supernodes={fed.num_clients} "
-                         f"client-resources-num-cpus={fed.client_num_cpus} "
-                         f"client-resources-num-gpus={fed.client_num_gpus}")
     with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
         flwr_home = Path(tmp)
         with simulation_superlink(flwr_home) as address:
             write_connection(flwr_home, address)
-            flwr_run(cfg, flwr_home, federation_config=federation_config)
+            flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg))
         log_copy = Path(cfg.output_dir) / "superlink.log"
         with contextlib.suppress(OSError):
             log_copy.write_bytes((flwr_home / "superlink.log").read_bytes())

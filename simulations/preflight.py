@@ -7,9 +7,41 @@ sequence length should not cost that, nor surface as a traceback from a Ray work
 from __future__ import annotations
 
 from fedslm.config import ConfigError, ExperimentConfig
-from fedslm.data import build_federated_texts
+from fedslm.data import build_federated_texts, central_test_texts, load_client_split
+from fedslm.data.core import check_client_split
 from fedslm.model import max_sequence_length
 from fedslm.runtime import model_path
+
+FULL_CHECK_MAX_CLIENTS = 100  # synthetic federations above this are sample-checked
+SAMPLE_SIZE = 8
+
+
+def sampled_partitions(num_clients: int, k: int = SAMPLE_SIZE) -> list[int]:
+    """``k`` partition ids spread evenly over ``0..num_clients-1``, first and last included."""
+    if num_clients <= k:
+        return list(range(num_clients))
+    return sorted({round(i * (num_clients - 1) / (k - 1)) for i in range(k)})
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """Every client of a small federation; a spread sample of a large synthetic one.
+
+    A synthetic client is generated from its own seeded stream, so checking a sample
+    costs the same at 100 or 10,000 clients; the others must partition the whole
+    dataset anyway, which also checks every client.
+    """
+    n = cfg.federation.num_clients
+    if cfg.data.source != "synthetic" or n <= FULL_CHECK_MAX_CLIENTS:
+        texts = build_federated_texts(cfg.data, num_clients=n)
+        if len(texts.clients) != n:
+            raise ConfigError(f"federation.num_clients: data yields {len(texts.clients)} clients, "
+                              f"expected {n}")
+        return
+    hint = "raise data.docs_per_client"
+    for pid in sampled_partitions(n):
+        check_client_split(pid, load_client_split(cfg.data, num_clients=n, partition_id=pid),
+                           hint=hint)
+    central_test_texts(cfg.data, num_clients=n)
 
 
 def preflight_deployment(cfg: ExperimentConfig) -> int:
@@ -34,10 +66,7 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
 
 def preflight(cfg: ExperimentConfig) -> str:
     """Validate data and model against the config; returns the resolved base model path."""
-    texts = build_federated_texts(cfg.data, num_clients=cfg.federation.num_clients)
-    if len(texts.clients) != cfg.federation.num_clients:
-        raise ConfigError(f"federation.num_clients: data yields {len(texts.clients)} clients, "
-                          f"expected {cfg.federation.num_clients}")
+    check_data(cfg)
     path = model_path(cfg.model, cfg.data.seed)
     limit = max_sequence_length(path)
     if cfg.training.seq_len > limit:

@@ -1,11 +1,12 @@
 """Client texts for federated fine-tuning: synthetic, local files, HF datasets, Shakespeare.
 
 ``build_federated_texts`` gives every client's train/test split plus the public and
-central-test texts; ``load_client_split`` is what a ClientApp calls for its partition.
+central-test texts; ``load_client_split`` is what a ClientApp calls for its partition and
+``central_test_texts`` what the server evaluates on.
 """
 
 from fedslm.data.core import ClientSplit, DataError, FederatedTexts
-from fedslm.data.federated import build_federated_texts, load_client_split
+from fedslm.data.federated import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data.synthetic import synthetic_public_corpus
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DataError",
     "FederatedTexts",
     "build_federated_texts",
+    "central_test_texts",
     "load_client_split",
     "synthetic_public_corpus",
 ]

@@ -12,7 +12,7 @@ import functools
 
 from fedslm.config import DataConfig
 from fedslm.data.core import ClientSplit, DataError, FederatedTexts, sample_central_test
-from fedslm.data.synthetic import build_synthetic
+from fedslm.data.synthetic import build_synthetic, synthetic_central_test, synthetic_client
 
 ConfigKey = tuple[tuple[str, object], ...]
 
@@ -42,17 +42,30 @@ def build_federated_texts(cfg: DataConfig, *, num_clients: int) -> FederatedText
 
 
 def load_client_split(cfg: DataConfig, *, num_clients: int, partition_id: int) -> ClientSplit:
-    """One client's split; the full partitioning is built once per process and config.
+    """One client's split.
 
-    In simulation one process serves many virtual clients, and every partitioner must
-    see the whole dataset to give each client its share.
+    Synthetic clients are generated alone (each has its own seeded stream), so a
+    process serving a few clients of a large federation builds only those. Other
+    sources build the full partitioning once per process and config: every partitioner
+    must see the whole dataset to give each client its share.
     """
     if not 0 <= partition_id < num_clients:
         raise DataError(
             f"partition_id: {partition_id} is outside 0..{num_clients - 1} "
             f"(federation.num_clients={num_clients})"
         )
+    if cfg.source == "synthetic":
+        cfg.check("data")
+        return synthetic_client(cfg, partition_id)
     return _cached_texts(config_key(cfg), num_clients).clients[partition_id]
+
+
+def central_test_texts(cfg: DataConfig, *, num_clients: int) -> tuple[str, ...]:
+    """The server's held-out texts, without building every client for synthetic data."""
+    if cfg.source == "synthetic":
+        cfg.check("data")
+        return synthetic_central_test(cfg, num_clients=num_clients)
+    return _cached_texts(config_key(cfg), num_clients).central_test
 
 
 def config_key(cfg: DataConfig) -> ConfigKey:

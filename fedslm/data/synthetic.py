@@ -10,7 +10,12 @@ vocabulary is ~500 words, so a BPE tokenizer of 512-1024 tokens covers it and a 
 LM adapted to one client predicts that client measurably better than the mixture.
 
 Every stream has its own string-seeded ``random.Random`` (stable across runs and
-platforms), so client i's documents do not depend on how many clients there are.
+platforms), so client i's documents do not depend on how many clients there are, and
+one client's split can be generated alone (``synthetic_client``): a process serving a
+few sampled clients of a 10,000-client federation never builds the other 9,990.
+Documents are unique within a client by construction (a draw already made is redrawn);
+across clients they come from independent streams over a space of more than 10^40
+documents (2,000 clients, 96,000 documents: no repeat), so no cross-client check is made.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedslm.config import DataConfig
-from fedslm.data.core import CENTRAL_TEST_MAX, DataError, FederatedTexts, split_train_test
+from fedslm.data.core import (
+    CENTRAL_TEST_MAX,
+    ClientSplit,
+    DataError,
+    FederatedTexts,
+    split_train_test,
+)
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,7 @@ def _document(rng: random.Random, topic_w: Sequence[float], style_w: Sequence[fl
 def _documents(
     rng: random.Random, n: int, topic_w: Sequence[float], style_w: Sequence[float], seen: set[str]
 ) -> list[str]:
-    """``n`` documents not in ``seen`` (so splits can never share a text), added to it."""
+    """``n`` documents not in ``seen`` (so a client's splits never share a text), added to it."""
     docs: list[str] = []
     while len(docs) < n:
         doc = _document(rng, topic_w, style_w)
@@ -249,29 +260,52 @@ def synthetic_public_corpus(seed: int = 0, num_docs: int = 400) -> tuple[str, ..
     return tuple(_documents(_rng(seed, "public"), num_docs, uniform_t, uniform_s, set()))
 
 
-def build_synthetic(cfg: DataConfig, *, num_clients: int) -> FederatedTexts:
-    """Clients, public split and a separately drawn central test set (no shared texts).
-
-    Each client gets ``docs_per_client`` documents (its last ``round(test_fraction * n)``
-    are its test split: documents are i.i.d. within a client). ``central_test`` holds
-    ``max(1, 64 // num_clients)`` extra documents per client from the same mixtures.
-    """
+def _check_topics(cfg: DataConfig) -> None:
     if cfg.num_topics > len(TOPICS):
         raise DataError(
             f"data.num_topics: the synthetic corpus has {len(TOPICS)} topics, got {cfg.num_topics}"
         )
-    seen: set[str] = set()
-    clients, central = [], []
-    mixtures = [client_mixtures(i, cfg.num_topics, cfg.heterogeneity) for i in range(num_clients)]
-    for i, (topic_w, style_w) in enumerate(mixtures):
-        rng = _rng(cfg.seed, f"client:{i}")
-        docs = _documents(rng, cfg.docs_per_client, topic_w, style_w, seen)
-        clients.append(split_train_test(docs, cfg.test_fraction, seed=None))
+
+
+def synthetic_client(cfg: DataConfig, index: int) -> ClientSplit:
+    """Client ``index``'s split alone: ``docs_per_client`` documents of its own stream,
+    the last ``round(test_fraction * n)`` of them its test split (i.i.d. within a client)."""
+    _check_topics(cfg)
+    return _client(cfg.seed, index, cfg.num_topics, cfg.heterogeneity, cfg.docs_per_client,
+                   cfg.test_fraction)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a process may serve thousands of clients
+def _client(seed: int, index: int, num_topics: int, heterogeneity: float, docs: int,
+            test_fraction: float) -> ClientSplit:
+    topic_w, style_w = client_mixtures(index, num_topics, heterogeneity)
+    texts = _documents(_rng(seed, f"client:{index}"), docs, topic_w, style_w, set())
+    return split_train_test(texts, test_fraction, seed=None)
+
+
+def synthetic_central_test(cfg: DataConfig, *, num_clients: int) -> tuple[str, ...]:
+    """The server's held-out set: ``max(1, 64 // num_clients)`` documents from each of the
+    first ``min(num_clients, 64)`` clients' mixtures (separate streams from their splits).
+
+    Capped at 64 documents so central evaluation costs the same at any population size;
+    beyond 64 clients the first 64 cover every topic x style pairing that repeats
+    (client i has topic i % num_topics and style i % 7).
+    """
+    _check_topics(cfg)
     per_client = max(1, CENTRAL_TEST_MAX // num_clients)
-    for i, (topic_w, style_w) in enumerate(mixtures):
-        central += _documents(_rng(cfg.seed, f"central:{i}"), per_client, topic_w, style_w, seen)
+    central: list[str] = []
+    for i in range(min(num_clients, CENTRAL_TEST_MAX)):
+        topic_w, style_w = client_mixtures(i, cfg.num_topics, cfg.heterogeneity)
+        central += _documents(_rng(cfg.seed, f"central:{i}"), per_client, topic_w, style_w, set())
+    return tuple(central)
+
+
+def build_synthetic(cfg: DataConfig, *, num_clients: int) -> FederatedTexts:
+    """Every client's split (``synthetic_client``), the public split and the central test
+    set (``synthetic_central_test``)."""
+    _check_topics(cfg)
     return FederatedTexts(
-        clients=tuple(clients),
+        clients=tuple(synthetic_client(cfg, i) for i in range(num_clients)),
         public=synthetic_public_corpus(cfg.seed),
-        central_test=tuple(central),
+        central_test=synthetic_central_test(cfg, num_clients=num_clients),
     )

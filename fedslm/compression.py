@@ -1,0 +1,176 @@
+"""Compressed client updates: the adapter *delta* (trained minus received) as fp16 or int8.
+
+Deltas, not weights: one round of local training moves the adapter a little, so the
+delta has a small range that 8 bits resolve well, and the server adds it back onto the
+exact float32 global it sent. What reaches the strategy (and the screening before it) is
+an ordinary full adapter, so Flower's strategies run unchanged. Only the uplink is
+compressed: the downlink global stays float32, so client and server agree bit for bit on
+the base the delta is applied to.
+
+Wire layout, under the reply's ``"arrays"`` record (one npy header each, instead of one
+per tensor: at int8 a 128-byte header per tensor would be half the payload):
+
+* ``delta``: every tensor's delta flattened and concatenated in sorted-name order,
+  float16 (``fp16``) or int8 (``int8``);
+* ``scales`` (int8 only): one float32 per tensor, same order; per-tensor symmetric
+  quantization ``q = round(x / s)`` with ``s = max|x| / 127``.
+
+The reply also carries a ``"compression"`` config record naming the method; replies
+without it are plain float32 adapters.
+
+Error feedback: what quantization dropped (``corrected - decoded``) is added to the
+client's next delta, so the error does not accumulate across rounds. The residual is kept
+on disk under the run dir, keyed by partition id: in simulation one process serves many
+clients, and per-client state in memory would grow with the population.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedslm.adapters import to_array_record
+
+ARRAYS_KEY = "arrays"  # the reply's adapter record (server.strategy.ARRAYS_KEY)
+INFO_KEY = "compression"
+DELTA_KEY = "delta"
+SCALES_KEY = "scales"
+INT8_MAX = 127
+_WIRE_DTYPE = {"fp16": np.float16, "int8": np.int8}
+
+
+class CompressionError(ValueError):
+    """An update cannot be encoded or decoded; the message says which part is wrong."""
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor int8: values in [-127, 127] and the float32 scale."""
+    x = np.asarray(x, dtype=np.float32)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = np.float32(peak / INT8_MAX)
+    if scale == 0:
+        return np.zeros(x.shape, dtype=np.int8), np.float32(0.0)
+    q = np.clip(np.rint(x / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def encode(delta: Mapping[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
+    """The wire arrays for ``delta`` (see the module docstring)."""
+    if method not in _WIRE_DTYPE:
+        raise CompressionError(f"compression.method: cannot encode with {method!r}")
+    names = sorted(delta)
+    if method == "fp16":
+        flat = np.concatenate([np.asarray(delta[n], np.float32).ravel() for n in names])
+        wire = flat.astype(np.float16)
+        if not np.isfinite(wire).all():
+            raise CompressionError("fp16: the update overflows float16 (|delta| > 65504)")
+        return {DELTA_KEY: wire}
+    parts, scales = zip(*(quantize_int8(delta[n]) for n in names))
+    return {DELTA_KEY: np.concatenate([q.ravel() for q in parts]),
+            SCALES_KEY: np.array(scales, dtype=np.float32)}
+
+
+def decode(wire: Mapping[str, np.ndarray], method: str,
+           shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Float32 deltas named and shaped as ``shapes`` (the global the server sent)."""
+    if method not in _WIRE_DTYPE:
+        raise CompressionError(f"unknown compression method {method!r}")
+    expected_keys = {DELTA_KEY, SCALES_KEY} if method == "int8" else {DELTA_KEY}
+    if set(wire) != expected_keys:
+        raise CompressionError(f"{method}: expected arrays {sorted(expected_keys)}, got {sorted(wire)}")
+    names = sorted(shapes)
+    sizes = [int(np.prod(shapes[n], dtype=np.int64)) for n in names]
+    flat = np.asarray(wire[DELTA_KEY])
+    if flat.dtype != _WIRE_DTYPE[method] or flat.shape != (sum(sizes),):
+        raise CompressionError(f"{method}: delta is {flat.dtype}{list(flat.shape)}, expected "
+                               f"{np.dtype(_WIRE_DTYPE[method])}[{sum(sizes)}]")
+    values = flat.astype(np.float32)
+    if method == "int8":
+        scales = np.asarray(wire[SCALES_KEY])
+        if scales.dtype != np.float32 or scales.shape != (len(names),):
+            raise CompressionError(f"int8: scales are {scales.dtype}{list(scales.shape)}, "
+                                   f"expected float32[{len(names)}]")
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise CompressionError("int8: scales must be finite and >= 0")
+        values *= np.repeat(scales, sizes)
+    out, start = {}, 0
+    for name, size in zip(names, sizes):
+        out[name] = values[start:start + size].reshape(shapes[name])
+        start += size
+    return out
+
+
+RESIDUAL_FILE = "compression_residual.npz"  # in the client's own state dir (client.node)
+
+
+def _load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    with np.load(path) as stored:
+        residual = {n: stored[n] for n in stored.files}
+    if {n: r.shape for n, r in residual.items()} != dict(shapes):
+        raise CompressionError(f"{path}: residual does not match this adapter's tensors")
+    return residual
+
+
+def _save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
+    """Atomic write: a crash leaves the previous residual, never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **residual)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
+                    method: str, residual_path: Path | None) -> dict[str, np.ndarray]:
+    """Encode ``trained - received`` (+ the stored residual); store the new residual.
+
+    ``residual_path`` None disables error feedback.
+    """
+    if set(trained) != set(received):
+        raise CompressionError("trained and received adapters name different tensors")
+    shapes = {n: np.shape(v) for n, v in received.items()}
+    delta = {n: np.asarray(trained[n], np.float32) - np.asarray(received[n], np.float32)
+             for n in shapes}
+    if residual_path is not None:
+        residual = _load_residual(residual_path, shapes)
+        delta = {n: delta[n] + residual[n] for n in shapes}
+    wire = encode(delta, method)
+    if residual_path is not None:
+        sent = decode(wire, method, shapes)
+        _save_residual(residual_path, {n: delta[n] - sent[n] for n in shapes})
+    return wire
+
+
+def update_records(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
+                   method: str, residual_path: Path | None) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The reply records carrying a client's update: plain float32 for ``none``."""
+    if method == "none":
+        return {ARRAYS_KEY: to_array_record(trained)}
+    wire = compress_update(trained, received, method=method, residual_path=residual_path)
+    return {ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in wire.items()}),
+            INFO_KEY: ConfigRecord({"method": method})}
+
+
+def decode_update(content: RecordDict, reference: ArrayRecord) -> ArrayRecord | None:
+    """The full float32 adapter ``reference + delta`` of a compressed reply; None when the
+    reply is not compressed. Raises CompressionError for a malformed one."""
+    if INFO_KEY not in content.config_records:
+        return None
+    method = content.config_records[INFO_KEY].get("method")
+    if ARRAYS_KEY not in content.array_records:
+        raise CompressionError("compressed reply lacks its arrays")
+    wire = {k: a.numpy() for k, a in content.array_records[ARRAYS_KEY].items()}
+    base = {n: a.numpy() for n, a in reference.items()}
+    delta = decode(wire, str(method), {n: v.shape for n, v in base.items()})
+    return to_array_record({n: base[n].astype(np.float32) + delta[n] for n in base})

@@ -1,0 +1,104 @@
+"""Every benchmark runs on a tiny setting and writes the figures it promises.
+
+Smoke tests, not timed tests: they check what was measured (exact byte counts, the
+sampled clients, the engine's own byte accounting), never how fast it was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedslm.compression import RESIDUAL_FILE
+
+from simulations.bench.__main__ import BENCHMARKS, main
+
+
+def run(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert main([name, *args, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in BENCHMARKS)
+    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput"}
+    assert main(["latency"]) == 2
+    assert "unknown benchmark 'latency'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("simulations.bench.dp_cost") is not None,
+                    reason="dp_cost.py is on this checkout; its own smoke test runs it")
+def test_dp_says_it_is_not_available_without_the_dp_module(capsys) -> None:
+    assert main(["dp", "--tiny"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: benchmark 'dp' is not available on this checkout "
+        "(simulations/bench/dp_cost.py is missing)")
+
+
+def test_throughput_tiny_measures_both_loops(tmp_path: Path) -> None:
+    result = run("throughput", tmp_path, "--tiny")
+    assert result["setting"]["steps"] == 3 and result["setting"]["reps"] == 2
+    for per_second in (result["tokens_per_second"], result["tokens_per_cpu_second"]):
+        assert len(per_second["ours"]) == len(per_second["hand_written"]) == 2
+        assert all(v > 0 for v in per_second["ours"] + per_second["hand_written"])
+    assert result["ratio"] > 0 and result["target"] == 0.95
+
+
+def test_comm_counts_exact_bytes_for_full_lora_and_compressed_updates(tmp_path: Path) -> None:
+    result = run("comm", tmp_path, "--quality", "")
+    up = {row["update"]: row["up_bytes"] for row in result["bytes"]}
+    params = {row["update"]: row["params"] for row in result["bytes"]}
+    header = 128  # one npy header per tensor
+    # builtin tiny Llama: 164,672 parameters in 20 tensors (embeddings tied: counted once)
+    assert params["full fine-tuning"] == 164_672
+    assert up["full fine-tuning"] == 164_672 * 4 + 20 * header
+    for r in (4, 8, 16):
+        n = 2 * 2 * (64 * r + r * 64)  # q_proj and v_proj, 2 layers, A and B
+        assert params[f"LoRA r={r}"] == n
+        assert up[f"LoRA r={r}"] == 4 * n + 8 * header
+        assert up[f"LoRA r={r} fp16 delta"] == 2 * n + header
+        assert up[f"LoRA r={r} int8 delta"] == n + header + 8 * 4 + header
+    assert result["quality"] == []
+
+
+@pytest.mark.e2e
+def test_comm_tiny_measures_the_compressed_uplink_on_the_engine(tmp_path: Path) -> None:
+    result = run("comm", tmp_path, "--tiny")
+    static = {row["update"]: row["up_bytes"] for row in result["bytes"]}
+    (int8,) = result["quality"]
+    assert int8["compression"] == "int8" and math.isfinite(int8["eval_perplexity"])
+    # the round loop's own accounting of the compressed uplink equals the static count
+    assert int8["engine_up_bytes_per_client"] == static["LoRA r=8 int8 delta"]
+    assert "ppl_cost" not in int8  # no uncompressed run to compare with in --tiny
+    clients = Path(int8["output_dir"]) / "clients"
+    residuals = sorted(str(p.relative_to(clients)) for p in clients.glob(f"*/{RESIDUAL_FILE}"))
+    assert residuals == [f"0/{RESIDUAL_FILE}", f"1/{RESIDUAL_FILE}"]  # error feedback, one per client
+
+
+@pytest.mark.e2e
+def test_overhead_tiny_compares_engine_and_baseline(tmp_path: Path) -> None:
+    result = run("overhead", tmp_path, "--tiny")
+    assert result["setting"] == {"clients": 2, "rounds": 2, "local_steps": 2, "client_num_cpus": 1,
+                                 "engine_workers": 1}
+    assert all(r > 0 for r in result["ratios"].values())
+    assert sorted(result["engine"]["round_seconds"]) == ["1", "2"]
+    (baseline,) = result["baseline_runs"]
+    assert sorted(baseline["round_seconds"]) == ["0", "1", "2"]
+    # same training on both sides: final losses agree up to dropout draws
+    assert abs(result["engine"]["final"]["eval_loss"] - baseline["final"]["eval_loss"]) < 0.05
+
+
+@pytest.mark.e2e
+def test_scale_tiny_samples_ten_of_a_hundred_clients_on_ten_supernodes(tmp_path: Path) -> None:
+    result = run("scale", tmp_path, "--tiny")
+    (row,) = result["rows"]
+    assert (row["clients"], row["supernodes"], row["sampled"]) == (100, 10, 10)
+    assert row["peak_rss_mib"] > 0 and row["s_per_round"] > 0
+    assert {"superlink", "simulation", "ray workers"} <= set(row["peak_rss_by_component_mib"])

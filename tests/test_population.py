@@ -1,0 +1,128 @@
+"""Many virtual clients on a few SuperNodes: what the strategy sees, what the SuperNodes
+get, and whom replies are attributed to (a recording grid stands in for the SuperLink)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+from fedslm.config import ConfigError, ExperimentConfig
+from fedslm.runconfig import to_run_config
+from server.population import PopulationGrid
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages need the run/task ids a running ServerApp has set."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+class RecordingGrid(Grid):
+    """Two SuperNodes (ids 501, 502); keeps what was pushed, answers what it is asked."""
+
+    def __init__(self) -> None:
+        self.pushed: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self):
+        return [502, 501]
+
+    def push_messages(self, messages):
+        start = len(self.pushed)
+        self.pushed += list(messages)
+        return [f"id{i}" for i in range(start, len(self.pushed))]
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for mid in message_ids:
+            sent = self.pushed[int(mid[2:])]
+            metadata = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=sent.metadata.dst_node_id,
+                                dst_node_id=0, reply_to_message_id=mid, group_id="", created_at=0.0,
+                                ttl=60.0, message_type=sent.metadata.message_type)
+            replies.append(make_message(metadata, RecordDict({"metrics": MetricRecord({"num-examples": 1})})))
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
+        raise NotImplementedError
+
+
+def test_the_strategy_samples_from_the_whole_population() -> None:
+    grid = PopulationGrid(RecordingGrid(), 10_000)
+    assert list(grid.get_node_ids()) == list(range(1, 10_001))
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    strategy = FedAvg(fraction_train=0.001, min_available_nodes=2)
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
+    assert len(messages) == 10
+    assert all(1 <= m.metadata.dst_node_id <= 10_000 for m in messages)
+
+
+def test_each_message_goes_to_a_supernode_with_its_clients_partition_id() -> None:
+    inner = RecordingGrid()
+    grid = PopulationGrid(inner, 1_000)
+    arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    shared = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 3})})
+    asked = [7, 1_000, 1, 42, 7]
+    ids = list(grid.push_messages([Message(shared, dst_node_id=v, message_type="train") for v in asked]))
+    assert [m.metadata.dst_node_id for m in inner.pushed] == [501, 502, 501, 502, 501]
+    assert [m.content["config"]["partition-id"] for m in inner.pushed] == [6, 999, 0, 41, 6]
+    assert all(m.content["config"]["server-round"] == 3 for m in inner.pushed)
+    assert all(m.content["arrays"] is arrays for m in inner.pushed)  # not copied per client
+    assert "partition-id" not in shared["config"]  # the strategy's shared record is untouched
+    replies = list(grid.pull_messages(ids))
+    assert [r.metadata.src_node_id for r in replies] == asked
+
+
+def test_a_message_to_a_node_outside_the_population_is_refused() -> None:
+    grid = PopulationGrid(RecordingGrid(), 5)
+    with pytest.raises(ValueError, match=r"node 6 is not a virtual client \(1\.\.5\)"):
+        grid.push_messages([Message(RecordDict(), dst_node_id=6, message_type="train")])
+
+
+def _context(supernodes: int) -> Context:
+    cfg = ExperimentConfig.from_dict({"federation": {"supernodes": supernodes}})
+    return Context(run_id=1, node_id=501, node_config={"partition-id": 3}, state=RecordDict(),
+                   run_config=to_run_config(cfg))
+
+
+def test_client_takes_the_partition_from_the_message_only_on_pooled_supernodes() -> None:
+    msg = Message(RecordDict({"config": ConfigRecord({"partition-id": 42})}), dst_node_id=501,
+                  message_type="train")
+    assert client_app.node(_context(10), msg).partition_id == 42
+    assert client_app.node(_context(0), msg).partition_id == 3  # one node per client: its own partition
+    bare = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=501, message_type="train")
+    assert client_app.node(_context(10), bare).partition_id == 3
+    assert client_app.node(_context(10), msg).state_dir.name == "42"  # state follows the client
+
+
+def test_supernodes_is_checked_by_key() -> None:
+    with pytest.raises(ConfigError, match=r"^federation\.supernodes: must be >= 0"):
+        ExperimentConfig.from_dict({"federation": {"supernodes": -1}})
+    with pytest.raises(ConfigError, match=r"^federation\.supernodes: only applies to federation\.engine=simulation"):
+        ExperimentConfig.from_dict({"federation": {"supernodes": 4, "engine": "remote", "address": "x:1"}})
+
+
+def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
+    from simulations.launch import simulation_federation_config
+
+    per_client = ExperimentConfig.from_dict({"federation": {"num_clients": 300}})
+    pooled = ExperimentConfig.from_dict({"federation": {"num_clients": 10_000, "supernodes": 10}})
+    assert simulation_federation_config(per_client).startswith("num-supernodes=300 ")
+    assert simulation_federation_config(pooled) == (
+        "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0")
