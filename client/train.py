@@ -270,7 +270,13 @@ def train_local(
     reference: Mapping[str, torch.Tensor] | None = None,
     generator_seed: int,
 ) -> TrainResult:
-    """One client's local training round (see ``make_training_setup`` / ``run_steps``)."""
+    """One client's local training round (see ``make_training_setup`` / ``run_steps``).
+
+    The global torch RNG (LoRA dropout) is seeded with ``generator_seed`` too, so a round
+    is reproducible. DP training does not come through here: its noise and sampling
+    draw from fresh entropy (``client.dp_sgd``).
+    """
+    torch.manual_seed(generator_seed)
     setup = make_training_setup(
         model, blocks, cfg, proximal_mu=proximal_mu, reference=reference, generator_seed=generator_seed
     )

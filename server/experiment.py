@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     tracker = make_tracker(cfg, output_dir)
     flat = to_run_config(cfg)
     run_id = tracker.start(flat, run_id=resumed.mlflow_run_id if resumed else None,
-                           tags={"fedslm.output_dir": str(output_dir)})
+                           tags={"fedslm.output_dir": str(output_dir)}, default_name=run_name(cfg))
     (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker.log_artifact(output_dir / "config.json")
     personal_report = PersonalizationReport(output_dir, tracker)
@@ -150,6 +151,19 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
         write_tables(history, output_dir)
         tracker.end("FAILED")
         raise
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """A readable MLflow run name that tells sweep jobs apart (MLflow's own random names
+    would repeat: the server seeds ``random`` for Flower's client sampling)."""
+    parts = [cfg.strategy.name, f"r{cfg.peft.r}"]
+    if cfg.privacy.mode != "none":
+        parts.append(f"{cfg.privacy.mode}-z{cfg.privacy.noise_multiplier:g}")
+    if cfg.personalization.method != "none":
+        parts.append(cfg.personalization.method)
+    if cfg.compression.method != "none":
+        parts.append(cfg.compression.method)
+    return "-".join(parts + [time.strftime("%m%d-%H%M%S")])
 
 
 def privacy_state_hook(strategy: Any) -> StateHook | None:

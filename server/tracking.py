@@ -40,7 +40,7 @@ class Tracker:
         self.experiment_id: str | None = None
 
     def start(self, params: Mapping[str, Any], *, run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
+              tags: Mapping[str, str] | None = None, default_name: str = "") -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
@@ -53,7 +53,8 @@ class Tracker:
             self.run_id = run_id
             return run_id
         run = self.client.create_run(
-            self.experiment_id, run_name=self.cfg.run_name or None, tags=dict(tags or {})
+            self.experiment_id, run_name=self.cfg.run_name or default_name or None,
+            tags=dict(tags or {})
         )
         self.run_id = run.info.run_id
         self._log_params(params)
@@ -98,7 +99,7 @@ class NoTracker:
     experiment_id = None
 
     def start(self, params: Mapping[str, Any], *, run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
+              tags: Mapping[str, str] | None = None, default_name: str = "") -> str:
         return ""
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
