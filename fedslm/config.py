@@ -188,7 +188,9 @@ class FederationConfig:
     ``address`` over TLS, trusting the CA certificate ``root_certificates`` (``insecure``
     only for a local SuperLink started with ``--insecure``). ``resume_from`` names the
     output dir of an interrupted run: the run continues from its last round checkpoint,
-    in the same MLflow run (see server/checkpoint.py).
+    in the same MLflow run (see server/checkpoint.py). ``initial_evaluation`` evaluates
+    the initial adapter on the clients first (round 0): the curves' starting point, at
+    the cost of one more message per client, which real devices may want to save.
     """
 
     num_clients: int = 10
@@ -201,6 +203,7 @@ class FederationConfig:
     client_num_cpus: int = 1
     client_num_gpus: float = 0.0
     resume_from: str = ""
+    initial_evaluation: bool = True
 
     def check(self, at: str) -> None:
         if self.num_clients < 1:

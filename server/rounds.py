@@ -37,6 +37,7 @@ class RoundPlan:
     evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
     central_eval: CentralEval | None = None
     on_round_end: RoundHook | None = None
+    initial_evaluation: bool = True
 
 
 @dataclass
@@ -98,9 +99,10 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
                *, first_round: int = 1, log_metrics: Callable[[dict, int], None],
                history: History | None = None) -> tuple[ArrayRecord, History]:
     """Rounds ``first_round..num_rounds``; round 0 (before training) is evaluated too
-    when starting fresh, so every curve has its starting point."""
+    when starting fresh (unless ``plan.initial_evaluation`` is off), so every curve has
+    its starting point."""
     history = history or History()
-    if first_round == 1:
+    if first_round == 1 and plan.initial_evaluation:
         metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
     for rnd in range(first_round, plan.num_rounds + 1):
