@@ -188,10 +188,14 @@ class FederationConfig:
     ``address`` over TLS, trusting the CA certificate ``root_certificates`` (``insecure``
     only for a local SuperLink started with ``--insecure``). ``resume_from`` names the
     output dir of an interrupted run: the run continues from its last round checkpoint,
-    in the same MLflow run (see server/checkpoint.py). ``supernodes`` 0 simulates one SuperNode per client; k > 0 runs k
-    SuperNodes that serve all ``num_clients`` clients, the server sending each sampled
-    client's partition id with its message (``server.population``): for large
-    populations, where Flower's per-node polling makes every round slower.
+    in the same MLflow run (see server/checkpoint.py). ``supernodes`` 0 simulates one
+    SuperNode per client; k > 0 runs k SuperNodes that serve all ``num_clients`` clients,
+    the server sending each sampled client's partition id with its message
+    (``server.population``): for large populations, where Flower's per-node polling
+    makes every round slower.
+    ``initial_evaluation`` evaluates the initial adapter on the clients first (round 0):
+    the curves' starting point, at the cost of one more message per client, which real
+    devices may want to save.
     """
 
     num_clients: int = 10
@@ -205,6 +209,7 @@ class FederationConfig:
     client_num_gpus: float = 0.0
     resume_from: str = ""
     supernodes: int = 0
+    initial_evaluation: bool = True
 
     def check(self, at: str) -> None:
         if self.supernodes < 0:

@@ -120,6 +120,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
                      central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
                      round_metrics=personal_report.round_metrics,
+                     initial_evaluation=cfg.federation.initial_evaluation,
                      on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
                                                   run_id=run_id, hooks=state_hooks))
     try:

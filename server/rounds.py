@@ -46,6 +46,7 @@ class RoundPlan:
     # Extra per-round metrics from the round's evaluate rows (e.g. per-client spreads of
     # personalized vs global quality); merged into the round's metrics before logging.
     round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None
+    initial_evaluation: bool = True
 
 
 @dataclass
@@ -116,9 +117,10 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
                *, first_round: int = 1, log_metrics: Callable[[dict, int], None],
                history: History | None = None) -> tuple[ArrayRecord, History]:
     """Rounds ``first_round..num_rounds``; round 0 (before training) is evaluated too
-    when starting fresh, so every curve has its starting point."""
+    when starting fresh (unless ``plan.initial_evaluation`` is off), so every curve has
+    its starting point."""
     history = history or History()
-    if first_round == 1:
+    if first_round == 1 and plan.initial_evaluation:
         metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
     for rnd in range(first_round, plan.num_rounds + 1):

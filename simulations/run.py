@@ -46,13 +46,22 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Paths the engine's processes read, made absolute (their working dir is not ours);
+    a resumed run continues in the interrupted run's own output dir."""
+    fed = cfg.federation
+    if fed.root_certificates:
+        fed = dataclasses.replace(fed, root_certificates=str(Path(fed.root_certificates).resolve()))
+    if fed.resume_from:
+        fed = dataclasses.replace(fed, resume_from=str(Path(fed.resume_from).resolve()))
+        return dataclasses.replace(cfg, federation=fed, output_dir=fed.resume_from)
+    return dataclasses.replace(cfg, federation=fed)
+
+
 def run(cfg: ExperimentConfig) -> dict:
     start = time.monotonic()
     quiet_libraries()
-    if cfg.federation.resume_from:  # continue in the interrupted run's own output dir
-        resume = str(Path(cfg.federation.resume_from).resolve())
-        cfg = dataclasses.replace(cfg, output_dir=resume, federation=dataclasses.replace(
-            cfg.federation, resume_from=resume))
+    cfg = absolute_paths(cfg)
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
     done_rounds = preflight_deployment(cfg)
     preflight(cfg)

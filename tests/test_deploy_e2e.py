@@ -3,8 +3,10 @@ database, device agents, runs submitted with the simulation's Hydra config, and 
 faults the system must survive (an agent killed mid-round, the server killed between
 rounds, an unregistered or TLS-less node).
 
-Everything runs as real processes on 127.0.0.1 and carries an environment marker; the
-``no_leftovers`` fixture fails a test that leaves any of its processes behind.
+Everything runs as real processes on 127.0.0.1 and carries an environment marker. The tests
+share one federation (SuperLink + 3 agents, module fixture); after each test
+``each_test_stops_what_it_started`` fails it if anything it started still runs, and the
+fixture fails the module if anything at all is left once it has stopped the federation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from client.node import read_participation
 from server.checkpoint import checkpoint_path, load_checkpoint
 from simulations.local_deployment import (
     Deployment,
+    descendants,
     free_port,
     kill_tree,
     marked_processes,
@@ -33,9 +36,11 @@ from simulations.local_deployment import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 # Tiny and fast: 2 local steps, one evaluating client per round, no central evaluation.
+# Flower starts a ClientApp process per message, so messages are what costs time here.
 FAST = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
         "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
         "strategy.min_train_clients=2", "federation.num_rounds=2"]
+FAULTS = [*FAST, "federation.initial_evaluation=false"]  # no round 0 in the fault tests
 
 
 def tracking(root: Path) -> list[str]:
@@ -81,18 +86,6 @@ def mlflow_run(root: Path, run_id: str):
     return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
 
 
-@pytest.fixture
-def no_leftovers():
-    """Collects deployments; after the test every one of their processes must be gone."""
-    made: list[Deployment] = []
-    yield made
-    leftovers = {}
-    for dep in made:
-        dep.stop_all()
-        leftovers.update(marked_processes(dep.mark))
-    assert not leftovers, f"processes left running: {leftovers}"
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """A TLS SuperLink with node authentication, 3 registered agents on local data."""
@@ -112,6 +105,36 @@ def federation(tmp_path_factory):
         left = marked_processes(dep.mark)
         stop_marked(dep.mark)
         assert not left, f"processes left running: {left}"
+
+
+def leftovers(dep: Deployment) -> dict[int, str]:
+    """Marked processes that are neither the SuperLink (with its SuperExec) nor a running
+    agent's tree: what a test started and did not stop (submitters, ServerApps, extra
+    SuperNodes, refused agents)."""
+    allowed: set[int] = set()
+    if dep.superlink is not None and dep.superlink.poll() is None:
+        allowed |= {dep.superlink.pid, *descendants(dep.superlink.pid)}
+    for agent in dep.agents.values():
+        if agent.poll() is None:
+            allowed |= {agent.pid, *descendants(agent.pid)}
+    return {p: c for p, c in marked_processes(dep.mark).items()
+            if p not in allowed or "flwr-serverapp" in c}
+
+
+@pytest.fixture(autouse=True)
+def each_test_stops_what_it_started(request):
+    """After each test on the shared federation, nothing it started may still run."""
+    yield
+    if "federation" not in request.fixturenames:
+        return
+    dep = request.getfixturevalue("federation")
+    deadline = time.monotonic() + 15
+    while (left := leftovers(dep)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        for pid in left:
+            kill_tree(pid)
+        pytest.fail(f"processes this test started are still running: {left}")
 
 
 def test_three_agents_with_tls_and_node_auth_run_two_rounds(federation: Deployment) -> None:
@@ -180,7 +203,7 @@ def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federati
     victim = 3
     log = dep.root / "logs" / f"agent-{victim}.log"
     seen = log.read_text().count("Receiving: train message")
-    proc = dep.submit(*FAST, "federation.num_clients=3", "federation.round_timeout=40",
+    proc = dep.submit(*FAULTS, "federation.num_clients=3", "federation.round_timeout=40",
                       *tracking(dep.root), name="agent-killed")
     wait_for(lambda: log.read_text().count("Receiving: train message") > seen, 120,
              "agent 3 to receive its round-1 train message", dep)
@@ -190,13 +213,13 @@ def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federati
     finish(proc, dep)
     out = dep.root / "hydra" / "agent-killed"
     result = summary(out)
-    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
     victim_id = dep.node_ids[victim]  # type: ignore[attr-defined]
     round1 = [r for r in client_rows(out) if r["round"] == "1" and r["phase"] == "train"]
     assert {"node_id": str(victim_id), "status": "timed_out"}.items() <= next(
         r for r in round1 if r["node_id"] == str(victim_id)).items()
-    assert result["rounds"][1]["clients_timed_out"] >= 1.0
-    assert result["rounds"][1]["train_clients"] >= 1.0  # the others' updates were averaged
+    assert result["rounds"][0]["clients_timed_out"] >= 1.0
+    assert result["rounds"][0]["train_clients"] >= 1.0  # the others' updates were averaged
     tags = mlflow_run(dep.root, result["mlflow_run_id"]).data.tags
     assert f"train:{victim_id}:timed_out" in tags["dropped.round_001"]
     # The rebooted device is accepted again under the same identity once the SuperLink
@@ -205,20 +228,11 @@ def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federati
              "the rebooted agent to be accepted again", dep)
 
 
-def test_server_killed_after_round_one_resumes_same_mlflow_run(tmp_path: Path, no_leftovers) -> None:
-    dep = Deployment(tmp_path)
-    no_leftovers.append(dep)
-    dep.init_pki(nodes=2)
-    dep.start_superlink()
-    for i in (1, 2):
-        dep.register(i)
-    data = write_device_data(tmp_path, 2)
-    for i in (1, 2):
-        dep.start_agent(i, data[i - 1])
-    dep.wait_connected([1, 2])
-    out = tmp_path / "hydra" / "first"
-    common = [*FAST, "strategy=fedadam", "federation.num_clients=2",
-              "federation.round_timeout=90", *tracking(tmp_path)]
+def test_server_killed_after_round_one_resumes_same_mlflow_run(federation: Deployment) -> None:
+    dep = federation
+    out = dep.root / "hydra" / "first"
+    common = [*FAULTS, "strategy=fedadam", "federation.num_clients=3",
+              "federation.round_timeout=90", *tracking(dep.root)]
     first = dep.submit(*common, name="first")
     ckpt_file = checkpoint_path(out)
     wait_for(ckpt_file.exists, 180, "the round-1 checkpoint", dep)
@@ -229,14 +243,16 @@ def test_server_killed_after_round_one_resumes_same_mlflow_run(tmp_path: Path, n
     assert after_one.round == 1 and after_one.mlflow_run_id
     assert json.loads((out / "status.json").read_text())["status"] == "running"
 
-    dep.start_superlink()  # same --database: the registered nodes are still known
+    # Same --database: the SuperLink still knows the registered nodes, and the agents,
+    # which kept retrying, reconnect by themselves.
+    dep.start_superlink()
     second = dep.submit(*common, f"federation.resume_from={out}", name="resume")
     finish(second, dep)
     result = summary(out)
-    assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+    assert [r["round"] for r in result["rounds"]] == [1, 2]  # each round once
     assert result["mlflow_run_id"] == after_one.mlflow_run_id
-    assert metric_steps(tmp_path, after_one.mlflow_run_id, "train_loss") == [1, 2]
-    assert mlflow_run(tmp_path, after_one.mlflow_run_id).info.status == "FINISHED"
+    assert metric_steps(dep.root, after_one.mlflow_run_id, "train_loss") == [1, 2]
+    assert mlflow_run(dep.root, after_one.mlflow_run_id).info.status == "FINISHED"
     # FedAdam's moments continued from round 1: round 2's update follows from them exactly.
     final = load_checkpoint(ckpt_file)
     assert final.round == 2

@@ -77,3 +77,20 @@ def test_preflight_checks_the_ca_file_and_the_checkpoint_to_resume(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"^federation.resume_from: no checkpoint at "):
         preflight_deployment(resume)
     assert preflight_deployment(ExperimentConfig.from_dict({})) == 0
+
+
+def test_submitted_paths_are_absolute_and_a_resume_writes_into_its_own_dir(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    from simulations.run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ExperimentConfig.from_dict({
+        "output_dir": "/new/hydra/dir",
+        "federation": {"engine": "remote", "address": "h:1", "root_certificates": "certs/ca.crt",
+                       "resume_from": "outputs/runs/a"}})
+    got = absolute_paths(cfg)
+    assert got.federation.root_certificates == str(tmp_path / "certs" / "ca.crt")
+    assert got.federation.resume_from == str(tmp_path / "outputs" / "runs" / "a")
+    assert got.output_dir == got.federation.resume_from
+    fresh = absolute_paths(ExperimentConfig.from_dict({"output_dir": "/new/hydra/dir"}))
+    assert fresh.output_dir == "/new/hydra/dir"

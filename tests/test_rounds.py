@@ -1,0 +1,75 @@
+"""The round loop with Flower's FedAvg on a hand-built grid: a silent node is dropped with
+a row saying so, every round ends in the checkpoint hook, and round 0 is optional."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.rounds import RoundPlan, run_rounds
+
+
+class Devices:
+    """Nodes 1 and 2 answer at once (train: the sent adapter + node id); node 3 never does."""
+
+    def __init__(self) -> None:
+        self.outbox: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg_id = f"{msg.metadata.group_id}-{msg.metadata.message_type}-{i}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            ids.append(msg_id)
+            node = msg.metadata.dst_node_id
+            if node == 3:
+                continue
+            if msg.metadata.message_type == "train":
+                arrays = ArrayRecord({k: Array(v.numpy() + node) for k, v in msg.content["arrays"].items()})
+                content = RecordDict({"arrays": arrays,
+                                      "metrics": MetricRecord({"loss": float(node), "num-examples": node})})
+            else:
+                content = RecordDict({"metrics": MetricRecord({"loss": 2.0, "num-examples": 4})})
+            reply = Message(content, reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.outbox[msg_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+
+@pytest.fixture
+def in_a_serverapp(monkeypatch):
+    """Flower stamps messages with the task's identity, set in a real ServerApp process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.mark.parametrize("initial", [True, False])
+def test_silent_node_is_dropped_each_round_and_every_round_is_checkpointed(in_a_serverapp,
+                                                                           initial: bool) -> None:
+    ended = []
+    plan = RoundPlan(num_rounds=2, timeout=0.3, initial_evaluation=initial,
+                     on_round_end=lambda rnd, arrays, metrics, rows: ended.append(
+                         (rnd, float(arrays["w"].numpy()[0]), metrics["clients_timed_out"])))
+    start = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    strategy = FedAvg(min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3)
+    arrays, history = run_rounds(Devices(), strategy, plan, start, log_metrics=lambda m, s: None)
+    # FedAvg of +1 (1 example) and +2 (2 examples): +5/3 per round; node 3 never counts.
+    assert ended == [(1, pytest.approx(5 / 3), 1.0), (2, pytest.approx(10 / 3), 1.0)]
+    np.testing.assert_allclose(arrays["w"].numpy(), [10 / 3, 10 / 3], rtol=1e-6)
+    assert [r["round"] for r in history.rounds] == ([0, 1, 2] if initial else [1, 2])
+    dropped = [(r["round"], r["phase"], r["node_id"], r["status"]) for r in history.clients
+               if r["status"] != "ok"]
+    expected = [(1, "train", 3, "timed_out"), (1, "evaluate", 3, "timed_out"),
+                (2, "train", 3, "timed_out"), (2, "evaluate", 3, "timed_out")]
+    assert dropped == ([(0, "evaluate", 3, "timed_out")] if initial else []) + expected
+    assert history.rounds[-1]["train_clients"] == 2.0
