@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
+
 import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp

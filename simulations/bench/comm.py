@@ -10,8 +10,10 @@ protobuf record (names and framing included):
 * compressed updates (``compression.method`` fp16, int8): the uplink delta; the downlink
   stays the float32 adapter.
 
-Quality: the default synthetic setting (10 clients x 5 rounds) on the simulation engine
-per compression method; the cost is final perplexity relative to an uncompressed run.
+Quality: the default synthetic setting (10 clients x 5 rounds, LoRA r=8) on the
+simulation engine per compression method, and at LoRA r=4 (the smallest adapter, whose
+int8 delta is the one under 1/200 of full fine-tuning); the cost is final perplexity
+relative to the first uncompressed run at the default rank.
 Client dropout draws differ between engine runs, so an uncompressed run is repeated to
 show the run-to-run noise a difference must exceed. The engine's own per-round
 ``bytes_up`` is reported next to the static count.
@@ -30,7 +32,16 @@ from simulations.bench.common import experiment, machine, run_engine, table, wri
 RANKS = (4, 8, 16)
 TARGET_REDUCTION = 200.0
 TARGET_QUALITY_COST = 0.01
-QUALITY_RUNS = ("none", "none", "fp16", "int8", "int8-no-ef")
+QUALITY_RUNS = ("none", "none", "fp16", "int8", "int8-no-ef", "none@r4", "int8@r4")
+
+
+def parse_run(name: str) -> tuple[str, bool, int]:
+    """``method[-no-ef][@rN]`` -> (compression method, error feedback, LoRA rank; 0 = default)."""
+    spec, _, rank = name.partition("@r")
+    method = spec.removesuffix("-no-ef")
+    if method not in ("none", "fp16", "int8") or (rank and not rank.isdigit()):
+        raise ValueError(name)
+    return method, not spec.endswith("-no-ef"), int(rank or 0)
 
 
 def record_bytes(records: dict) -> tuple[int, int]:
@@ -81,18 +92,20 @@ def static_rows(cfg) -> list[dict[str, Any]]:
 def quality_runs(methods: tuple[str, ...], setting: dict[str, int], echo: bool) -> list[dict[str, Any]]:
     rows = []
     for i, name in enumerate(methods):
-        method, ef = name.removesuffix("-no-ef"), not name.endswith("-no-ef")
-        cfg = experiment({"federation.num_clients": setting["clients"],
-                          "federation.num_rounds": setting["rounds"],
-                          "training.local_steps": setting["steps"],
-                          "compression.method": method, "compression.error_feedback": ef},
-                         run_name=f"comm-{name}-{i}")
+        method, ef, rank = parse_run(name)
+        overrides = {"federation.num_clients": setting["clients"],
+                     "federation.num_rounds": setting["rounds"],
+                     "training.local_steps": setting["steps"],
+                     "compression.method": method, "compression.error_feedback": ef}
+        if rank:
+            overrides.update({"peft.r": rank, "peft.alpha": 2.0 * rank})  # same alpha / r
+        cfg = experiment(overrides, run_name=f"comm-{name.replace('@', '-')}-{i}")
         print(f"[comm] quality run {i + 1}/{len(methods)}: compression {name}", flush=True)
         run = run_engine(cfg, echo=echo)
         last = run.summary["rounds"][-1]
         trained = [r for r in run.summary["rounds"] if r["round"] >= 1]
         rows.append({
-            "compression": name,
+            "compression": name, "lora_r": cfg.peft.r,
             "eval_perplexity": last["eval_perplexity"],
             "central_perplexity": last.get("central_perplexity"),
             "engine_up_bytes_per_client": trained[-1]["bytes_up"] / trained[-1]["clients_sampled"],
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="local steps per round")
     parser.add_argument("--quality", default=",".join(QUALITY_RUNS),
-                        help="engine runs, comma-separated: none, fp16, int8, int8-no-ef ('' for none)")
+                        help="engine runs, comma-separated method[-no-ef][@rN] with method none, "
+                             "fp16 or int8 (e.g. int8@r4: int8 at LoRA r=4); '' for none")
     parser.add_argument("--tiny", action="store_true",
                         help="one int8 engine run at 2 clients x 1 round x 2 steps (smoke test)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
@@ -123,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.clients, args.rounds, args.steps, args.quality = 2, 1, 2, "int8"
     methods = tuple(m for m in args.quality.split(",") if m)
-    bad = [m for m in methods if m.removesuffix("-no-ef") not in ("none", "fp16", "int8")]
-    if bad:
-        parser.error(f"--quality: unknown compression {bad[0]!r}")
+    for name in methods:
+        try:
+            parse_run(name)
+        except ValueError:
+            parser.error(f"--quality: {name!r} is not method[-no-ef][@rN] with method none, fp16 or int8")
     cfg = experiment({}, run_name="comm-static")
     rows = static_rows(cfg)
     for row in rows:
@@ -140,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             row["target"] = TARGET_QUALITY_COST
             cost = row.get("ppl_cost")
             row["met"] = None if cost is None else ("yes" if cost <= TARGET_QUALITY_COST else "no")
-        print(f"\nQuality after {args.rounds} rounds, {args.clients} clients x {args.steps} steps, "
-              f"LoRA r={cfg.peft.r}:")
-        print(table(quality, ["compression", "eval_perplexity", "ppl_cost", "target", "met",
+        print(f"\nQuality after {args.rounds} rounds, {args.clients} clients x {args.steps} steps "
+              f"(cost: perplexity / the first uncompressed run's - 1):")
+        print(table(quality, ["compression", "lora_r", "eval_perplexity", "ppl_cost", "target", "met",
                               "central_perplexity", "central_ppl_cost", "engine_up_bytes_per_client"]))
     result = {"benchmark": "comm", "bytes": rows, "quality_setting": setting, "quality": quality,
               "targets": {"up_reduction": TARGET_REDUCTION, "ppl_cost": TARGET_QUALITY_COST},
