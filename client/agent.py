@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.pki import PkiError, load_ca_certificate, load_node_private_key, openssh_public_key
 
 EXIT_BAD_INPUT = 2
@@ -98,7 +99,7 @@ def check_data(path: Path) -> int:
     agent does not keep pandas and datasets in memory for the life of the device.
     """
     done = subprocess.run([sys.executable, "-m", "fedslm.data.local", str(path)],
-                          capture_output=True, text=True, env={**os.environ, **AGENT_ENV},
+                          capture_output=True, text=True, env=flower_env(AGENT_ENV),
                           cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
@@ -181,8 +182,7 @@ def write_node_config(cfg: AgentConfig) -> Path:
 
 
 def supernode_command(cfg: AgentConfig, node_config: Path) -> list[str]:
-    exe = Path(sys.executable).parent / "flower-supernode"
-    cmd = [str(exe) if exe.exists() else "flower-supernode",
+    cmd = [flower_bin("flower-supernode"),
            "--superlink", cfg.superlink,
            "--root-certificates", str(cfg.root_certificates.resolve()),
            "--auth-supernode-private-key", str(cfg.auth_key.resolve()),
@@ -196,7 +196,7 @@ def supernode_command(cfg: AgentConfig, node_config: Path) -> list[str]:
 
 def supernode_env(cfg: AgentConfig) -> dict[str, str]:
     """Offline, quiet, and Flower's files (app bundles the SuperLink sends) in the state dir."""
-    return {**os.environ, **AGENT_ENV, "FLWR_HOME": str((cfg.state_dir / "flwr").resolve())}
+    return flower_env(AGENT_ENV, {"FLWR_HOME": str((cfg.state_dir / "flwr").resolve())})
 
 
 def _relay(stream, seen: dict[str, bool]) -> None:

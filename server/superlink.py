@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.pki import PkiError, load_ca_certificate
 
 DEFAULT_PORT = 9093
@@ -66,15 +67,10 @@ def _load(fn, flag: str):
         raise SuperLinkError(f"{flag}: {err}") from None
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def superlink_command(*, tls: TlsFiles | None, database: Path, host: str = "127.0.0.1",
                       port: int = DEFAULT_PORT, node_auth: bool = True) -> list[str]:
     """``flower-superlink`` for a deployment; ``tls=None`` (insecure) only for local tests."""
-    cmd = [_bin("flower-superlink")]
+    cmd = [flower_bin("flower-superlink")]
     if tls is None:
         if node_auth:
             raise SuperLinkError("--insecure: SuperNode authentication needs TLS; "
@@ -93,7 +89,7 @@ def superlink_command(*, tls: TlsFiles | None, database: Path, host: str = "127.
 
 
 def superlink_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **ENV, **(extra or {})}
+    return flower_env(ENV, extra or {})
 
 
 def write_connection(flwr_home: Path, address: str, *, ca_cert: Path | None,
@@ -113,7 +109,7 @@ def flwr_cli(args: list[str], *, address: str, ca_cert: Path | None,
     """Run ``flwr <args>`` against the SuperLink at ``address`` with a private config."""
     with tempfile.TemporaryDirectory(prefix="fedslm-flwr-cli-") as home:
         write_connection(Path(home), address, ca_cert=ca_cert)
-        return subprocess.run([_bin("flwr"), *args], env=superlink_env({"FLWR_HOME": home}),
+        return subprocess.run([flower_bin("flwr"), *args], env=superlink_env({"FLWR_HOME": home}),
                               capture_output=True, text=True, timeout=timeout)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from fedslm.config import ExperimentConfig
+from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 
 CONNECTION = "fedslm"
@@ -45,12 +46,6 @@ class LaunchError(RuntimeError):
     """The engine could not be started or the run did not finish; one-line message."""
 
 
-def _bin(name: str) -> str:
-    """Flower's CLIs from the interpreter's own environment (works without activation)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,7 +53,7 @@ def free_port() -> int:
 
 
 def engine_env(flwr_home: Path) -> dict[str, str]:
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    env = flower_env(QUIET_ENV, {"FLWR_HOME": str(flwr_home)})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -94,7 +89,7 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
     """A SuperLink in simulation mode on a free local port; yields its address."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
-    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+    cmd = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
     with open(log_file, "wb") as log:
@@ -127,7 +122,7 @@ def write_run_config(cfg: ExperimentConfig, path: Path) -> Path:
 def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str | None) -> None:
     """``flwr run <project> fedslm --stream``, echoing the ServerApp's log lines."""
     run_config = write_run_config(cfg, flwr_home / "run_config.toml")
-    cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config),
+    cmd = [flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config),
            "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from fedslm.flower_tools import flower_env
 from fedslm.config import DataConfig
 from fedslm.data import build_federated_texts
 from fedslm.pki import init_dev_pki
@@ -157,7 +158,7 @@ class Deployment:
         return self.certs / "ca.crt"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, **QUIET, MARK_ENV: self.mark, **extra}
+        env = flower_env(QUIET, {MARK_ENV: self.mark}, extra)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         return env
 
