@@ -127,7 +127,8 @@ def register_node(address: str, public_key: Path, *, ca_cert: Path | None,
     except ValueError:
         reply = {}
     if done.returncode != 0 or not reply.get("success"):
-        detail = reply.get("error") or (done.stderr or done.stdout).strip().splitlines()[-1:]
+        lines = (reply.get("error-message") or done.stderr or done.stdout or "no output").strip()
+        detail = lines.splitlines()[-1] if lines else f"exit code {done.returncode}"
         raise SuperLinkError(f"registering {public_key} at {address} failed: {detail}")
     return int(reply["node-id"])
 
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                     database=args.database, host=args.host, port=args.port,
                                     node_auth=not args.no_node_auth)
             print(" ".join(cmd), flush=True)
-            os.execve(cmd[0], cmd, superlink_env()) if os.path.isabs(cmd[0]) else \
-                os.execvpe(cmd[0], cmd, superlink_env())
+            os.execvpe(cmd[0], cmd, superlink_env())  # becomes flower-superlink: signals go to it
         for key in args.public_keys:
             node_id = register_node(args.address, key, ca_cert=args.ca)
             print(f"{key}: node id {node_id}")

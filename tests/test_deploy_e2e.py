@@ -23,6 +23,7 @@ import pytest
 
 from client.node import read_participation
 from server.checkpoint import checkpoint_path, load_checkpoint
+from server.superlink import SuperLinkError
 from simulations.local_deployment import (
     Deployment,
     descendants,
@@ -166,6 +167,8 @@ def test_three_agents_with_tls_and_node_auth_run_two_rounds(federation: Deployme
 def test_unregistered_tls_less_and_wrong_ca_nodes_are_refused(federation: Deployment,
                                                               tmp_path: Path) -> None:
     dep = federation
+    with pytest.raises(SuperLinkError, match=r"failed: \[code: 23\] Public key already in use\.$"):
+        dep.register(1)  # one key, one node
     cmd = [*dep.agent_command(4, dep.data[0]), "--max-wait-time", "1"]  # type: ignore[attr-defined]
     unregistered = subprocess.run(cmd, cwd=dep.root, env=dep.env(), capture_output=True,
                                   text=True, timeout=90)
