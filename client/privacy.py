@@ -13,10 +13,9 @@ from it with Opacus's ``prv`` or ``rdp`` accountant at the requested delta.
 
 from __future__ import annotations
 
+from fedslm.atomic import atomic_write
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,18 +117,8 @@ def load_ledger(state_dir: Path) -> PrivacyLedger:
 
 def save_ledger(ledger: PrivacyLedger, state_dir: Path, *, accountant: str, delta: float) -> Path:
     """Write the ledger atomically (temp file, fsync, rename): a crash leaves the old one."""
-    path = ledger_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(ledger.to_dict(accountant=accountant, delta=delta), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(ledger.to_dict(accountant=accountant, delta=delta), indent=1)
+    return atomic_write(ledger_path(state_dir), lambda fh: fh.write(text.encode()))
 
 
 def client_delta(configured: float, num_records: int) -> float:

@@ -40,6 +40,12 @@ def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path
                                 partition_id=partition_id), split)
 
 
+def train_metrics(result, blocks: torch.Tensor, partition_id: int) -> Metrics:
+    """The scalars a training reply carries; ``num-examples`` (train blocks) weights FedAvg."""
+    return {"loss": result.loss, "steps": result.steps, "seconds": result.seconds,
+            "num-examples": int(blocks.shape[0]), "partition-id": partition_id}
+
+
 def _client_data(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):
     model, tokenizer = experiment_model(cfg)
     texts = client_texts(cfg, partition_id, split, data_path)
@@ -73,14 +79,7 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
     result = train_local(model, blocks, cfg.training, proximal_mu=proximal_mu,
                          reference=reference,
                          generator_seed=round_seed(cfg.training.seed, partition_id, server_round))
-    metrics: Metrics = {
-        "loss": result.loss,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "num-examples": int(blocks.shape[0]),
-        "partition-id": partition_id,
-    }
-    return adapter_arrays(model), metrics
+    return adapter_arrays(model), train_metrics(result, blocks, partition_id)
 
 
 def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, server_round: int,
@@ -94,15 +93,7 @@ def _fit_dp_sgd(cfg: ExperimentConfig, model, blocks, *, partition_id: int, serv
     except BudgetExhausted as exc:
         exc.metrics["partition-id"] = partition_id
         raise
-    metrics: Metrics = {
-        "loss": result.loss,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "num-examples": int(blocks.shape[0]),
-        "partition-id": partition_id,
-        **dp_metrics,
-    }
-    return adapter_arrays(model), metrics
+    return adapter_arrays(model), {**train_metrics(result, blocks, partition_id), **dp_metrics}
 
 
 def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,

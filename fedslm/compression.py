@@ -26,14 +26,13 @@ clients, and per-client state in memory would grow with the population.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedslm.atomic import atomic_write
 from fedslm.adapters import to_array_record
 
 ARRAYS_KEY = "arrays"  # the reply's adapter record (server.strategy.ARRAYS_KEY)
@@ -120,15 +119,7 @@ def _load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[st
 
 def _save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
     """Atomic write: a crash leaves the previous residual, never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **residual)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **residual))
 
 
 def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,

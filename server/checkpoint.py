@@ -15,7 +15,6 @@ while writing leaves the last good checkpoint in place.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fedslm.atomic import atomic_write
 from fedslm.config import ConfigError, ExperimentConfig
 from server.rounds import History
 
@@ -127,22 +127,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> Path:
     payload = {f"adapter/{k}": np.asarray(v) for k, v in ckpt.arrays.items()}
     payload.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
     payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -23,11 +23,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedslm.atomic import atomic_write
 from fedslm.config import ExperimentConfig, sampled_train_clients
 
 STATE_FILE = "server_privacy.json"
@@ -146,18 +145,8 @@ def load_server_privacy(path: Path) -> ServerPrivacyState | None:
 
 def save_server_privacy(state: ServerPrivacyState, path: Path) -> Path:
     """Atomic write (temp file, fsync, rename): a crash leaves the previous state intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(state.to_dict(), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(state.to_dict(), indent=1)
+    return atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def restore_or_new(cfg: ExperimentConfig, path: Path) -> ServerPrivacyState:
