@@ -6,7 +6,6 @@ sampled clients, the engine's own byte accounting), never how fast it was.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -31,15 +30,6 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("simulations.bench.dp_cost") is not None,
-                    reason="dp_cost.py is on this checkout; its own smoke test runs it")
-def test_dp_says_it_is_not_available_without_the_dp_module(capsys) -> None:
-    assert main(["dp", "--tiny"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "error: benchmark 'dp' is not available on this checkout "
-        "(simulations/bench/dp_cost.py is missing)")
 
 
 def test_throughput_tiny_measures_both_loops(tmp_path: Path) -> None:
