@@ -207,10 +207,10 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: Tra
     ledger = load_ledger(state_dir)
     budget = plan_round(privacy, training, num_records=len(blocks))
     entry = (budget.noise_multiplier, budget.sample_rate, budget.steps)
-    spent = epsilon_of(ledger.history, accountant=accountant, delta=budget.delta)
     if privacy.max_epsilon > 0:
         projected = epsilon_of(ledger.with_round(entry), accountant=accountant, delta=budget.delta)
         if projected > privacy.max_epsilon:
+            spent = epsilon_of(ledger.history, accountant=accountant, delta=budget.delta)
             raise BudgetExhausted(
                 f"budget exhausted: epsilon {spent:.4g} now, {projected:.4g} after this round "
                 f"> privacy.max_epsilon={privacy.max_epsilon:g}",
@@ -226,9 +226,9 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: Tra
     finally:
         private.hooks.cleanup()
     new_history = private.engine.accountant.history
-    if merged_steps(new_history) - merged_steps(ledger.history) != budget.steps:
-        raise RuntimeError(f"DP-SGD accounted {merged_steps(new_history) - merged_steps(ledger.history)} "
-                           f"steps, planned {budget.steps}")
+    accounted = _steps(new_history) - _steps(ledger.history)
+    if accounted != budget.steps:  # the update does not leave with a ledger that undercounts
+        raise RuntimeError(f"DP-SGD accounted {accounted} steps, planned {budget.steps}")
     updated = PrivacyLedger(history=list(new_history), rounds=[*ledger.rounds, server_round])
     save_ledger(updated, state_dir, accountant=accountant, delta=budget.delta)
     epsilon = epsilon_of(updated.history, accountant=accountant, delta=budget.delta)
@@ -240,6 +240,6 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: Tra
     }
 
 
-def merged_steps(history: list) -> int:
+def _steps(history: list) -> int:
     return sum(int(steps) for _, _, steps in history)
 
