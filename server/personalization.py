@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.plots import save_figure
 from server.tracking import NoTracker, Tracker
 
 QUALITY = ("loss", "perplexity", "accuracy")
@@ -136,11 +137,7 @@ def plot_quality(rounds: list[dict[str, float]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_gain_histogram(gains: Sequence[float], server_round: int, path: Path) -> Path:
@@ -151,8 +148,4 @@ def plot_gain_histogram(gains: Sequence[float], server_round: int, path: Path) -
     ax.axvline(0.0, color="red", linestyle="--", linewidth=1)
     ax.set(title=f"Per-client perplexity reduction, round {server_round}",
            xlabel="gain = 100 * (1 - ppl_personal / ppl_global)  [%]", ylabel="clients")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

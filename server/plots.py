@@ -30,6 +30,11 @@ def plot_rounds(rounds: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write the PNG (creating its dir) and free the figure: every plot ends here."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

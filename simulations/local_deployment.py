@@ -143,6 +143,7 @@ class Deployment:
     port: int = field(default_factory=free_port)
     superlink: subprocess.Popen | None = None
     agents: dict[int, subprocess.Popen] = field(default_factory=dict)
+    data: list[Path] = field(default_factory=list)  # each started device's data dir
     logs: list[Path] = field(default_factory=list)
 
     @property
@@ -207,6 +208,19 @@ class Deployment:
     def start_agent(self, i: int, data_dir: Path, *, key: Path | None = None) -> subprocess.Popen:
         self.agents[i] = self._spawn(f"agent-{i}", self.agent_command(i, data_dir, key=key))
         return self.agents[i]
+
+    def start_federation(self, devices: int, *, unregistered: int = 0) -> dict[int, int]:
+        """Keys for ``devices`` (+ ``unregistered`` spare nodes), a TLS SuperLink with node
+        auth, and one registered agent per device on its own data (``self.data``), all
+        connected; returns the node ids."""
+        self.init_pki(nodes=devices + unregistered)
+        self.start_superlink()
+        node_ids = {i: self.register(i) for i in range(1, devices + 1)}
+        self.data = write_device_data(self.root, devices)
+        for i in node_ids:
+            self.start_agent(i, self.data[i - 1])
+        self.wait_connected(list(node_ids))
+        return node_ids
 
     def wait_connected(self, agents: list[int], *, timeout: float = 90.0) -> None:
         """Until each agent's SuperNode has been accepted by the SuperLink (it logs its id)."""

@@ -26,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from server.plots import save_figure  # noqa: E402
+
 PLOT_TAG = "fedslm.kind"
 PLOT_KIND = "privacy-plot"
 EPSILON_KEYS = {"dp_sgd": "dp_epsilon_sample_max", "dp_fedavg": "dp_epsilon_user"}
@@ -98,11 +100,7 @@ def draw(points: list[Point], path: Path, *, title: str) -> Path:
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_csv(points: list[Point], path: Path) -> Path:

@@ -31,7 +31,6 @@ from simulations.local_deployment import (
     kill_tree,
     marked_processes,
     stop_marked,
-    write_device_data,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -92,14 +91,7 @@ def federation(tmp_path_factory):
     """A TLS SuperLink with node authentication, 3 registered agents on local data."""
     dep = Deployment(tmp_path_factory.mktemp("federation"))
     try:
-        dep.init_pki(nodes=4)  # node-4 is never registered
-        dep.start_superlink()
-        node_ids = {i: dep.register(i) for i in (1, 2, 3)}
-        data = write_device_data(dep.root, 3)
-        for i in (1, 2, 3):
-            dep.start_agent(i, data[i - 1])
-        dep.wait_connected([1, 2, 3])
-        dep.node_ids, dep.data = node_ids, data  # type: ignore[attr-defined]
+        dep.node_ids = dep.start_federation(3, unregistered=1)  # type: ignore[attr-defined]  # node-4
         yield dep
     finally:
         dep.stop_all()

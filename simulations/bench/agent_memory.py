@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.local_deployment import Deployment, descendants, write_device_data
+from simulations.local_deployment import Deployment, descendants
 
 ROLES = (("flwr-clientapp", "clientapp"), ("flower-superexec", "superexec"),
          ("flower-supernode", "supernode"), ("client.agent", "agent"))
@@ -64,13 +64,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     dep = Deployment(root)
     peaks: dict[str, list[int]] = {}
     try:
-        dep.init_pki(nodes=2)
-        dep.start_superlink()
-        data = write_device_data(root, 2)
-        for i in (1, 2):
-            dep.register(i)
-            dep.start_agent(i, data[i - 1])
-        dep.wait_connected([1, 2])
+        dep.start_federation(2)
         idle = sample(dep.agents[1].pid)
         start = time.monotonic()
         run = dep.submit("federation.num_clients=2", f"federation.num_rounds={args.rounds}",

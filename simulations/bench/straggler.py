@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.local_deployment import Deployment, descendants, write_device_data
+from simulations.local_deployment import Deployment, descendants
 
 
 def clientapp_of(agent_pid: int) -> int | None:
@@ -42,13 +42,7 @@ def wait(predicate, timeout: float, what: str) -> None:
 def run(root: Path, *, rounds: int, deadline: float) -> list[dict]:
     dep = Deployment(root)
     try:
-        dep.init_pki(nodes=2)
-        dep.start_superlink()
-        data = write_device_data(root, 2)
-        for i in (1, 2):
-            dep.register(i)
-            dep.start_agent(i, data[i - 1])
-        dep.wait_connected([1, 2])
+        dep.start_federation(2)
         log = root / "logs" / "straggler.log"
         proc = dep.submit("federation.num_clients=2", f"federation.num_rounds={rounds}",
                           "training.local_steps=2", "training.central_eval=false",
