@@ -4,7 +4,9 @@ Flower's processes start each other by bare name (``flower-superlink`` starts
 ``flower-superexec``, which starts ``flwr-simulation`` / ``flwr-serverapp``;
 ``flower-supernode`` starts ``flwr-clientapp``). When the virtual environment is not
 activated (``.venv/bin/python -m ...``, as in CI) those names are not on PATH, so every
-environment handed to a Flower process puts the interpreter's bin dir first.
+environment handed to a Flower process puts the interpreter's bin dir first. Flower's
+telemetry (an HTTPS call home from every process) is off unless the user's environment
+turns it on: this platform's runs are private, and most of its machines are offline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 BIN_DIR = Path(sys.executable).parent
+TELEMETRY = "FLWR_TELEMETRY_ENABLED"
 
 
 def flower_bin(name: str) -> str:
@@ -24,8 +27,9 @@ def flower_bin(name: str) -> str:
 
 
 def flower_env(*layers: Mapping[str, str]) -> dict[str, str]:
-    """``os.environ`` overlaid with ``layers``, with this interpreter's bin dir leading PATH."""
-    env = dict(os.environ)
+    """``os.environ`` overlaid with ``layers``, with this interpreter's bin dir leading PATH
+    and Flower's telemetry off unless ``os.environ`` or a layer says otherwise."""
+    env = {TELEMETRY: "0", **os.environ}
     for layer in layers:
         env.update(layer)
     env["PATH"] = os.pathsep.join(filter(None, [str(BIN_DIR), env.get("PATH", "")]))

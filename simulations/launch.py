@@ -25,6 +25,7 @@ import httpx
 from fedslm.config import ExperimentConfig
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
+from simulations.app_dir import stage_app
 
 CONNECTION = "fedslm"
 STARTUP_SECONDS = 90
@@ -122,7 +123,8 @@ def write_run_config(cfg: ExperimentConfig, path: Path) -> Path:
 def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str | None) -> None:
     """``flwr run <project> fedslm --stream``, echoing the ServerApp's log lines."""
     run_config = write_run_config(cfg, flwr_home / "run_config.toml")
-    cmd = [flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config),
+    app = stage_app(PROJECT_ROOT, flwr_home / "app")
+    cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config),
            "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
