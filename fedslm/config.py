@@ -384,18 +384,19 @@ class PersonalizationConfig:
         if self.finetune_steps < 1:
             _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
         _positive(f"{at}.finetune_learning_rate", self.finetune_learning_rate)
-COMPRESSION_METHODS = ("none", "fp16", "int8")
+COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
 @dataclass
 class CompressionConfig:
     """Uplink compression of client updates (``fedslm.compression``).
 
-    ``fp16`` or ``int8`` send the adapter delta (client update minus the global it
-    received) in 16 or 8 bits (int8: per-tensor symmetric, float32 scale per tensor);
-    the server decodes it back to a full adapter before screening and aggregation.
-    ``error_feedback`` carries what quantization dropped into the client's next update
-    (kept on disk under the run dir per partition); it has no effect with ``none``.
+    ``fp16``, ``int8`` or ``int4`` send the adapter delta (client update minus the
+    global it received) in 16, 8 or 4 bits (int8, int4: per-tensor symmetric, float32
+    scale per tensor; int4 packs two values per byte); the server decodes it back to a
+    full adapter before screening and aggregation. ``error_feedback`` carries what
+    quantization dropped into the client's next update (kept on disk in the client's
+    state dir); it has no effect with ``none``.
     """
 
     method: str = "none"

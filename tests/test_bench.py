@@ -55,6 +55,7 @@ def test_comm_counts_exact_bytes_for_full_lora_and_compressed_updates(tmp_path: 
         assert up[f"LoRA r={r}"] == 4 * n + 8 * header
         assert up[f"LoRA r={r} fp16 delta"] == 2 * n + header
         assert up[f"LoRA r={r} int8 delta"] == n + header + 8 * 4 + header
+        assert up[f"LoRA r={r} int4 delta"] == n // 2 + header + 8 * 4 + header
     assert result["quality"] == []
 
 
@@ -62,12 +63,12 @@ def test_comm_counts_exact_bytes_for_full_lora_and_compressed_updates(tmp_path: 
 def test_comm_tiny_measures_the_compressed_uplink_on_the_engine(tmp_path: Path) -> None:
     result = run("comm", tmp_path, "--tiny")
     static = {row["update"]: row["up_bytes"] for row in result["bytes"]}
-    (int8,) = result["quality"]
-    assert int8["compression"] == "int8" and math.isfinite(int8["eval_perplexity"])
+    (int4,) = result["quality"]
+    assert int4["compression"] == "int4" and math.isfinite(int4["eval_perplexity"])
     # the round loop's own accounting of the compressed uplink equals the static count
-    assert int8["engine_up_bytes_per_client"] == static["LoRA r=8 int8 delta"]
-    assert "ppl_cost" not in int8  # no uncompressed run to compare with in --tiny
-    clients = Path(int8["output_dir"]) / "clients"
+    assert int4["engine_up_bytes_per_client"] == static["LoRA r=8 int4 delta"] == 2336
+    assert "ppl_cost" not in int4  # no uncompressed run to compare with in --tiny
+    clients = Path(int4["output_dir"]) / "clients"
     residuals = sorted(str(p.relative_to(clients)) for p in clients.glob(f"*/{RESIDUAL_FILE}"))
     assert residuals == [f"0/{RESIDUAL_FILE}", f"1/{RESIDUAL_FILE}"]  # error feedback, one per client
 

@@ -12,13 +12,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Metadata, MetricRecord, R
 from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAvg
 
-from fedslm.adapters import payload_bytes, to_array_record
+from fedslm.adapters import adapter_arrays, payload_bytes, to_array_record
 from fedslm.compression import (
     CompressionError,
     compress_update,
     decode,
     decode_update,
     encode,
+    pack_int4,
     quantize_int8,
     RESIDUAL_FILE,
     update_records,
@@ -62,7 +63,35 @@ def test_wire_layout_is_one_flat_delta_plus_one_scale_per_tensor() -> None:
     np.testing.assert_array_equal(fp16["delta"][:64], delta["m.q.lora_A.weight"].ravel().astype(np.float16))
 
 
-@pytest.mark.parametrize("method", ["fp16", "int8"])
+def test_int4_packs_two_values_per_byte_and_decodes_to_exact_multiples_of_the_scale() -> None:
+    shapes = {"a": (2, 2), "b": (3,)}  # 7 values: the last byte carries one pad nibble
+    delta = {"a": np.array([[0.7, -0.36], [0.1, 0.0]], np.float32),
+             "b": np.array([-0.02, 0.01, 0.0], np.float32)}
+    wire = encode(delta, "int4")
+    assert wire["scales"].dtype == np.float32
+    assert wire["scales"].tolist() == [np.float32(0.1), np.float32(0.02 / 7)]
+    # codes a: 7, -4, 1, 0 ; b: -7, 4 (0.01 / (0.02/7) = 3.5, rounded to even), 0, pad 0
+    # nibbles (two's complement): 7, 0xC, 1, 0, 9, 4, 0, 0 -> low nibble first
+    assert wire["delta"].dtype == np.uint8
+    assert wire["delta"].tolist() == [0xC7, 0x01, 0x49, 0x00]
+    back = decode(wire, "int4", shapes)
+    np.testing.assert_array_equal(back["a"], np.array([[7, -4], [1, 0]], np.float32) * np.float32(0.1))
+    np.testing.assert_array_equal(back["b"], np.array([-7, 4, 0], np.float32) * wire["scales"][1])
+    assert back["a"].dtype == back["b"].dtype == np.float32
+
+
+def test_int4_packing_covers_every_level_and_odd_lengths() -> None:
+    levels = np.arange(-7, 8, dtype=np.int8)  # 15 values: odd
+    packed = pack_int4(levels)
+    assert packed.dtype == np.uint8 and packed.shape == (8,)
+    assert packed[-1] >> 4 == 0 and packed[-1] & 0x0F == 7  # last value 7, then the pad
+    assert packed[0] == (0x9 | 0xA << 4)  # -7, -6
+    shapes = {"t": (15,)}
+    wire = {"delta": packed, "scales": np.ones(1, np.float32)}
+    assert decode(wire, "int4", shapes)["t"].tolist() == levels.tolist()
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
 def test_decode_inverts_encode_within_the_format_precision(method: str) -> None:
     delta = adapter(1, 0.02)
     wire = encode(delta, method)
@@ -70,7 +99,8 @@ def test_decode_inverts_encode_within_the_format_precision(method: str) -> None:
     for name, value in delta.items():
         assert back[name].dtype == np.float32 and back[name].shape == value.shape
         peak = np.abs(value).max()
-        bound = peak / 127 / 2 if method == "int8" else peak * 2**-11
+        levels = {"int8": 127, "int4": 7}
+        bound = peak / levels[method] / 2 if method in levels else peak * 2**-11
         assert np.abs(back[name] - value).max() <= bound * (1 + 1e-6)
 
 
@@ -79,8 +109,21 @@ def test_compressed_payload_is_a_quarter_of_float32_plus_headers() -> None:
     plain = payload_bytes(update_records(trained, received, method="none", residual_path=None)["arrays"])
     int8 = payload_bytes(update_records(trained, received, method="int8", residual_path=None)["arrays"])
     npy_header = 128
+    int4 = payload_bytes(update_records(trained, received, method="int4", residual_path=None)["arrays"])
     assert plain == 128 * 4 + 2 * npy_header
     assert int8 == 128 * 1 + npy_header + 2 * 4 + npy_header
+    assert int4 == 128 // 2 + npy_header + 2 * 4 + npy_header
+
+
+def test_int4_uplink_of_the_default_adapter_is_2336_bytes(make_peft) -> None:
+    """A tiny Llama of the builtin's shape (2 layers, hidden 64) at the default LoRA
+    (r=8 on q/v): 4,096 values in 8 tensors."""
+    received = adapter_arrays(make_peft())
+    assert sum(v.size for v in received.values()) == 4096 and len(received) == 8
+    trained = {n: v + np.float32(1e-3) for n, v in received.items()}
+    records = update_records(trained, received, method="int4", residual_path=None)
+    assert payload_bytes(records["arrays"]) == 4096 // 2 + 128 + 8 * 4 + 128 == 2336
+    assert records["compression"]["method"] == "int4"
 
 
 @pytest.mark.parametrize("bad", [
@@ -91,11 +134,58 @@ def test_compressed_payload_is_a_quarter_of_float32_plus_headers() -> None:
     ("int8", {"delta": np.zeros(128, np.int8), "scales": -np.ones(2, np.float32)}, "finite and >= 0"),
     ("fp16", {"delta": np.zeros(128, np.float32)}, "delta is float32"),
     ("zip", {"delta": np.zeros(128, np.int8)}, "unknown compression method 'zip'"),
+    ("int4", {"delta": np.zeros(64, np.uint8)}, "int4: expected arrays ['delta', 'scales']"),
+    ("int4", {"delta": np.zeros(64, np.int8), "scales": np.ones(2, np.float32)},
+     "int4: delta is int8[64], expected uint8[64] (128 values, two per byte)"),
+    ("int4", {"delta": np.zeros(128, np.uint8), "scales": np.ones(2, np.float32)},
+     "delta is uint8[128], expected uint8[64]"),
+    ("int4", {"delta": np.zeros((2, 32), np.uint8), "scales": np.ones(2, np.float32)},
+     "delta is uint8[2, 32], expected uint8[64]"),
+    ("int4", {"delta": np.full(64, 0x80, np.uint8), "scales": np.ones(2, np.float32)},
+     "int4: 64 nibble(s) hold code 8 (-8), outside -7..7"),
+    ("int4", {"delta": np.zeros(64, np.uint8), "scales": np.ones(2, np.float16)},
+     "int4: scales are float16[2], expected float32[2]"),
+    ("int4", {"delta": np.zeros(64, np.uint8), "scales": np.ones(1, np.float32)},
+     "int4: scales are float32[1], expected float32[2]"),
+    ("int4", {"delta": np.zeros(64, np.uint8), "scales": np.array([1, np.nan], np.float32)},
+     "int4: scales must be finite and >= 0"),
+    ("int4", {"delta": np.zeros(64, np.uint8), "scales": np.array([1, -1], np.float32)},
+     "int4: scales must be finite and >= 0"),
 ])
 def test_malformed_wire_arrays_raise_naming_the_part(bad) -> None:
     method, wire, message = bad
     with pytest.raises(CompressionError, match=re.escape(message)):
         decode(wire, method, SHAPES)
+
+
+def test_int4_pad_nibble_must_be_zero() -> None:
+    shapes = {"t": (3,)}  # 3 values in 2 bytes: the high nibble of byte 1 is padding
+    good = {"delta": np.array([0x21, 0x03], np.uint8), "scales": np.ones(1, np.float32)}
+    assert decode(good, "int4", shapes)["t"].tolist() == [1.0, 2.0, 3.0]
+    bad = {"delta": np.array([0x21, 0x13], np.uint8), "scales": np.ones(1, np.float32)}
+    with pytest.raises(CompressionError, match=r"^int4: the pad nibble after the last value must be 0, got 1$"):
+        decode(bad, "int4", shapes)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_error_feedback_residual_is_delta_minus_what_was_sent(tmp_path: Path, method: str) -> None:
+    path = tmp_path / RESIDUAL_FILE
+    received = adapter(8)
+    trained = {n: v + adapter(9, 0.01)[n] for n, v in received.items()}
+    wire = compress_update(trained, received, method=method, residual_path=path)
+    sent = decode(wire, method, SHAPES)
+    with np.load(path) as stored:
+        residual = {n: stored[n] for n in stored.files}
+    assert sorted(residual) == sorted(SHAPES)
+    for n in SHAPES:
+        np.testing.assert_array_equal(residual[n], (trained[n] - received[n]) - sent[n])
+    # the next round sends the new delta plus that residual
+    wire2 = compress_update(trained, received, method=method, residual_path=None)
+    corrected = compress_update(trained, received, method=method, residual_path=path)
+    want = encode({n: (trained[n] - received[n]) + residual[n] for n in SHAPES}, method)
+    for key in want:
+        np.testing.assert_array_equal(corrected[key], want[key])
+    assert any((corrected[k] != wire2[k]).any() for k in want)
 
 
 def test_error_feedback_keeps_the_residual_on_disk_per_partition(tmp_path: Path) -> None:
@@ -152,6 +242,28 @@ def test_server_decodes_to_global_plus_delta_then_screens_and_averages() -> None
         updates[1]["m.q.lora_A.weight"].tolist()  # uncompressed replies pass through untouched
 
 
+def test_server_rejects_a_malformed_int4_reply_and_applies_a_good_one_to_the_global() -> None:
+    received = adapter(7)
+    reference = to_array_record(received)
+    trained = {n: v + adapter(30, 0.01)[n] for n, v in received.items()}
+    good = update_records(trained, received, method="int4", residual_path=None)
+    bad = update_records(trained, received, method="int4", residual_path=None)
+    packed = bad["arrays"]["delta"].numpy().copy()
+    packed[3] = 0x08  # low nibble code 8: -8 is not a level
+    bad["arrays"] = ArrayRecord({"delta": Array(packed), "scales": bad["arrays"]["scales"]})
+    decoded = decode_train_replies([reply(1, good), reply(2, bad)], reference)
+    assert decoded.rejected == {2: "compressed update: int4: 1 nibble(s) hold code 8 (-8), outside -7..7"}
+    (msg,) = decoded.accepted
+    assert "compression" not in msg.content.config_records
+    wire = {k: a.numpy() for k, a in good["arrays"].items()}
+    delta = decode(wire, "int4", SHAPES)
+    for n in SHAPES:
+        got = msg.content["arrays"][n].numpy()
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, received[n] + delta[n])
+        assert np.abs(got - trained[n]).max() <= np.abs(trained[n] - received[n]).max() / 7 / 2 + 1e-6
+
+
 def test_decoded_update_with_non_finite_values_is_still_screened_out() -> None:
     received = adapter(6)
     content = {"arrays": ArrayRecord({"delta": Array(np.full(128, np.inf, np.float16))}),
@@ -164,6 +276,7 @@ def test_decoded_update_with_non_finite_values_is_still_screened_out() -> None:
 
 
 def test_compression_method_is_checked_by_key() -> None:
-    with pytest.raises(ConfigError, match=r"^compression\.method: unknown value 'int4'"):
-        ExperimentConfig.from_dict({"compression": {"method": "int4"}})
+    with pytest.raises(ConfigError, match=r"^compression\.method: unknown value 'int2'"):
+        ExperimentConfig.from_dict({"compression": {"method": "int2"}})
     assert ExperimentConfig.from_dict({"compression": {"method": "int8"}}).compression.error_feedback
+    assert ExperimentConfig.from_dict({"compression": {"method": "int4"}}).compression.method == "int4"

@@ -7,13 +7,13 @@ protobuf record (names and framing included):
 * full fine-tuning of the base model: its state, every parameter once (tied embeddings
   once), packed into an ArrayRecord as float32, down and up;
 * LoRA at r = 4, 8, 16 on the default target modules: the float32 adapter, down and up;
-* compressed updates (``compression.method`` fp16, int8): the uplink delta; the downlink
-  stays the float32 adapter.
+* compressed updates (``compression.method`` fp16, int8, int4): the uplink delta; the
+  downlink stays the float32 adapter.
 
 Quality: the default synthetic setting (10 clients x 5 rounds, LoRA r=8) on the
-simulation engine per compression method, and at LoRA r=4 (the smallest adapter, whose
-int8 delta is the one under 1/200 of full fine-tuning); the cost is final perplexity
-relative to the first uncompressed run at the default rank.
+simulation engine per compression method (int4 at r=8 and int8 at r=4 are the deltas
+under 1/200 of full fine-tuning), with and without error feedback; the cost is final
+perplexity relative to the first uncompressed run at the default rank.
 Client dropout draws differ between engine runs, so an uncompressed run is repeated to
 show the run-to-run noise a difference must exceed. The engine's own per-round
 ``bytes_up`` is reported next to the static count.
@@ -27,19 +27,21 @@ from typing import Any
 
 import numpy as np
 
+from fedslm.config import COMPRESSION_METHODS as METHODS
 from simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 RANKS = (4, 8, 16)
 TARGET_REDUCTION = 200.0
 TARGET_QUALITY_COST = 0.01
-QUALITY_RUNS = ("none", "none", "fp16", "int8", "int8-no-ef", "none@r4", "int8@r4")
+QUALITY_RUNS = ("none", "none", "fp16", "int8", "int8-no-ef", "int4", "int4-no-ef",
+                "none@r4", "int8@r4")
 
 
 def parse_run(name: str) -> tuple[str, bool, int]:
     """``method[-no-ef][@rN]`` -> (compression method, error feedback, LoRA rank; 0 = default)."""
     spec, _, rank = name.partition("@r")
     method = spec.removesuffix("-no-ef")
-    if method not in ("none", "fp16", "int8") or (rank and not rank.isdigit()):
+    if method not in METHODS or (rank and not rank.isdigit()):
         raise ValueError(name)
     return method, not spec.endswith("-no-ef"), int(rank or 0)
 
@@ -78,7 +80,7 @@ def static_rows(cfg) -> list[dict[str, Any]]:
         trained = {n: v + 1e-3 * rng.standard_normal(v.shape).astype(np.float32)
                    for n, v in received.items()}
         down, _ = record_bytes({"arrays": to_array_record(received)})
-        for method in ("none", "fp16", "int8"):
+        for method in METHODS:
             up, proto = record_bytes(update_records(trained, received, method=method, residual_path=None))
             rows.append({"update": f"LoRA r={r}" + ("" if method == "none" else f" {method} delta"),
                          "params": sum(v.size for v in received.values()),
@@ -127,21 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="local steps per round")
     parser.add_argument("--quality", default=",".join(QUALITY_RUNS),
-                        help="engine runs, comma-separated method[-no-ef][@rN] with method none, "
-                             "fp16 or int8 (e.g. int8@r4: int8 at LoRA r=4); '' for none")
+                        help="engine runs, comma-separated method[-no-ef][@rN] with method "
+                             f"{', '.join(METHODS)} (e.g. int8@r4: int8 at LoRA r=4); '' for none")
     parser.add_argument("--tiny", action="store_true",
-                        help="one int8 engine run at 2 clients x 1 round x 2 steps (smoke test)")
+                        help="one int4 engine run at 2 clients x 1 round x 2 steps (smoke test)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/comm.json)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.clients, args.rounds, args.steps, args.quality = 2, 1, 2, "int8"
+        args.clients, args.rounds, args.steps, args.quality = 2, 1, 2, "int4"
     methods = tuple(m for m in args.quality.split(",") if m)
     for name in methods:
         try:
             parse_run(name)
         except ValueError:
-            parser.error(f"--quality: {name!r} is not method[-no-ef][@rN] with method none, fp16 or int8")
+            parser.error(f"--quality: {name!r} is not method[-no-ef][@rN] with method "
+                         f"{', '.join(METHODS)}")
     cfg = experiment({}, run_name="comm-static")
     rows = static_rows(cfg)
     for row in rows:
