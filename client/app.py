@@ -1,56 +1,41 @@
-"""Flower ClientApp: unpack the message, call the plain task function, pack the reply.
+"""Flower ClientApp: thin handlers over ``client.handlers``, which unpacks the message,
+calls the plain task functions (``client.task``) and packs the reply.
 
-Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``), or
-their compressed delta (``fedslm.compression``), and scalar metrics leave the client;
-base weights, text and personal tensors never do. A DP-SGD client whose budget is spent
-replies with a status record and its epsilon instead of an update. Where this client's
-data and state live is decided once, by ``client.node``.
+This module is light on purpose (Flower, the config schema; not torch, transformers or
+PEFT): Flower loads the ServerApp and the ClientApp under one import lock, and its
+simulation engine starts Ray only once both are loaded. ``client.handlers``, and torch
+with it, is imported in a background thread as soon as this module is loaded, so a Ray
+worker imports while the ServerApp sets up, and the first message waits only for what
+is left of that import (see ``server.app`` too).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import threading
 
-import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
-from client.node import NodeSetup, node_setup, record_participation
-from client.personal_state import resolve_state_dir
-from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
-from client.task import evaluate, fit
-from fedslm.adapters import from_array_record
-from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
+
+HANDLERS = "client.handlers"
+threading.Thread(target=importlib.import_module, args=(HANDLERS,), name="import-handlers",
+                 daemon=True).start()
 
 app = ClientApp()
 
 
 @functools.lru_cache(maxsize=8)
 def _config(items: tuple) -> ExperimentConfig:
-    cfg = from_run_config(dict(items))
-    torch.set_num_threads(max(1, int(cfg.federation.client_num_cpus)))
-    return cfg
+    return from_run_config(dict(items))
 
 
 def experiment(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
-
-
-def node(context: Context, msg: Message | None = None) -> NodeSetup:
-    """This client's partition, data path and state dir. When a few simulated SuperNodes
-    serve many clients (``federation.supernodes``), the server names the partition in
-    the message."""
-    cfg = experiment(context)
-    node_config = dict(context.node_config)
-    if msg is not None and cfg.federation.supernodes > 0:
-        config = msg.content.config_records.get("config", {})
-        if "partition-id" in config:
-            node_config["partition-id"] = int(config["partition-id"])
-    return node_setup(node_config, node_id=context.node_id,
-                      simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
 
 
 def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Message:
@@ -65,35 +50,13 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
 
 @app.train(mods=[user_level_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg, config, me = experiment(context), msg.content["config"], node(context, msg)
-    server_round = int(config["server-round"])
-    received = from_array_record(msg.content["arrays"])
-    try:
-        arrays, metrics = fit(cfg, received, partition_id=me.partition_id,
-                              server_round=server_round,
-                              proximal_mu=float(config.get("proximal-mu", 0.0)),
-                              client_dir=me.state_dir, data_path=me.data_path)
-    except BudgetExhausted as exc:  # a clear status instead of an update, not an error
-        record_participation(me.participation_log, run_id=context.run_id,
-                             server_round=server_round, phase="refused", metrics=exc.metrics)
-        status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
-        return Message(RecordDict({"metrics": MetricRecord(exc.metrics), STATUS_RECORD: status}),
-                       reply_to=msg)
-    record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
-                         phase="train", metrics=metrics)
-    residual = (me.state_dir / RESIDUAL_FILE
-                if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
-    update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual)
-    return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    from client import handlers  # torch and the rest: on the first message (see above)
+
+    return handlers.train_reply(experiment(context), msg, context)
 
 
 @app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    me = node(context, msg)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    metrics = evaluate(experiment(context), from_array_record(msg.content["arrays"]),
-                       partition_id=me.partition_id, server_round=server_round,
-                       client_dir=me.state_dir, data_path=me.data_path)
-    record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
-                         phase="evaluate", metrics=metrics)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+def evaluate(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    return handlers.evaluate_reply(experiment(context), msg, context)

@@ -2,6 +2,12 @@
 
 ``flwr run`` exits 0 even when a ServerApp raises, so the launcher learns the outcome
 from ``status.json`` in the run's output dir.
+
+This module is light on purpose, like ``client.app``: Flower loads the ServerApp and the
+ClientApp under one import lock, and its simulation engine starts Ray only after both
+are loaded. Importing torch here held Ray back by the ≈4 s torch, transformers and PEFT
+take to import; ``server.experiment`` (and torch with it) is imported by ``main``,
+while Ray starts.
 """
 
 from __future__ import annotations
@@ -9,19 +15,19 @@ from __future__ import annotations
 import json
 import traceback
 
-import torch  # noqa: F401  (ArrayRecord's torch helpers need torch imported first)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.runconfig import from_run_config
 from fedslm.rundir import output_dir_for
-from server.experiment import run_experiment
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from server.experiment import run_experiment  # torch and the rest (see above)
+
     cfg = from_run_config(context.run_config)
     output_dir = output_dir_for(cfg.output_dir, context.run_id)
     output_dir.mkdir(parents=True, exist_ok=True)

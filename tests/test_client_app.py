@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from flwr.common.serde import message_to_proto
 from client.app import app
 from fedslm.adapters import from_array_record, parameter_role, to_array_record
 from fedslm.config import ExperimentConfig
-from fedslm.runconfig import to_run_config
+from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.runtime import client_split
 from server.experiment import initial_adapter
 
@@ -75,3 +76,24 @@ def test_evaluate_reply_is_metrics_only(cfg: ExperimentConfig) -> None:
     assert set(metrics) == {"loss", "perplexity", "accuracy", "num-examples", "num-tokens", "partition-id"}
     assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-12)
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+BLOCK_HEAVY = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "transformers", "peft"}:
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+import %s
+print("loaded")
+"""
+
+
+@pytest.mark.parametrize("module", ["client.app", "server.app"])
+def test_an_app_loads_without_torch(module: str) -> None:
+    """Flower loads both apps under one lock before its simulation engine starts Ray, so
+    loading them must not wait for torch (client.app and server.app say why)."""
+    out = subprocess.run([sys.executable, "-c", BLOCK_HEAVY % module], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr[-500:]

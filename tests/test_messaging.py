@@ -96,3 +96,29 @@ def test_a_task_the_superlink_expired_is_a_timeout_and_an_offline_node_a_failure
     assert got.timed_out == [1]
     assert got.failed == {2: "Node Unavailable"}
     assert [m.metadata.src_node_id for m in got.ok] == [3]
+
+
+class FakeClock:
+    """Stands in for the ``time`` module of server.messaging: sleeping advances it."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_polls_back_off_while_waiting_and_speed_up_after_a_reply(monkeypatch) -> None:
+    import server.messaging as messaging
+
+    clock = FakeClock()
+    monkeypatch.setattr(messaging, "time", clock)
+    grid = ScriptedGrid({6: [answer("r1-n1", 1, 1)], 8: [answer("r1-n2", 2, 1)]})
+    got = send_and_collect(grid, [instruction(1, 1), instruction(2, 1)], timeout=5, label="r1")
+    assert len(got.replies) == 2
+    # pulls 0-5 empty: 10, 20, 40, 80 ms then the 100 ms cap; pull 6 brings a reply (reset)
+    assert clock.sleeps == [0.01, 0.02, 0.04, 0.08, 0.1, 0.1, 0.01, 0.02]

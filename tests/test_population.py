@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
+from client.handlers import node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
 from server.population import PopulationGrid
@@ -101,14 +102,19 @@ def _context(supernodes: int) -> Context:
                    run_config=to_run_config(cfg))
 
 
+def _node(supernodes: int, msg: Message):
+    context = _context(supernodes)
+    return node(client_app.experiment(context), context, msg)
+
+
 def test_client_takes_the_partition_from_the_message_only_on_pooled_supernodes() -> None:
     msg = Message(RecordDict({"config": ConfigRecord({"partition-id": 42})}), dst_node_id=501,
                   message_type="train")
-    assert client_app.node(_context(10), msg).partition_id == 42
-    assert client_app.node(_context(0), msg).partition_id == 3  # one node per client: its own partition
+    assert _node(10, msg).partition_id == 42
+    assert _node(0, msg).partition_id == 3  # one node per client: its own partition
     bare = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=501, message_type="train")
-    assert client_app.node(_context(10), bare).partition_id == 3
-    assert client_app.node(_context(10), msg).state_dir.name == "42"  # state follows the client
+    assert _node(10, bare).partition_id == 3
+    assert _node(10, msg).state_dir.name == "42"  # state follows the client
 
 
 def test_supernodes_is_checked_by_key() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import node
+from client.handlers import node
 from client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
 from client.task import fit
 from fedslm.adapters import adapter_arrays
@@ -26,10 +26,10 @@ def _context(cfg: ExperimentConfig, **node_config) -> Context:
 def test_client_state_dir_follows_the_run_or_the_device(tmp_path: Path) -> None:
     """One rule: a device's state-dir as given, else <output>/clients/<partition id>."""
     cfg = ExperimentConfig.from_dict({"output_dir": str(tmp_path)})
-    assert node(_context(cfg)).state_dir == tmp_path / "clients" / "2"
-    assert node(_context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
+    assert node(cfg, _context(cfg)).state_dir == tmp_path / "clients" / "2"
+    assert node(cfg, _context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
     no_dir = ExperimentConfig.from_dict({})
-    assert node(_context(no_dir)).state_dir == Path.home() / ".cache/fedslm/runs/77/clients/2"
+    assert node(no_dir, _context(no_dir)).state_dir == Path.home() / ".cache/fedslm/runs/77/clients/2"
 
 
 def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path) -> None:
