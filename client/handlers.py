@@ -65,7 +65,8 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
                          phase="train", metrics=metrics)
     residual = (me.state_dir / RESIDUAL_FILE
                 if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
-    update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual)
+    update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual,
+                            run_id=context.run_id)
     return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -155,26 +155,39 @@ def decode(wire: Mapping[str, np.ndarray], method: str,
 
 
 RESIDUAL_FILE = "compression_residual.npz"  # in the client's own state dir (client.node)
+RUN_KEY = "__run__"  # the Flower run the residual belongs to, stored beside the tensors
 
 
-def _load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+def read_residual(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    """(run id as stored, "" if none; the residual tensors) of a residual file."""
     with np.load(path) as stored:
-        residual = {n: stored[n] for n in stored.files}
+        run = str(stored[RUN_KEY]) if RUN_KEY in stored.files else ""
+        return run, {n: stored[n] for n in stored.files if n != RUN_KEY}
+
+
+def _load_residual(path: Path, shapes: Mapping[str, tuple[int, ...]], run_id: int) -> dict[str, np.ndarray]:
+    """The residual of this run; zeros when there is none yet or it is another run's.
+
+    A device's state dir outlives runs: the residual of an earlier run is error against
+    that run's global adapter, and adding it to this run's first delta would be noise.
+    """
+    run, residual = read_residual(path) if path.exists() else ("", {})
+    if run != str(run_id):
+        return {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     if {n: r.shape for n, r in residual.items()} != dict(shapes):
         raise CompressionError(f"{path}: residual does not match this adapter's tensors")
     return residual
 
 
-def _save_residual(path: Path, residual: Mapping[str, np.ndarray]) -> None:
+def _save_residual(path: Path, residual: Mapping[str, np.ndarray], run_id: int) -> None:
     """Atomic write: a crash leaves the previous residual, never a partial file."""
-    atomic_write(path, lambda fh: np.savez(fh, **residual))
+    atomic_write(path, lambda fh: np.savez(fh, **residual, **{RUN_KEY: np.array(str(run_id))}))
 
 
 def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
-                    method: str, residual_path: Path | None) -> dict[str, np.ndarray]:
-    """Encode ``trained - received`` (+ the stored residual); store the new residual.
+                    method: str, residual_path: Path | None, run_id: int = 0) -> dict[str, np.ndarray]:
+    """Encode ``trained - received`` (+ the stored residual of run ``run_id``); store the
+    new residual.
 
     ``residual_path`` None disables error feedback.
     """
@@ -184,21 +197,23 @@ def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np
     delta = {n: np.asarray(trained[n], np.float32) - np.asarray(received[n], np.float32)
              for n in shapes}
     if residual_path is not None:
-        residual = _load_residual(residual_path, shapes)
+        residual = _load_residual(residual_path, shapes, run_id)
         delta = {n: delta[n] + residual[n] for n in shapes}
     wire = encode(delta, method)
     if residual_path is not None:
         sent = decode(wire, method, shapes)
-        _save_residual(residual_path, {n: delta[n] - sent[n] for n in shapes})
+        _save_residual(residual_path, {n: delta[n] - sent[n] for n in shapes}, run_id)
     return wire
 
 
 def update_records(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
-                   method: str, residual_path: Path | None) -> dict[str, ArrayRecord | ConfigRecord]:
+                   method: str, residual_path: Path | None,
+                   run_id: int = 0) -> dict[str, ArrayRecord | ConfigRecord]:
     """The reply records carrying a client's update: plain float32 for ``none``."""
     if method == "none":
         return {ARRAYS_KEY: to_array_record(trained)}
-    wire = compress_update(trained, received, method=method, residual_path=residual_path)
+    wire = compress_update(trained, received, method=method, residual_path=residual_path,
+                           run_id=run_id)
     return {ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in wire.items()}),
             INFO_KEY: ConfigRecord({"method": method})}
 

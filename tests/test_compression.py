@@ -16,6 +16,7 @@ from fedslm.adapters import adapter_arrays, payload_bytes, to_array_record
 from fedslm.compression import (
     CompressionError,
     compress_update,
+    read_residual,
     decode,
     decode_update,
     encode,
@@ -174,8 +175,7 @@ def test_error_feedback_residual_is_delta_minus_what_was_sent(tmp_path: Path, me
     trained = {n: v + adapter(9, 0.01)[n] for n, v in received.items()}
     wire = compress_update(trained, received, method=method, residual_path=path)
     sent = decode(wire, method, SHAPES)
-    with np.load(path) as stored:
-        residual = {n: stored[n] for n in stored.files}
+    _, residual = read_residual(path)
     assert sorted(residual) == sorted(SHAPES)
     for n in SHAPES:
         np.testing.assert_array_equal(residual[n], (trained[n] - received[n]) - sent[n])
@@ -200,8 +200,7 @@ def test_error_feedback_keeps_the_residual_on_disk_per_partition(tmp_path: Path)
         for n in SHAPES:
             sent_total[n] += sent[n]
             true_total[n] += trained[n] - received[n]
-    with np.load(path) as stored:
-        residual = {n: stored[n] for n in stored.files}
+    _, residual = read_residual(path)
     # telescoping: everything the client meant to send was sent, except the last residual
     for n in SHAPES:
         np.testing.assert_allclose(sent_total[n] + residual[n], true_total[n], atol=1e-6)
@@ -280,3 +279,20 @@ def test_compression_method_is_checked_by_key() -> None:
         ExperimentConfig.from_dict({"compression": {"method": "int2"}})
     assert ExperimentConfig.from_dict({"compression": {"method": "int8"}}).compression.error_feedback
     assert ExperimentConfig.from_dict({"compression": {"method": "int4"}}).compression.method == "int4"
+
+
+def test_a_residual_from_another_run_is_not_added(tmp_path: Path) -> None:
+    """A device's state dir outlives runs; run 2 starts from a zero residual."""
+    path = tmp_path / RESIDUAL_FILE
+    received = adapter(8)
+    trained = {n: v + adapter(9, 0.01)[n] for n, v in received.items()}
+    compress_update(trained, received, method="int4", residual_path=path, run_id=1)
+    run, stored = read_residual(path)
+    assert run == "1" and any(np.abs(r).max() > 0 for r in stored.values())
+    fresh = compress_update(trained, received, method="int4", residual_path=None)
+    assert all((compress_update(trained, received, method="int4", residual_path=path, run_id=2)[k]
+                == fresh[k]).all() for k in fresh)
+    assert read_residual(path)[0] == "2"
+    # within one run the residual is added: the same update encodes differently
+    again = compress_update(trained, received, method="int4", residual_path=path, run_id=2)
+    assert any((again[k] != fresh[k]).any() for k in fresh)
