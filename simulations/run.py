@@ -20,7 +20,7 @@ from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
 from simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from simulations.preflight import preflight, preflight_deployment
+from simulations.preflight import hints, preflight, preflight_deployment
 from simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
@@ -65,6 +65,8 @@ def run(cfg: ExperimentConfig) -> dict:
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
     done_rounds = preflight_deployment(cfg)
     preflight(cfg)
+    for hint in hints(cfg):
+        print(f"[fedslm] hint: {hint}", flush=True)
     if done_rounds:
         print(f"[fedslm] resuming {cfg.output_dir} after round {done_rounds}", flush=True)
     print(f"[fedslm] {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "

@@ -132,3 +132,16 @@ def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
     assert simulation_federation_config(per_client).startswith("num-supernodes=300 ")
     assert simulation_federation_config(pooled) == (
         "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0")
+
+
+def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:
+    from simulations.preflight import hints
+
+    def cfg(**fed):
+        return ExperimentConfig.from_dict({"federation": fed})
+
+    [hint] = hints(cfg(num_clients=10000))
+    assert hint.startswith("federation.num_clients=10000 runs one simulated SuperNode per client")
+    assert "federation.supernodes=10" in hint
+    assert hints(cfg(num_clients=1000)) == []
+    assert hints(cfg(num_clients=10000, supernodes=10)) == []
