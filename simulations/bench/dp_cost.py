@@ -11,7 +11,12 @@ the peak resident set size while training minus the resident size before the fir
 sensitive to other load), is the median over ``--repeats`` timed blocks of ``--steps``
 steps after ``--warmup`` steps, then the median over passes; ratios are of CPU time.
 
-Same LoRA setup and training loop (``client.train.run_steps``) as the federated clients.
+Same LoRA setup and training loop (``client.train.run_steps``) as the federated clients,
+and the same batches: by default the DP runs train on the plain run's fixed-size batches
+(Opacus's hooks, per-example clipping and noise, on the Poisson loader's expected batch
+size). A real DP-SGD client samples Poisson batches, whose size varies from step to step
+(Binomial(n, q)): its peak memory follows the largest batch drawn, not the DP mechanics;
+``--poisson`` measures that instead and the table shows the largest batch seen.
 Models other than ``tiny`` (the builtin tiny Llama) are randomly initialised Llamas of
 the given size: the cost of DP does not depend on the weights' values.
 """
@@ -64,7 +69,7 @@ def _model(size: str):
 
 
 def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, warmup: int,
-            repeats: int, threads: int, device: str) -> dict:
+            repeats: int, threads: int, device: str, poisson: bool = False) -> dict:
     """One configuration, in the current process (``main`` gives each its own process)."""
     import torch
 
@@ -79,11 +84,15 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     cfg = TrainingConfig(learning_rate=1e-3, local_steps=1, batch_size=batch_size, seq_len=seq_len,
                          warmup_ratio=0.0)
     setup = make_training_setup(model, blocks, cfg, generator_seed=0)
+    fixed_batches = setup.loader
     hooks = None
     if mode != "none":
         private = make_private(setup, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
                                accountant="prv")
         setup, hooks = private.setup, private.hooks
+        if not poisson:  # the same batches as the plain run (see the module docstring)
+            setup.loader = fixed_batches
+    largest = _largest_batch(setup)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,6 +112,7 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     out = {"size": size, "mode": mode, "device": device, "batch_size": batch_size, "seq_len": seq_len,
            "threads": threads, "steps": steps * repeats, "step_seconds": statistics.median(times),
            "step_seconds_all": times, "cpu_step_seconds": statistics.median(cpu_times), "examples_per_step": result.num_examples / max(1, result.steps),
+           "largest_batch": largest(), "poisson": poisson and mode != "none",
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total_params": sum(p.numel() for p in model.parameters())}
     if device == "cuda":
@@ -113,6 +123,27 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     if hooks is not None:
         hooks.cleanup()
     return out
+
+
+def _largest_batch(setup):
+    """Wrap ``setup.loader`` to remember the largest batch it yields; returns a getter."""
+    seen = [0]
+    inner = setup.loader
+
+    class Watched:
+        def __iter__(self):
+            for batch in inner:
+                seen[0] = max(seen[0], len(batch[0] if isinstance(batch, (list, tuple)) else batch))
+                yield batch
+
+        def __len__(self):
+            return len(inner)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    setup.loader = Watched()
+    return lambda: seen[0]
 
 
 def _child(queue, kwargs) -> None:
@@ -140,13 +171,14 @@ def combine(passes: list[dict]) -> dict:
     out = dict(ok[0])
     for key in ("step_seconds", "cpu_step_seconds", "peak_memory_bytes", "examples_per_step"):
         out[key] = statistics.median(p[key] for p in ok)
+    out["largest_batch"] = max(p.get("largest_batch", 0) for p in ok)
     out["passes"] = [{k: p[k] for k in ("step_seconds", "cpu_step_seconds", "peak_memory_bytes")} for p in ok]
     return out
 
 
 def table(results: list[dict]) -> str:
     lines = [f"{'model':<7} {'mode':<6} {'wall ms/step':>12} {'cpu ms/step':>11} {'x plain':>8} "
-             f"{'peak MiB':>9} {'x plain':>8} {'params (train/total)':>22}"]
+             f"{'peak MiB':>9} {'x plain':>8} {'params (train/total)':>22} {'largest batch':>14}"]
     plain = {r["size"]: r for r in results if r["mode"] == "none" and "error" not in r}
     for r in results:
         if "error" in r:
@@ -159,11 +191,12 @@ def table(results: list[dict]) -> str:
         lines.append(f"{r['size']:<7} {r['mode']:<6} {1000 * r['step_seconds']:>12.1f} "
                      f"{1000 * r['cpu_step_seconds']:>11.1f} {t_ratio:>8.2f} "
                      f"{r['peak_memory_bytes'] / 2**20:>9.1f} {m_ratio:>8.2f} "
-                     f"{r['trainable_params']:>10,}/{r['total_params']:<11,}")
+                     f"{r['trainable_params']:>10,}/{r['total_params']:<11,} "
+                     f"{r.get('largest_batch', 0):>14}{' (Poisson)' if r.get('poisson') else ''}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {', '.join(SIZES)}")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -175,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--passes", type=int, default=3, help="fresh processes per configuration, interleaved")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--poisson", action="store_true",
+                        help="DP runs sample Poisson batches as a real client does (sizes vary)")
     parser.add_argument("--json", type=Path, default=Path("outputs/bench/dp_cost.json"))
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
@@ -190,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 passes[(size, mode)].append(run_isolated(
                     size=size, mode=mode, batch_size=args.batch_size, seq_len=args.seq_len,
                     steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                    device=args.device))
+                    device=args.device, poisson=args.poisson))
                 print(f"[dp_cost] pass {index + 1}/{args.passes}: {size}/{mode} done", file=sys.stderr, flush=True)
     results = [combine(p) for p in passes.values()]
     print(table(results))
@@ -198,8 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                      "results": results}, indent=2))
     print(f"\nJSON: {args.json.resolve()}")
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
