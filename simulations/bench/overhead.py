@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedslm.config import TrainingConfig
 from simulations.bench.common import (
     ProcessTreeSampler,
     experiment,
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10, help="local steps per round")
+    parser.add_argument("--steps", type=int, default=TrainingConfig().local_steps,
+                        help="local steps per round (default: the main job's training.local_steps)")
     parser.add_argument("--tiny", action="store_true",
                         help="2 clients x 2 rounds x 2 steps, one baseline run (smoke test)")
     parser.add_argument("--workers", type=int, default=1,
