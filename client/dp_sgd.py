@@ -72,11 +72,20 @@ def plan_round(privacy: PrivacyConfig, training: TrainingConfig, *, num_records:
     return RoundBudget(noise_multiplier=noise, sample_rate=sample_rate, steps=steps, delta=delta)
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's target is the next token; the last position has none (ignored).
+
+    Shifting the labels instead of slicing the logits (as transformers does) keeps the
+    logits contiguous: no copy of a batch x length x vocabulary tensor every step.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def per_example_mean_loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each block's mean next-token loss (pad targets excluded)."""
-    logits = model(input_ids=batch).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+    logits = model(input_ids=batch).logits.float()
+    targets = next_token_targets(labels)
+    per_token = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                 ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
     mask = targets != IGNORE_INDEX
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -155,10 +164,9 @@ def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm
 
 def _ghost_loss(dp_criterion: Callable) -> Callable:
     def loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        return dp_criterion(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            shape=targets.shape)
+        logits = model(input_ids=batch).logits.float()
+        targets = next_token_targets(labels)
+        return dp_criterion(logits.view(-1, logits.size(-1)), targets.view(-1), shape=targets.shape)
     return loss
 
 

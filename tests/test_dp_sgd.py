@@ -296,3 +296,20 @@ def test_poisson_sampling_does_not_follow_the_public_seed(make_peft, tiny_base, 
         draws.append([tuple(batch[0].shape) + tuple(batch[0][:, 0].tolist()) for batch in private.setup.loader])
         private.hooks.cleanup()
     assert draws[0] != draws[1]
+
+
+def test_per_example_loss_is_the_mean_of_each_blocks_own_transformers_loss(tiny_base) -> None:
+    """Shifting labels instead of slicing logits changes no number: each block's loss is
+    what transformers computes for that block alone (pad targets ignored)."""
+    from client.dp_sgd import per_example_mean_loss
+    from client.train import IGNORE_INDEX
+
+    model, _ = tiny_base
+    torch.manual_seed(3)
+    batch = torch.randint(4, 200, (3, 12))
+    labels = batch.clone()
+    labels[1, 7:] = IGNORE_INDEX  # a padded block
+    with torch.no_grad():
+        ours = per_example_mean_loss(model, batch, labels)
+        each = [model(input_ids=batch[i:i + 1], labels=labels[i:i + 1]).loss for i in range(3)]
+    torch.testing.assert_close(ours, torch.stack(each).mean(), rtol=1e-6, atol=1e-6)
