@@ -78,7 +78,12 @@ def test_overhead_tiny_compares_engine_and_baseline(tmp_path: Path) -> None:
     result = run("overhead", tmp_path, "--tiny")
     assert result["setting"] == {"clients": 2, "rounds": 2, "local_steps": 2, "client_num_cpus": 1,
                                  "engine_workers": 1}
-    assert all(r > 0 for r in result["ratios"].values())
+    ratios = result["ratios"]
+    assert set(ratios) == {"total", "steady", "cpu_total", "cpu_steady", "cpu_steady_clients",
+                           "cpu_steady_server"}
+    # a tiny round lasts ~0.3 s, about one CPU sample: only whole-run and wall ratios are
+    # reliably positive here; the per-round CPU split needs the default setting
+    assert ratios["total"] > 1 and ratios["steady"] > 0 and ratios["cpu_total"] > 1
     assert sorted(result["engine"]["round_seconds"]) == ["1", "2"]
     (baseline,) = result["baseline_runs"]
     assert sorted(baseline["round_seconds"]) == ["0", "1", "2"]

@@ -234,12 +234,21 @@ class EngineRun:
 
     def steady_window(self) -> tuple[float, float, int]:
         """(start, end, rounds) of the steady rounds on this run's clock: after round 1
-        (or round 0 when there is only one round) up to the last round's summary line."""
+        (or round 0 when there is only one round) up to the last round.
+
+        The end is when the last round's line was streamed; the start is that minus the
+        ServerApp's own timings of those rounds. Streamed lines arrive in chunks (Flower
+        forwards logs about twice a second), so two round lines can share a timestamp.
+        """
         ends = sorted(self.round_end)
         first = 1 if len(ends) > 2 else 0
         if len(ends) < 2 or first not in self.round_end:
             return 0.0, 0.0, 0
-        return self.round_end[first], self.round_end[ends[-1]], ends[-1] - first
+        last = ends[-1]
+        seconds = self.round_seconds()
+        span = sum(seconds.get(r, 0.0) for r in range(first + 1, last + 1))
+        end = self.round_end[last]
+        return end - span, end, last - first
 
     def steady_cpu_per_round(self) -> dict[str, float]:
         """CPU seconds per steady round, by component of the process tree."""
