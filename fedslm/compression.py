@@ -46,6 +46,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedslm.atomic import atomic_write
 from fedslm.adapters import to_array_record
+from fedslm.wire import WireError, decode_array
 
 ARRAYS_KEY = "arrays"  # the reply's adapter record (server.strategy.ARRAYS_KEY)
 INFO_KEY = "compression"
@@ -226,7 +227,12 @@ def decode_update(content: RecordDict, reference: ArrayRecord) -> ArrayRecord | 
     method = content.config_records[INFO_KEY].get("method")
     if ARRAYS_KEY not in content.array_records:
         raise CompressionError("compressed reply lacks its arrays")
-    wire = {k: a.numpy() for k, a in content.array_records[ARRAYS_KEY].items()}
+    wire = {}
+    for key, array in content.array_records[ARRAYS_KEY].items():
+        try:
+            wire[key] = decode_array(array)
+        except WireError as err:
+            raise CompressionError(f"{key}: {err}") from None
     base = {n: a.numpy() for n, a in reference.items()}
     delta = decode(wire, str(method), {n: v.shape for n, v in base.items()})
     return to_array_record({n: base[n].astype(np.float32) + delta[n] for n in base})

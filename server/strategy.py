@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedslm.config import ExperimentConfig
+from fedslm.wire import WireError, decode_array
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -97,7 +98,10 @@ def _problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
     for name, arr in arrays.items():
         if tuple(arr.shape) != expected[name]:
             return f"tensor {name} has shape {tuple(arr.shape)}, expected {expected[name]}"
-        values = arr.numpy()
+        try:
+            values = decode_array(arr, shape=expected[name])
+        except WireError as err:
+            return f"tensor {name}: {err}"
         if values.dtype.kind != "f":
             return f"tensor {name} has dtype {values.dtype}, expected floating point"
         if not np.isfinite(values).all():

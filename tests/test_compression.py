@@ -296,3 +296,21 @@ def test_a_residual_from_another_run_is_not_added(tmp_path: Path) -> None:
     # within one run the residual is added: the same update encodes differently
     again = compress_update(trained, received, method="int4", residual_path=path, run_id=2)
     assert any((again[k] != fresh[k]).any() for k in fresh)
+
+
+def test_a_compressed_reply_whose_payload_header_lies_is_rejected_before_allocation() -> None:
+    import io
+
+    from numpy.lib import format as npy
+
+    received = adapter(7)
+    reference = to_array_record(received)
+    records = update_records(received, received, method="int8", residual_path=None)
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "|i1", "fortran_order": False, "shape": (10**11,)})
+    huge = Array(dtype="int8", shape=(10**11,), stype="numpy.ndarray", data=buf.getvalue() + b"\0" * 16)
+    records["arrays"] = ArrayRecord({"delta": huge, "scales": records["arrays"]["scales"]})
+    decoded = decode_train_replies([reply(3, records)], reference)
+    assert decoded.accepted == []
+    assert decoded.rejected == {3: "compressed update: delta: payload has 16 data bytes, "
+                                   "expected 100000000000"}

@@ -69,3 +69,60 @@ def test_fedavg_on_screened_updates_is_the_weighted_mean() -> None:
     arrays, _ = FedAvg().aggregate_train(1, screened.accepted)
     np.testing.assert_allclose(arrays["a.lora_A.weight"].numpy(), np.full((2, 3), 3.25))
     np.testing.assert_allclose(arrays["a.lora_B.weight"].numpy(), np.full((3, 2), 6.5))
+
+
+def _npy(header_shape: tuple[int, ...], descr: str = "<f4", data: bytes = b"") -> bytes:
+    import io
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": header_shape})
+    return buf.getvalue() + data
+
+
+def _raw(node: int, name_to_array: dict[str, Array]) -> Message:
+    good = {k: Array(v) for k, v in _good().items()}
+    return _reply_record(node, ArrayRecord({**good, **name_to_array}))
+
+
+def _reply_record(node: int, record: ArrayRecord) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
+                        message_type="train")
+    return make_message(metadata, RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})}))
+
+
+def test_hostile_payloads_are_rejected_before_numpy_reads_them() -> None:
+    """The declared shape is right each time; the payload lies (a hostile client)."""
+    import io
+
+    name = "a.lora_B.weight"
+
+    def arr(data: bytes, stype: str = "numpy.ndarray") -> Array:
+        return Array(dtype="float32", shape=(3, 2), stype=stype, data=data)
+
+    nine = io.BytesIO()
+    np.save(nine, np.ones((3, 3), np.float32))
+    objects = io.BytesIO()
+    np.save(objects, np.array([None] * 6, dtype=object).reshape(3, 2), allow_pickle=True)
+    replies = [
+        _raw(1, {name: arr(nine.getvalue())}),                          # header says (3, 3)
+        _raw(2, {name: arr(_npy((10**11,), data=b"\0" * 8))}),           # would allocate 400 GB
+        _raw(3, {name: arr(b"garbage, not an npy file")}),
+        _raw(4, {name: arr(_npy((3, 2), data=b"\0" * 24), stype="torch")}),
+        _raw(5, {name: arr(objects.getvalue())}),
+        _raw(6, {name: arr(_npy((3, 2), data=b"\0" * 20))}),             # 4 bytes short
+        _raw(7, {}),                                                     # honest
+    ]
+    screened = screen_train_replies(replies, REFERENCE)
+    assert [m.metadata.src_node_id for m in screened.accepted] == [7]
+    assert screened.rejected == {
+        1: f"tensor {name}: payload holds shape (3, 3), expected (3, 2)",
+        2: f"tensor {name}: payload holds shape (100000000000,), expected (3, 2)",
+        3: f"tensor {name}: payload is not an npy array (the magic string is not correct; "
+           "expected b'\\x93NUMPY', got b'garbag')",
+        4: f"tensor {name}: serialized as 'torch', expected 'numpy.ndarray'",
+        5: f"tensor {name}: payload dtype object is not a plain number type",
+        6: f"tensor {name}: payload has 20 data bytes, expected 24",
+    }
