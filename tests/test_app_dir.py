@@ -6,6 +6,7 @@ import zipfile
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedslm.runconfig import PROJECT_ROOT
@@ -42,3 +43,45 @@ def test_ignored_directories_and_symlinks_are_left_out(tmp_path: Path) -> None:
     staged = stage_app(root, tmp_path / "out")
     assert (staged / "pkg" / "mod.py").read_text() == "x = 1\n"
     assert not (staged / "big").exists() and not (staged / "pkg" / "link.py").exists()
+
+
+TREE = ["pyproject.toml", "README.md", "pkg/mod.py", "build/keep.py", "build/drop.py",
+        "gen/keep.py", "gen/x.py", "data1/a.json", "tmp/t.py", "nested/tmp/u.py",
+        ".venv/lib/site.py", "run.log"]
+
+
+@pytest.mark.parametrize("gitignore", [
+    "build/\n!build/keep.py\n",
+    "gen\n!gen/keep.py\n",
+    "*\n!*.py\n!*/\n!pyproject.toml\n",
+    "/build\n**/tmp\ndata*/\n",
+    ".venv/\n*.log\n",
+    "",
+])
+def test_the_same_files_as_flowers_own_filter(tmp_path: Path, gitignore: str) -> None:
+    """Including negations, which can bring files back out of an ignored directory."""
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+
+    root = tmp_path / "proj"
+    for rel in TREE:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    (root / ".gitignore").write_text(gitignore)
+    assert sorted(app_files(root)) == sorted(filter_paths_for_publish(collect_files(root)))
+
+
+def test_a_symlinked_gitignore_is_not_read_as_flower_does_not(tmp_path: Path) -> None:
+    from flwr.cli.utils import collect_files, filter_paths_for_publish
+
+    root = tmp_path / "proj"
+    (root / "gen").mkdir(parents=True)
+    (root / "gen" / "x.py").write_text("x = 1\n")
+    (tmp_path / "real.gitignore").write_text("gen/\n")
+    (root / ".gitignore").symlink_to(tmp_path / "real.gitignore")
+    assert sorted(app_files(root)) == sorted(filter_paths_for_publish(collect_files(root))) == ["gen/x.py"]
+
+
+def test_staging_refuses_a_dir_that_exists(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError):
+        stage_app(PROJECT_ROOT, tmp_path / "out")
