@@ -12,7 +12,6 @@ is left of that import (see ``server.app`` too).
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 
 from flwr.app import Context, Message
@@ -21,9 +20,10 @@ from flwr.clientapp.mod import adaptiveclipping_mod
 
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
+from fedslm.warm_imports import import_heavy
 
 HANDLERS = "client.handlers"
-threading.Thread(target=importlib.import_module, args=(HANDLERS,), name="import-handlers",
+threading.Thread(target=import_heavy, args=(HANDLERS,), name="import-handlers",
                  daemon=True).start()
 
 app = ClientApp()

@@ -7,7 +7,8 @@ base weights, text and personal tensors never do. A DP-SGD client whose budget i
 replies with a status record and its epsilon instead of an update. Where this client's
 data and state live is decided once, by ``client.node``.
 
-``client.app`` imports this module on the first message, not when Flower loads the app.
+``client.app`` imports this module in a background thread once Flower has loaded the app,
+so that loading the app does not wait for torch.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ This module is light on purpose, like ``client.app``: Flower loads the ServerApp
 ClientApp under one import lock, and its simulation engine starts Ray only after both
 are loaded. Importing torch here held Ray back by the ≈4 s torch, transformers and PEFT
 take to import; ``server.experiment`` (and torch with it) is imported by ``main``,
-while Ray starts.
+while Ray starts, under ``fedslm.warm_imports``'s lock.
 """
 
 from __future__ import annotations
@@ -20,21 +20,22 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedslm.runconfig import from_run_config
 from fedslm.rundir import output_dir_for
+from fedslm.warm_imports import import_heavy
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.experiment import run_experiment  # torch and the rest (see above)
-
     cfg = from_run_config(context.run_config)
     output_dir = output_dir_for(cfg.output_dir, context.run_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     status = output_dir / "status.json"
     status.write_text(json.dumps({"status": "running"}))
     try:
-        run_experiment(grid, cfg, output_dir)
+        # torch and the rest (see above); inside the try, so a failing import is reported
+        experiment = import_heavy("server.experiment")
+        experiment.run_experiment(grid, cfg, output_dir)
     except BaseException as exc:
         status.write_text(json.dumps({
             "status": "error",
