@@ -76,7 +76,8 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """Each position's target is the next token; the last position has none (ignored).
 
     Shifting the labels instead of slicing the logits (as transformers does) keeps the
-    logits contiguous: no copy of a batch x length x vocabulary tensor every step.
+    logits contiguous, so flattening them copies nothing (slicing meant a copy of a
+    batch x length x vocabulary tensor every step).
     """
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
@@ -85,7 +86,7 @@ def per_example_mean_loss(model: torch.nn.Module, batch: torch.Tensor, labels: t
     """Mean over the batch of each block's mean next-token loss (pad targets excluded)."""
     logits = model(input_ids=batch).logits.float()
     targets = next_token_targets(labels)
-    per_token = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
     mask = targets != IGNORE_INDEX
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -166,7 +167,7 @@ def _ghost_loss(dp_criterion: Callable) -> Callable:
     def loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor):
         logits = model(input_ids=batch).logits.float()
         targets = next_token_targets(labels)
-        return dp_criterion(logits.view(-1, logits.size(-1)), targets.view(-1), shape=targets.shape)
+        return dp_criterion(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), shape=targets.shape)
     return loss
 
 

@@ -186,12 +186,15 @@ def _save_residual(path: Path, residual: Mapping[str, np.ndarray], run_id: int) 
 
 
 def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
-                    method: str, residual_path: Path | None, run_id: int = 0) -> dict[str, np.ndarray]:
+                    method: str, residual_path: Path | None,
+                    run_id: int | None = None) -> dict[str, np.ndarray]:
     """Encode ``trained - received`` (+ the stored residual of run ``run_id``); store the
     new residual.
 
-    ``residual_path`` None disables error feedback.
+    ``residual_path`` None disables error feedback; with a path, ``run_id`` is required.
     """
+    if residual_path is not None and run_id is None:
+        raise ValueError("compress_update: error feedback needs the run id its residual belongs to")
     if set(trained) != set(received):
         raise CompressionError("trained and received adapters name different tensors")
     shapes = {n: np.shape(v) for n, v in received.items()}
@@ -209,7 +212,7 @@ def compress_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np
 
 def update_records(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
                    method: str, residual_path: Path | None,
-                   run_id: int = 0) -> dict[str, ArrayRecord | ConfigRecord]:
+                   run_id: int | None = None) -> dict[str, ArrayRecord | ConfigRecord]:
     """The reply records carrying a client's update: plain float32 for ``none``."""
     if method == "none":
         return {ARRAYS_KEY: to_array_record(trained)}

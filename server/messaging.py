@@ -91,7 +91,7 @@ def send_and_collect(
             if on_progress:
                 on_progress(done, total)
         if pending_dst:
-            time.sleep(wait)
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
             wait = min(2 * wait, POLL_SECONDS)
     result.timed_out = sorted([*pending_dst.values(), *expired])
     if result.timed_out:

@@ -173,7 +173,7 @@ def test_error_feedback_residual_is_delta_minus_what_was_sent(tmp_path: Path, me
     path = tmp_path / RESIDUAL_FILE
     received = adapter(8)
     trained = {n: v + adapter(9, 0.01)[n] for n, v in received.items()}
-    wire = compress_update(trained, received, method=method, residual_path=path)
+    wire = compress_update(trained, received, method=method, residual_path=path, run_id=1)
     sent = decode(wire, method, SHAPES)
     _, residual = read_residual(path)
     assert sorted(residual) == sorted(SHAPES)
@@ -181,7 +181,7 @@ def test_error_feedback_residual_is_delta_minus_what_was_sent(tmp_path: Path, me
         np.testing.assert_array_equal(residual[n], (trained[n] - received[n]) - sent[n])
     # the next round sends the new delta plus that residual
     wire2 = compress_update(trained, received, method=method, residual_path=None)
-    corrected = compress_update(trained, received, method=method, residual_path=path)
+    corrected = compress_update(trained, received, method=method, residual_path=path, run_id=1)
     want = encode({n: (trained[n] - received[n]) + residual[n] for n in SHAPES}, method)
     for key in want:
         np.testing.assert_array_equal(corrected[key], want[key])
@@ -195,7 +195,7 @@ def test_error_feedback_keeps_the_residual_on_disk_per_partition(tmp_path: Path)
     true_total = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
     for rnd in range(3):
         trained = {n: v + adapter(10 + rnd, 0.01)[n] for n, v in received.items()}
-        wire = compress_update(trained, received, method="int8", residual_path=path)
+        wire = compress_update(trained, received, method="int8", residual_path=path, run_id=1)
         sent = decode(wire, "int8", SHAPES)
         for n in SHAPES:
             sent_total[n] += sent[n]
@@ -210,10 +210,10 @@ def test_error_feedback_keeps_the_residual_on_disk_per_partition(tmp_path: Path)
 
 def test_a_residual_for_other_tensors_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "0" / RESIDUAL_FILE
-    compress_update(adapter(0), adapter(1), method="int8", residual_path=path)
+    compress_update(adapter(0), adapter(1), method="int8", residual_path=path, run_id=1)
     other = {"x.lora_A.weight": np.zeros((2, 2), np.float32)}
     with pytest.raises(CompressionError, match="residual does not match"):
-        compress_update(other, other, method="int8", residual_path=path)
+        compress_update(other, other, method="int8", residual_path=path, run_id=1)
 
 
 def test_server_decodes_to_global_plus_delta_then_screens_and_averages() -> None:
@@ -314,3 +314,8 @@ def test_a_compressed_reply_whose_payload_header_lies_is_rejected_before_allocat
     assert decoded.accepted == []
     assert decoded.rejected == {3: "compressed update: delta: payload has 16 data bytes, "
                                    "expected 100000000000"}
+
+
+def test_error_feedback_without_a_run_id_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs the run id"):
+        compress_update(adapter(0), adapter(1), method="int8", residual_path=tmp_path / RESIDUAL_FILE)

@@ -21,7 +21,9 @@ def test_measure_reports_one_configuration(mode):
 def test_poisson_sampling_is_measured_when_asked():
     result = measure("tiny", "hooks", batch_size=2, seq_len=16, steps=3, warmup=1, repeats=1,
                      threads=1, device="cpu", poisson=True)
-    assert result["poisson"] is True and result["largest_batch"] >= 0
+    assert result["poisson"] is True and isinstance(result["largest_batch"], int)
+    row = table([combine([result])]).splitlines()[1]
+    assert row.endswith("(Poisson)") and row.split()[:2] == ["tiny", "hooks"]
 
 
 def test_table_compares_each_mode_with_plain_training():

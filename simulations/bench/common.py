@@ -236,9 +236,11 @@ class EngineRun:
         """(start, end, rounds) of the steady rounds on this run's clock: after round 1
         (or round 0 when there is only one round) up to the last round.
 
-        The end is when the last round's line was streamed; the start is that minus the
-        ServerApp's own timings of those rounds. Streamed lines arrive in chunks (Flower
-        forwards logs about twice a second), so two round lines can share a timestamp.
+        The bounds are when the round lines were streamed, which includes each round's
+        bookkeeping (metrics, checkpoint, tables). Streamed lines arrive in chunks
+        (Flower forwards logs about twice a second), so two round lines can share a
+        timestamp: the window is never shorter than the ServerApp's own timing of those
+        rounds (train + evaluate). No window when a round's timing is missing.
         """
         ends = sorted(self.round_end)
         first = 1 if len(ends) > 2 else 0
@@ -246,9 +248,12 @@ class EngineRun:
             return 0.0, 0.0, 0
         last = ends[-1]
         seconds = self.round_seconds()
-        span = sum(seconds.get(r, 0.0) for r in range(first + 1, last + 1))
+        if any(r not in seconds for r in range(first + 1, last + 1)):
+            return 0.0, 0.0, 0
+        span = sum(seconds[r] for r in range(first + 1, last + 1))
         end = self.round_end[last]
-        return end - span, end, last - first
+        start = min(self.round_end[first], end - span)
+        return start, end, last - first
 
     def steady_cpu_per_round(self) -> dict[str, float]:
         """CPU seconds per steady round, by component of the process tree."""
