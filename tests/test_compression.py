@@ -319,3 +319,19 @@ def test_a_compressed_reply_whose_payload_header_lies_is_rejected_before_allocat
 def test_error_feedback_without_a_run_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the run id"):
         compress_update(adapter(0), adapter(1), method="int8", residual_path=tmp_path / RESIDUAL_FILE)
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
+def test_a_non_finite_update_is_refused_and_keeps_the_last_residual(tmp_path: Path, method: str) -> None:
+    """The client refuses to encode NaN, so it never reaches the residual (which would get
+    every later update of this client rejected)."""
+    path = tmp_path / RESIDUAL_FILE
+    received = adapter(8)
+    trained = {n: v + adapter(9, 0.01)[n] for n, v in received.items()}
+    compress_update(trained, received, method=method, residual_path=path, run_id=1)
+    before = path.read_bytes()
+    broken = {n: v.copy() for n, v in trained.items()}
+    broken[sorted(broken)[0]][0, 0] = np.nan
+    with pytest.raises(CompressionError):
+        compress_update(broken, received, method=method, residual_path=path, run_id=1)
+    assert path.read_bytes() == before
