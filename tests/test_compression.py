@@ -321,6 +321,7 @@ def test_error_feedback_without_a_run_id_is_refused(tmp_path: Path) -> None:
         compress_update(adapter(0), adapter(1), method="int8", residual_path=tmp_path / RESIDUAL_FILE)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
 def test_a_non_finite_update_is_refused_and_keeps_the_last_residual(tmp_path: Path, method: str) -> None:
     """The client refuses to encode NaN, so it never reaches the residual (which would get
