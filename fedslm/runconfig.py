@@ -38,8 +38,8 @@ def to_run_config(cfg: ExperimentConfig) -> FlatConfig:
     return flat
 
 
-def from_run_config(flat: dict[str, Any]) -> ExperimentConfig:
-    """Rebuild and re-check the config from Flower's run config (inverse of to_run_config)."""
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: dotted keys as the schema's nested groups."""
     nested: dict[str, Any] = {}
     for dotted, value in flat.items():
         node = nested
@@ -47,7 +47,12 @@ def from_run_config(flat: dict[str, Any]) -> ExperimentConfig:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return ExperimentConfig.from_dict(nested)
+    return nested
+
+
+def from_run_config(flat: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild and re-check the config from Flower's run config (inverse of to_run_config)."""
+    return ExperimentConfig.from_dict(nest(flat))
 
 
 def pyproject_table(cfg: ExperimentConfig | None = None) -> str:

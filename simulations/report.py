@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -11,13 +13,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """``row[key]`` formatted, or "-" for a round that has no such value."""
+    return format(row[key], fmt) if key in row else "-"
+
+
 def summary_table(rounds: list[dict]) -> str:
     """Per round: train loss, eval loss, perplexity, bytes up/down, seconds."""
     header = f"{'round':>5} {'train loss':>10} {'eval loss':>9} {'ppl':>8} {'up':>10} {'down':>10} {'seconds':>7}"
     lines = [header, "-" * len(header)]
     for r in rounds:
-        def num(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if key in r else "-"
+        num = functools.partial(_cell, r)
         lines.append(
             f"{r['round']:>5} {num('train_loss', '10.4f'):>10} {num('eval_loss', '9.4f'):>9} "
             f"{num('eval_perplexity', '8.2f'):>8} "
@@ -61,8 +67,7 @@ def personal_table(rounds: list[dict]) -> str:
     header = f"{'round':>5} {'global ppl':>10} {'personal ppl':>12} {'gain %':>7} {'improved':>8} {'clients':>7}"
     lines = [header, "-" * len(header)]
     for r in rounds:
-        def num(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if key in r else "-"
+        num = functools.partial(_cell, r)
         lines.append(
             f"{r['round']:>5} {num('global_perplexity_mean', '10.3f'):>10} "
             f"{num('personal_perplexity_mean', '12.3f'):>12} {num('gain_mean', '7.2f'):>7} "

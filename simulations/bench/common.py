@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from fedslm.config import ExperimentConfig
-from fedslm.runconfig import PROJECT_ROOT
+from fedslm.runconfig import PROJECT_ROOT, nest
 
 BENCH_DIR = PROJECT_ROOT / "outputs" / "bench"
 
@@ -34,14 +34,8 @@ def experiment(overrides: dict[str, Any], *, run_name: str) -> ExperimentConfig:
     """A checked config with MLflow off (the baselines do not track either) and its own
     absolute output dir under outputs/bench/runs/."""
     out = BENCH_DIR / "runs" / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    data = {"tracking": {"enabled": False}, "output_dir": str(out)}
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return ExperimentConfig.from_dict(data)
+    return ExperimentConfig.from_dict(
+        nest({"tracking.enabled": False, "output_dir": str(out), **overrides}))
 
 
 def machine() -> dict[str, Any]:

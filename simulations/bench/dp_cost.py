@@ -133,7 +133,7 @@ def _largest_batch(setup):
     class Watched:
         def __iter__(self):
             for batch in inner:
-                seen[0] = max(seen[0], len(batch[0] if isinstance(batch, (list, tuple)) else batch))
+                seen[0] = max(seen[0], len(batch[0]))  # a (blocks,) tuple, as run_steps reads it
                 yield batch
 
         def __len__(self):
