@@ -82,7 +82,7 @@ def hints(cfg: ExperimentConfig) -> list[str]:
     out = []
     if fed.engine == "simulation" and fed.supernodes == 0 and fed.num_clients > POOL_HINT_CLIENTS:
         out.append(f"federation.num_clients={fed.num_clients} runs one simulated SuperNode per "
-                   "client, and Flower's engine polls every node 10 times a second (3x slower "
-                   "rounds at 10,000 clients); federation.supernodes=10 serves all clients from "
+                   "client, and Flower's engine polls every node 10 times a second (1.5x slower "
+                   "rounds at 10,000 clients than at 100); federation.supernodes=10 serves all clients from "
                    "10 SuperNodes (docs/benchmarks.md)")
     return out
