@@ -7,9 +7,10 @@ optimizer and the loader. Opacus attaches hooks to the model in place
 (``wrap_model=False``), so the process-wide cached model stays a ``PeftModel``; the
 hooks are removed after the round, whatever happens.
 
-The loss is computed per example (mean over a block's own target tokens, then mean over
-the batch), so one record's gradient depends on that record alone; Hugging Face's
-built-in loss averages over all tokens of the batch, which couples records.
+The loss is the task's per-example loss (``fedslm.tasks``: for text, the mean over a
+record's own target tokens), averaged over the batch, so one record's gradient depends
+on that record alone; Hugging Face's built-in loss averages over all tokens of the
+batch, which couples records.
 No Flower imports: ``client.task`` calls ``train_dp_sgd``.
 """
 
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 
 from client.privacy import (
@@ -35,6 +35,9 @@ from client.privacy import (
 )
 from client.train import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
 from fedslm.config import PrivacyConfig, TrainingConfig
+from fedslm.tasks import get_task
+from fedslm.tasks.base import Task
+from fedslm.tasks.causal_lm import per_example_token_loss
 
 Metrics = dict[str, int | float]
 
@@ -72,24 +75,16 @@ def plan_round(privacy: PrivacyConfig, training: TrainingConfig, *, num_records:
     return RoundBudget(noise_multiplier=noise, sample_rate=sample_rate, steps=steps, delta=delta)
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Each position's target is the next token; the last position has none (ignored).
-
-    Shifting the labels instead of slicing the logits (as transformers does) keeps the
-    logits contiguous, so flattening them copies nothing (slicing meant a copy of a
-    batch x length x vocabulary tensor every step).
-    """
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def per_example_mean_loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each block's mean next-token loss (pad targets excluded)."""
-    logits = model(input_ids=batch).logits.float()
-    targets = next_token_targets(labels)
-    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    mask = targets != IGNORE_INDEX
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return per_example_token_loss(model, batch, labels).mean()
+
+
+def per_example_objective(task: Task) -> Callable[[torch.nn.Module, tuple], torch.Tensor]:
+    """The loss DP-SGD differentiates: the batch mean of the task's per-example losses."""
+    def loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        return task.per_example_loss(model, batch).mean()
+    return loss
 
 
 class ClipCounter:
@@ -127,7 +122,8 @@ def _entropy_generator() -> torch.Generator:
 def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm: float,
                  grad_sample_mode: str, accountant: str,
                  noise_generator: torch.Generator | None = None,
-                 sample_generator: torch.Generator | None = None) -> PrivateTraining:
+                 sample_generator: torch.Generator | None = None,
+                 task: Task | None = None) -> PrivateTraining:
     """Hand ``setup``'s optimizer and loader to Opacus; the loop itself is unchanged.
 
     Noise and Poisson sampling draw from generators seeded with fresh OS entropy unless
@@ -146,12 +142,13 @@ def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm
         poisson_sampling=True, grad_sample_mode=grad_sample_mode, wrap_model=False,
         noise_generator=noise_generator,
     )
+    task = task or get_task("causal_lm")
     if grad_sample_mode == "ghost":
         hooks, optimizer, dp_criterion, loader = out
-        setup.loss_fn = _ghost_loss(dp_criterion)
+        setup.loss_fn = _ghost_loss(dp_criterion, task)
     else:
         hooks, optimizer, loader = out
-        setup.loss_fn = per_example_mean_loss
+        setup.loss_fn = per_example_objective(task)
     if not isinstance(loader.batch_sampler, UniformWithReplacementSampler):
         raise RuntimeError("Opacus did not return a Poisson-sampling loader")
     loader.batch_sampler.generator = sample_generator or _entropy_generator()
@@ -163,11 +160,14 @@ def make_private(setup: TrainingSetup, *, noise_multiplier: float, max_grad_norm
     return PrivateTraining(setup=setup, engine=engine, hooks=hooks, clips=clips)
 
 
-def _ghost_loss(dp_criterion: Callable) -> Callable:
-    def loss(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor):
-        logits = model(input_ids=batch).logits.float()
-        targets = next_token_targets(labels)
-        return dp_criterion(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), shape=targets.shape)
+def _ghost_loss(dp_criterion: Callable, task: Task) -> Callable:
+    """Ghost clipping's criterion on the task's logits and targets (per example: a
+    sequence's tokens share one row of ``shape``)."""
+    def loss(model: torch.nn.Module, batch: tuple):
+        logits, targets, shape = task.ghost_inputs(model, batch)
+        if shape is None:
+            return dp_criterion(logits, targets)
+        return dp_criterion(logits, targets, shape=shape)
     return loss
 
 
@@ -203,9 +203,9 @@ def _clip_observer(optimizer, hooks, clips: ClipCounter, grad_sample_mode: str) 
     return observe
 
 
-def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: TrainingConfig,
+def train_dp_sgd(model: torch.nn.Module, blocks: torch.Tensor | tuple, training: TrainingConfig,
                  privacy: PrivacyConfig, *, state_dir: Path, server_round: int,
-                 generator_seed: int) -> tuple[TrainResult, Metrics]:
+                 generator_seed: int, task: Task | None = None) -> tuple[TrainResult, Metrics]:
     """One DP-SGD round for the client whose ledger lives in ``state_dir``.
 
     Raises BudgetExhausted, before touching the data, when the round would exceed
@@ -214,7 +214,8 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: Tra
     """
     accountant = privacy.accountant_name()
     ledger = load_ledger(state_dir)
-    budget = plan_round(privacy, training, num_records=len(blocks))
+    tensors = (blocks,) if isinstance(blocks, torch.Tensor) else tuple(blocks)
+    budget = plan_round(privacy, training, num_records=len(tensors[0]))
     entry = (budget.noise_multiplier, budget.sample_rate, budget.steps)
     if privacy.max_epsilon > 0:
         projected = epsilon_of(ledger.with_round(entry), accountant=accountant, delta=budget.delta)
@@ -225,10 +226,11 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.LongTensor, training: Tra
                 f"> privacy.max_epsilon={privacy.max_epsilon:g}",
                 {"dp-budget-exhausted": 1, "dp-epsilon": spent, "dp-epsilon-next": projected,
                  "dp-delta": budget.delta, "dp-rounds": len(ledger.rounds)})
-    setup = make_training_setup(model, blocks, training, generator_seed=generator_seed)
+    setup = make_training_setup(model, tensors, training, generator_seed=generator_seed)
     private = make_private(setup, noise_multiplier=budget.noise_multiplier,
                            max_grad_norm=privacy.max_grad_norm,
-                           grad_sample_mode=privacy.grad_sample_mode, accountant=accountant)
+                           grad_sample_mode=privacy.grad_sample_mode, accountant=accountant,
+                           task=task)
     private.engine.accountant.history = list(ledger.history)
     try:
         result = run_steps(private.setup)

@@ -20,11 +20,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.node import NodeSetup, node_setup, record_participation
 from client.personal_state import resolve_state_dir
-from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
+from client.privacy import BudgetExhausted
 from client.task import evaluate, fit
 from fedslm.adapters import from_array_record
 from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
+from fedslm.keys import (ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, METRICS_KEY, PARTITION_ID,
+                         PROXIMAL_MU, SERVER_ROUND, STATUS_KEY, STATUS_RECORD)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,28 +41,28 @@ def node(cfg: ExperimentConfig, context: Context, msg: Message | None = None) ->
     the message."""
     node_config = dict(context.node_config)
     if msg is not None and cfg.federation.supernodes > 0:
-        config = msg.content.config_records.get("config", {})
-        if "partition-id" in config:
-            node_config["partition-id"] = int(config["partition-id"])
+        config = msg.content.config_records.get(CONFIG_KEY, {})
+        if PARTITION_ID in config:
+            node_config[PARTITION_ID] = int(config[PARTITION_ID])
     return node_setup(node_config, node_id=context.node_id,
                       simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
 
 
 def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     use_threads(int(cfg.federation.client_num_cpus))
-    config, me = msg.content["config"], node(cfg, context, msg)
-    server_round = int(config["server-round"])
-    received = from_array_record(msg.content["arrays"])
+    config, me = msg.content[CONFIG_KEY], node(cfg, context, msg)
+    server_round = int(config[SERVER_ROUND])
+    received = from_array_record(msg.content[ARRAYS_KEY])
     try:
         arrays, metrics = fit(cfg, received, partition_id=me.partition_id,
                               server_round=server_round,
-                              proximal_mu=float(config.get("proximal-mu", 0.0)),
+                              proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
                               client_dir=me.state_dir, data_path=me.data_path)
     except BudgetExhausted as exc:  # a clear status instead of an update, not an error
         record_participation(me.participation_log, run_id=context.run_id,
                              server_round=server_round, phase="refused", metrics=exc.metrics)
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
-        return Message(RecordDict({"metrics": MetricRecord(exc.metrics), STATUS_RECORD: status}),
+        return Message(RecordDict({METRICS_KEY: MetricRecord(exc.metrics), STATUS_RECORD: status}),
                        reply_to=msg)
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
@@ -68,16 +70,16 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
                 if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
     update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual,
                             run_id=context.run_id)
-    return Message(RecordDict({**update, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({**update, METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     use_threads(int(cfg.federation.client_num_cpus))
     me = node(cfg, context, msg)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    metrics = evaluate(cfg, from_array_record(msg.content["arrays"]),
+    server_round = int(msg.content[CONFIG_KEY].get(SERVER_ROUND, 0))
+    metrics = evaluate(cfg, from_array_record(msg.content[ARRAYS_KEY]),
                        partition_id=me.partition_id, server_round=server_round,
                        client_dir=me.state_dir, data_path=me.data_path)
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="evaluate", metrics=metrics)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

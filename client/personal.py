@@ -22,7 +22,6 @@ the global adapter alone), and the *personal* model is the one the client keeps.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,29 +29,22 @@ import numpy as np
 import torch
 
 from client.personal_state import PersonalState, load_personal, save_personal
-from client.train import EvalResult, evaluate_lm, train_local
+from client.records import client_tensors, client_texts, round_seed, task_metrics
+from client.train import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
 from fedslm.config import ExperimentConfig
-from fedslm.runtime import experiment_model, model_path, token_blocks
+from fedslm.keys import PARTITION_ID, WEIGHT_KEY
+from fedslm.runtime import experiment_model, model_path
+from fedslm.tasks import get_task
 
-Metrics = dict[str, int | float]
+Metrics = dict[str, int | float | list[int]]
 
 TRAINED_IN_FIT = ("local_only", "split", "dual")  # methods whose personal part trains in fit
 FINETUNE_SEED_OFFSET = 7_919  # data order of the evaluate-time fine-tuning differs from fit's
 
 
-def _round_seed(seed: int, partition_id: int, server_round: int) -> int:
-    from client.task import round_seed
-
-    return round_seed(seed, partition_id, server_round)
-
-
-def _blocks(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer,
-            data_path: str = "") -> torch.Tensor:
-    from client.task import client_texts
-
-    texts = client_texts(cfg, partition_id, split, data_path)
-    return token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
+_round_seed = round_seed
+_blocks = client_tensors
 
 
 def _load(model, global_arrays: Mapping[str, np.ndarray], state: PersonalState | None,
@@ -87,6 +79,7 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
     if proximal_mu > 0:  # FedProx pulls only the shared tensors towards the global ones
         reference = {k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()}
     result = train_local(model, blocks, cfg.training, proximal_mu=proximal_mu, reference=reference,
+                         loss_fn=get_task(cfg.task.name).loss,
                          generator_seed=_round_seed(cfg.training.seed, partition_id, server_round))
     personal = adapter_arrays(model, "personal")
     updates = (state.updates if state else 0) + 1
@@ -95,8 +88,8 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
         "loss": result.loss,
         "steps": result.steps,
         "seconds": result.seconds,
-        "num-examples": int(blocks.shape[0]),
-        "partition-id": partition_id,
+        WEIGHT_KEY: int(blocks[0].shape[0]),
+        PARTITION_ID: partition_id,
         "personal_updates": updates,
         "personal_bytes": int(sum(a.nbytes for a in personal.values())),
     }
@@ -106,7 +99,7 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
 def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
                       partition_id: int, server_round: int, client_dir: Path,
                       data_path: str = "") -> Metrics:
-    """Global and personal loss / perplexity / next-token accuracy on the client's test split.
+    """The task's metrics of the global and of the personal model on the client's test split.
 
     A client with no personal adapter yet (never trained) reports its global metrics as
     personal too, with ``has_personal=0``: every reply carries the same keys, which
@@ -115,10 +108,10 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
     method = cfg.personalization.method
     model, tokenizer = experiment_model(cfg)
     test = _blocks(cfg, partition_id, "test", tokenizer, data_path)
+    records = client_texts(cfg, partition_id, "test", data_path)
 
-    def score() -> EvalResult:
-        return evaluate_lm(model, test, batch_size=cfg.training.batch_size,
-                           max_batches=cfg.training.eval_max_batches)
+    def score() -> Metrics:
+        return task_metrics(cfg, model, test, records)
 
     _load(model, global_arrays, None, seed=cfg.training.seed)  # the global model
     global_result = score()
@@ -128,40 +121,33 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
                                     learning_rate=cfg.personalization.finetune_learning_rate)
         seed = _round_seed(cfg.training.seed + FINETUNE_SEED_OFFSET, partition_id, server_round)
         train_local(model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps,
-                    generator_seed=seed)
+                    generator_seed=seed, loss_fn=get_task(cfg.task.name).loss)
         _save(cfg, client_dir, adapter_arrays(model, "shared"),
               server_round=server_round, updates=(state.updates if state else 0) + 1)
-        return comparison_metrics(global_result, score(), has_personal=True,
+        return comparison_metrics(cfg, global_result, score(), has_personal=True,
                                   personal_round=server_round, partition_id=partition_id)
     if state is None:
-        return comparison_metrics(global_result, global_result, has_personal=False,
+        return comparison_metrics(cfg, global_result, global_result, has_personal=False,
                                   personal_round=-1, partition_id=partition_id)
     load_adapter_arrays(model, state.arrays, "personal")
-    return comparison_metrics(global_result, score(), has_personal=True,
+    return comparison_metrics(cfg, global_result, score(), has_personal=True,
                               personal_round=state.round, partition_id=partition_id)
 
 
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
-
-
-def comparison_metrics(global_result: EvalResult, personal_result: EvalResult, *,
+def comparison_metrics(cfg: ExperimentConfig, global_result: Metrics, personal_result: Metrics, *,
                        has_personal: bool, personal_round: int, partition_id: int) -> Metrics:
-    """One client's evaluate reply: global as ``loss``/``perplexity``/``accuracy``, the
-    personal model as ``personal_*``, and ``personal_gain`` = the relative perplexity
-    reduction in percent, 100 * (1 - ppl_personal / ppl_global) (> 0: personal is better)."""
-    g, p = global_result, personal_result
+    """One client's evaluate reply: the global model's task metrics under their own names,
+    the personal model's as ``personal_*``, and ``personal_gain`` (the task's: for
+    perplexity the relative reduction in percent, 100 * (1 - ppl_personal / ppl_global);
+    for classification macro-F1 points; > 0: personal is better)."""
+    task = get_task(cfg.task.name)
+    personal = {f"personal_{k}": v for k, v in personal_result.items()
+                if k not in (WEIGHT_KEY, "num-tokens")}
     return {
-        "loss": g.loss,
-        "perplexity": _ppl(g.loss),
-        "accuracy": g.accuracy,
-        "personal_loss": p.loss,
-        "personal_perplexity": _ppl(p.loss),
-        "personal_accuracy": p.accuracy,
-        "personal_gain": 100.0 * (1.0 - math.exp(min(p.loss - g.loss, 50.0))),
+        **global_result,
+        **personal,
+        "personal_gain": task.gain(global_result, personal_result),
         "has_personal": int(has_personal),
         "personal_round": int(personal_round),
-        "num-examples": g.num_examples,
-        "num-tokens": g.num_tokens,
-        "partition-id": partition_id,
+        PARTITION_ID: partition_id,
     }

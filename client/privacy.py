@@ -14,6 +14,7 @@ from it with Opacus's ``prv`` or ``rdp`` accountant at the requested delta.
 from __future__ import annotations
 
 from fedslm.atomic import atomic_write
+from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -23,9 +24,6 @@ from pathlib import Path
 LEDGER_FILE = "privacy.json"
 LEDGER_VERSION = 1
 # A reply that carries this record instead of arrays is a refusal, not a failure.
-STATUS_RECORD = "status"
-STATUS_KEY = "status"
-BUDGET_EXHAUSTED = "budget-exhausted"
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 

@@ -1,4 +1,4 @@
-"""Local training and evaluation of a LoRA-wrapped causal LM; plain functions, no Flower.
+"""Local training of a LoRA-wrapped model for any task; plain functions, no Flower.
 
 Training is split so a privacy engine can step in between construction and the loop::
 
@@ -9,14 +9,15 @@ Training is split so a privacy engine can step in between construction and the l
 ``run_steps`` sets the learning rate on ``setup.optimizer.param_groups`` each step (no
 scheduler object to re-attach after wrapping), and clips the global grad norm only when
 ``setup.max_grad_norm > 0`` (set it to 0 when a DP optimizer already clips per sample).
-Empty batches (Poisson sampling) go to ``setup.on_empty_batch``; ``setup.loss_fn``, when
-set, replaces the model's own loss (DP-SGD needs a per-example loss). The FedProx term's
+Batches are tuples of tensors, one row per example, as the task's ``encode`` made them;
+``setup.loss_fn`` is the task's batch loss (DP-SGD swaps in a mean of per-example
+losses). Empty batches (Poisson sampling) go to ``setup.on_empty_batch``. The FedProx term's
 gradient lands in ``p.grad`` directly, which a DP optimizer rebuilding ``p.grad`` from
 per-sample gradients would drop: combining FedProx with DP needs explicit handling.
 
-Label masking: positions whose token is ``model.config.pad_token_id`` are not targets.
-With a tokenizer whose pad is its eos, eos targets are masked too (as Hugging Face's
-collators do); the builtin tokenizer has a distinct pad.
+Causal-LM packing, label masking and token statistics live with the task
+(``fedslm.tasks.causal_lm``); ``pack_texts``, ``labels_for`` and ``evaluate_lm`` are
+re-exported here for the loop's callers.
 """
 
 from __future__ import annotations
@@ -25,62 +26,27 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedslm.adapters import adapter_parameters
 from fedslm.config import TrainingConfig
+from fedslm.tasks import get_task
+from fedslm.tasks.causal_lm import IGNORE_INDEX, labels_for, pack_texts, pad_id, token_statistics
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "EvalResult", "TrainResult", "TrainingSetup", "evaluate_lm",
+           "labels_for", "make_training_setup", "pack_texts", "run_steps", "train_local"]
 
-
-def pack_texts(texts: Sequence[str], tokenizer, *, seq_len: int) -> torch.LongTensor:
-    """Standard causal-LM packing into ``[N, seq_len]`` blocks.
-
-    Each non-empty text is tokenized without special tokens and followed by eos; the
-    stream is cut into consecutive blocks and the tail shorter than a block is dropped.
-    If the whole stream is shorter than one block, it becomes one block right-padded
-    with the pad id (those positions are masked from the loss). Zero tokens raise
-    ValueError.
-    """
-    if seq_len < 2:
-        raise ValueError(f"pack_texts: seq_len must be >= 2, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("pack_texts: the tokenizer has no eos token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids: list[int] = []
-    texts = [t for t in texts if t]
-    if texts:
-        for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-            if row:
-                ids.extend(row)
-                ids.append(eos)
-    if not ids:
-        raise ValueError("pack_texts: too little text: the texts tokenize to zero tokens")
-    n = len(ids) // seq_len
-    if n == 0:
-        return torch.tensor([ids + [pad] * (seq_len - len(ids))], dtype=torch.long)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+Batch = tuple[torch.Tensor, ...]  # one row per example: what a task's ``encode`` returns
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
-def labels_for(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """Targets for ``blocks``: the tokens themselves with pad positions set to -100."""
-    if pad_token_id is None:
-        return blocks
-    return blocks.masked_fill(blocks == pad_token_id, IGNORE_INDEX)
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The causal-LM task's batch loss (the default when no task is named)."""
+    return get_task("causal_lm").loss(model, batch)
 
 
-def _pad_id(model: torch.nn.Module) -> int | None:
-    """``config.pad_token_id``, looking through wrappers (Opacus ``_module``, DDP ``module``)."""
-    for candidate in (model, getattr(model, "_module", None), getattr(model, "module", None)):
-        config = getattr(candidate, "config", None)
-        if config is not None:
-            return getattr(config, "pad_token_id", None)
-    return None
+_pad_id = pad_id
 
 
 # --- learning-rate schedule -----------------------------------------------------------
@@ -132,9 +98,9 @@ class TrainingSetup:
     # Called instead of forward/backward for an empty batch; None skips the step. A DP
     # engine sets a noise-only step here (the accountant counts the step either way).
     on_empty_batch: Callable[["TrainingSetup"], None] | None = None
-    # (model, input_ids, labels) -> loss; None = the model's own loss. A DP engine sets a
-    # per-example loss here (one record's gradient must not depend on the others).
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Any] | None = None
+    # (model, batch) -> scalar loss: the task's. A DP engine sets a mean of per-example
+    # losses here (one record's gradient must not depend on the others).
+    loss_fn: LossFn = causal_lm_loss
 
     def total_steps(self) -> int:
         return self.local_steps if self.local_steps > 0 else self.local_epochs * len(self.loader)
@@ -142,12 +108,13 @@ class TrainingSetup:
 
 def make_training_setup(
     model: torch.nn.Module,
-    blocks: torch.LongTensor,
+    blocks: torch.Tensor | Batch,
     cfg: TrainingConfig,
     *,
     proximal_mu: float = 0.0,
     reference: Mapping[str, torch.Tensor] | None = None,
     generator_seed: int,
+    loss_fn: LossFn = causal_lm_loss,
 ) -> TrainingSetup:
     """Optimizer over trainable params only, a shuffled loader, and the FedProx anchor.
 
@@ -156,14 +123,15 @@ def make_training_setup(
     ``proximal_mu > 0`` and no reference, the anchor is the adapter as it is now (the
     weights just received), which is what FedProx means.
     """
-    if len(blocks) == 0:
-        raise ValueError("make_training_setup: no training blocks")
+    tensors = (blocks,) if isinstance(blocks, torch.Tensor) else tuple(blocks)
+    if len(tensors[0]) == 0:
+        raise ValueError("make_training_setup: no training examples")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("make_training_setup: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     loader = DataLoader(
-        TensorDataset(blocks),
+        TensorDataset(*tensors),
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(generator_seed),
@@ -192,6 +160,7 @@ def make_training_setup(
         pad_token_id=_pad_id(model),
         proximal_mu=proximal_mu,
         proximal=proximal,
+        loss_fn=loss_fn,
     )
 
 
@@ -201,14 +170,14 @@ def proximal_term(pairs: Sequence[tuple[torch.nn.Parameter, torch.Tensor]], mu: 
     return 0.5 * mu * total
 
 
-def _batches(setup: TrainingSetup) -> Iterator[torch.Tensor]:
+def _batches(setup: TrainingSetup) -> Iterator[Batch]:
     """Batches for the configured length: fixed steps cycle the loader (reshuffled per pass)."""
     if setup.local_steps > 0:
         taken = 0
         while taken < setup.local_steps:
             before = taken
-            for (batch,) in setup.loader:
-                yield batch
+            for batch in setup.loader:
+                yield tuple(batch)
                 taken += 1
                 if taken == setup.local_steps:
                     return
@@ -216,8 +185,8 @@ def _batches(setup: TrainingSetup) -> Iterator[torch.Tensor]:
                 raise ValueError("run_steps: the loader yields no batches")
     else:
         for _ in range(setup.local_epochs):
-            for (batch,) in setup.loader:
-                yield batch
+            for batch in setup.loader:
+                yield tuple(batch)
 
 
 def run_steps(setup: TrainingSetup) -> TrainResult:
@@ -236,22 +205,18 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = setup.learning_rate * lr_factor(step, total_steps=total, warmup_steps=warmup)
         optimizer.zero_grad(set_to_none=True)
-        if len(batch) == 0:  # only Poisson sampling (DP) draws these; models cannot run them
+        if len(batch[0]) == 0:  # only Poisson sampling (DP) draws these; models cannot run them
             if setup.on_empty_batch is not None:
                 setup.on_empty_batch(setup)
             continue
-        labels = labels_for(batch, setup.pad_token_id)
-        if setup.loss_fn is not None:
-            loss = setup.loss_fn(model, batch, labels)
-        else:
-            loss = model(input_ids=batch, labels=labels).loss
+        loss = setup.loss_fn(model, batch)
         objective = loss + proximal_term(setup.proximal, setup.proximal_mu) if setup.proximal else loss
         objective.backward()
         if setup.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm)
         optimizer.step()
         losses.append(float(loss.detach()))
-        examples += len(batch)
+        examples += len(batch[0])
     model.train(was_training)
     return TrainResult(
         loss=sum(losses) / len(losses) if losses else float("nan"),
@@ -263,12 +228,13 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
 
 def train_local(
     model: torch.nn.Module,
-    blocks: torch.LongTensor,
+    blocks: torch.Tensor | Batch,
     cfg: TrainingConfig,
     *,
     proximal_mu: float = 0.0,
     reference: Mapping[str, torch.Tensor] | None = None,
     generator_seed: int,
+    loss_fn: LossFn = causal_lm_loss,
 ) -> TrainResult:
     """One client's local training round (see ``make_training_setup`` / ``run_steps``).
 
@@ -277,9 +243,8 @@ def train_local(
     draw from fresh entropy (``client.dp_sgd``).
     """
     torch.manual_seed(generator_seed)
-    setup = make_training_setup(
-        model, blocks, cfg, proximal_mu=proximal_mu, reference=reference, generator_seed=generator_seed
-    )
+    setup = make_training_setup(model, blocks, cfg, proximal_mu=proximal_mu, reference=reference,
+                                generator_seed=generator_seed, loss_fn=loss_fn)
     return run_steps(setup)
 
 
@@ -295,36 +260,13 @@ class EvalResult:
     num_examples: int  # sequences evaluated
 
 
-@torch.no_grad()
 def evaluate_lm(
     model: torch.nn.Module, blocks: torch.LongTensor, *, batch_size: int, max_batches: int = 0
 ) -> EvalResult:
-    """Token-weighted loss/accuracy over ``blocks`` in order (``max_batches`` 0 = all)."""
-    pad_id = _pad_id(model)
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
-    for index, start in enumerate(range(0, len(blocks), batch_size)):
-        if max_batches and index >= max_batches:
-            break
-        batch = blocks[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = labels_for(batch, pad_id)[:, 1:]
-        mask = targets != IGNORE_INDEX
-        loss_sum += float(
-            F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        )
-        correct += int(((logits.argmax(-1) == targets) & mask).sum())
-        tokens += int(mask.sum())
-        examples += len(batch)
-    model.train(was_training)
-    if tokens == 0:
-        raise ValueError("evaluate_lm: no target tokens to evaluate")
-    loss = loss_sum / tokens
-    return EvalResult(
-        loss=loss,
-        perplexity=math.exp(loss) if loss < 700 else float("inf"),
-        accuracy=correct / tokens,
-        num_tokens=tokens,
-        num_examples=examples,
-    )
+    """Token-weighted loss/accuracy over causal-LM ``blocks`` in order (``max_batches`` 0 = all)."""
+    stats = token_statistics(model, blocks, labels_for(blocks, pad_id(model)),
+                             batch_size=batch_size, max_batches=max_batches)
+    loss = stats["loss"]
+    return EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 700 else float("inf"),
+                      accuracy=stats["accuracy"], num_tokens=stats["num-tokens"],
+                      num_examples=stats["num-examples"])

@@ -8,6 +8,10 @@ weight over the wire. Names are PEFT's checkpoint names (``get_peft_model_state_
 as in ``adapter_model.safetensors``): adapter name removed, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
 
+A task with a head (classification) trains and sends it too: PEFT's ``modules_to_save``
+copy of the head (parameter names ``...score.modules_to_save.<adapter>.weight``) is
+adapter state like LoRA, and the frozen ``original_module`` beside it is base.
+
 With personalization some adapter tensors are ``personal``: they train but never leave
 the client. The model remembers which personalization it was built for
 (``apply_roles``), so no caller can ask for the travelling set under another rule.
@@ -44,6 +48,7 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # Name parts that mark a LoRA tensor, in parameter names ("...lora_A.default.weight")
 # and checkpoint names ("...lora_A.weight") alike.
 _LORA_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+HEAD_PART = "modules_to_save"  # PEFT's trainable copy of a task head (parameter names)
 
 
 class AdapterError(ValueError):
@@ -65,7 +70,7 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
     """
     parts = name.split(".")
     lora = _LORA_PARTS.intersection(parts)
-    if lora:
+    if lora or HEAD_PART in parts:
         trainable: Role = "shared"
     elif parts[-1] == "bias" and (
         bias == "all" or (bias == "lora_only" and len(parts) >= 2 and parts[-2] == "base_layer")
@@ -77,19 +82,35 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
         return "personal"
     if personalization == "split" and lora & {"lora_B", "lora_embedding_B"}:
         return "personal"
-    if personalization == "dual" and lora and PERSONAL_ADAPTER in parts:
+    if personalization == "dual" and (lora or HEAD_PART in parts) and PERSONAL_ADAPTER in parts:
         return "personal"
     return trainable
 
 
-def lora_config(peft_cfg: PeftConfig, *, base_model: str | None = None) -> LoraConfig:
+def target_modules(peft_cfg: PeftConfig, model_type: str | None = None) -> list[str] | str | None:
+    """``peft.target_modules`` for PEFT: ``auto`` (or empty) -> PEFT's own per-architecture
+    defaults for ``model_type`` (None when unknown: PEFT resolves it from the model),
+    ``all-linear`` as PEFT's keyword, else the names."""
+    names = list(peft_cfg.target_modules)
+    if not names or names == ["auto"]:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        found = defaults.get(model_type or "")
+        return list(found) if found else None
+    if names == ["all-linear"]:
+        return "all-linear"
+    return names
+
+
+def lora_config(peft_cfg: PeftConfig, *, base_model: str | None = None, task_type: str = "CAUSAL_LM",
+                model_type: str | None = None) -> LoraConfig:
     """The PEFT LoraConfig for our schema (one place, used to build and to save)."""
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
-        target_modules=list(peft_cfg.target_modules),
+        target_modules=target_modules(peft_cfg, model_type),
         bias=peft_cfg.bias,
         base_model_name_or_path=base_model,
     )
@@ -170,6 +191,15 @@ def reset_to_init(model: PeftModel, role: Role, *, seed: int) -> None:
     if not adapter_parameters(model, role):
         return
     keep = {name: p.detach().clone() for name, p in adapter_parameters(model, _other(role)).items()}
+    reset_lora(model, seed=seed)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model, _other(role)).items():
+            param.copy_(keep[name])
+
+
+def reset_lora(model: PeftModel, *, seed: int) -> None:
+    """PEFT's fresh init of every adapter (LoRA A random, B zero) under ``seed``, and every
+    head copy back to the base's head (built deterministically, ``fedslm.model``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in model.modules():
@@ -177,8 +207,12 @@ def reset_to_init(model: PeftModel, role: Role, *, seed: int) -> None:
                 for adapter_name in module.lora_A.keys():
                     module.reset_lora_parameters(adapter_name, True)
     with torch.no_grad():
-        for name, param in adapter_parameters(model, _other(role)).items():
-            param.copy_(keep[name])
+        for module in model.modules():
+            copies = getattr(module, "modules_to_save", None)
+            original = getattr(module, "original_module", None)
+            if isinstance(copies, torch.nn.ModuleDict) and original is not None:
+                for copy in copies.values():
+                    copy.load_state_dict(original.state_dict())
 
 
 def _other(role: Role) -> Role:
@@ -231,7 +265,8 @@ def payload_bytes(record: ArrayRecord) -> int:
 
 def save_adapter(
     arrays: Mapping[str, np.ndarray], peft_cfg: PeftConfig, *, base_model: str, out_dir: Path,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str] | None = None, task_type: str = "CAUSAL_LM",
+    model_type: str | None = None,
 ) -> Path:
     """Write a standard PEFT adapter dir; an existing one is replaced only by a complete one.
 
@@ -245,7 +280,8 @@ def save_adapter(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        lora_config(peft_cfg, base_model=base_model).save_pretrained(str(tmp))
+        lora_config(peft_cfg, base_model=base_model, task_type=task_type,
+                    model_type=model_type).save_pretrained(str(tmp))
         tensors = {
             n: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for n, v in arrays.items()
         }

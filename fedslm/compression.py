@@ -46,9 +46,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedslm.atomic import atomic_write
 from fedslm.adapters import to_array_record
+from fedslm.keys import ARRAYS_KEY
 from fedslm.wire import WireError, decode_array
 
-ARRAYS_KEY = "arrays"  # the reply's adapter record (server.strategy.ARRAYS_KEY)
 INFO_KEY = "compression"
 DELTA_KEY = "delta"
 SCALES_KEY = "scales"

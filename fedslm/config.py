@@ -72,7 +72,15 @@ class DataConfig:
     ``heterogeneity``); ``text_files`` reads txt/jsonl/csv/parquet under ``path``;
     ``hf`` loads a Hugging Face dataset by ``hf_name``; ``shakespeare`` reads
     tinyshakespeare.txt at ``path`` and gives each speaker with at least ``min_lines``
-    lines its own client (LEAF-style).
+    lines its own client (LEAF-style). Files: .txt (paragraphs), .jsonl, .json (an array
+    of objects), .csv, .tsv, .parquet.
+
+    Columns per task: ``text_key`` (causal_lm, classify), ``label_key`` and optional
+    ``label_names`` (classify: labels are names or indices into them; empty = the
+    distinct values, sorted), ``instruction_key``/``input_key``/``output_key`` or
+    ``messages_key`` (instruct: Alpaca-style rows or chat messages).
+    ``partition_key`` ("" with classify + dirichlet = ``label_key``: label skew;
+    ``source_file`` = one client per file of a directory).
     """
 
     source: str = "synthetic"
@@ -81,6 +89,12 @@ class DataConfig:
     hf_config: str = ""
     hf_split: str = "train"
     text_key: str = "text"
+    label_key: str = "label"
+    label_names: list[str] = field(default_factory=list)
+    instruction_key: str = "instruction"
+    input_key: str = "input"
+    output_key: str = "output"
+    messages_key: str = "messages"
     partitioner: str = "iid"
     partition_key: str = ""
     dirichlet_alpha: float = 0.5
@@ -98,9 +112,10 @@ class DataConfig:
             _fail(f"{at}.path", f"is required for data.source={self.source}")
         if self.source == "hf" and not self.hf_name:
             _fail(f"{at}.hf_name", "is required for data.source=hf")
-        if self.partitioner in ("dirichlet", "natural") and self.source in ("text_files", "hf"):
+        if self.partitioner == "natural" and self.source in ("text_files", "hf"):
             if not self.partition_key:
-                _fail(f"{at}.partition_key", f"is required for data.partitioner={self.partitioner}")
+                _fail(f"{at}.partition_key", "is required for data.partitioner=natural "
+                      "(source_file: one client per file)")
         _positive(f"{at}.dirichlet_alpha", self.dirichlet_alpha)
         if not 0 < self.test_fraction < 1:
             _fail(f"{at}.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
@@ -116,12 +131,16 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    """LoRA adapter: rank ``r``, scale ``alpha / r``, on ``target_modules``."""
+    """LoRA adapter: rank ``r``, scale ``alpha / r``, on ``target_modules``.
+
+    ``target_modules`` ``auto`` (or empty) takes PEFT's own per-architecture defaults
+    (Llama/Qwen: ``q_proj, v_proj``; GPT-2: ``c_attn``); ``all-linear`` every linear layer.
+    """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
     bias: str = "none"
 
     def check(self, at: str) -> None:
@@ -130,8 +149,8 @@ class PeftConfig:
         _positive(f"{at}.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             _fail(f"{at}.dropout", f"must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            _fail(f"{at}.target_modules", "must name at least one module")
+        if len(self.target_modules) > 1 and {"auto", "all-linear"} & set(self.target_modules):
+            _fail(f"{at}.target_modules", "auto and all-linear stand alone, not in a list")
         _one_of(f"{at}.bias", self.bias, ("none", "lora_only", "all"))
 
 
@@ -384,6 +403,38 @@ class PersonalizationConfig:
         if self.finetune_steps < 1:
             _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
         _positive(f"{at}.finetune_learning_rate", self.finetune_learning_rate)
+
+
+@dataclass
+class TaskConfig:
+    """The fine-tuning job (``fedslm.tasks``): ``causal_lm`` (next-token prediction on
+    text), ``instruct`` (instruction/chat tuning, loss on responses only) or ``classify``
+    (sequence classification: LoRA plus a head).
+
+    ``num_labels`` 0 = from ``data.label_names``, the synthetic topics, or the data.
+    ``eval_generations`` records of each client's test split (and of the central split)
+    are answered greedily with at most ``max_new_tokens`` tokens for ROUGE-L and exact
+    match (instruct; 0 = none); ``logged_examples`` of the central ones land in MLflow.
+    """
+
+    name: str = "causal_lm"
+    num_labels: int = 0
+    eval_generations: int = 8
+    max_new_tokens: int = 32
+    logged_examples: int = 4
+
+    def check(self, at: str) -> None:
+        from fedslm.tasks.registry import known_task_names
+
+        _one_of(f"{at}.name", self.name, known_task_names())
+        if self.num_labels < 0 or self.num_labels == 1:
+            _fail(f"{at}.num_labels", f"must be 0 (infer) or >= 2, got {self.num_labels}")
+        _non_negative(f"{at}.eval_generations", self.eval_generations)
+        if self.max_new_tokens < 1:
+            _fail(f"{at}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _non_negative(f"{at}.logged_examples", self.logged_examples)
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -410,6 +461,7 @@ class CompressionConfig:
 class ExperimentConfig:
     """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -441,6 +493,14 @@ class ExperimentConfig:
         if s.proximal_mu > 0 and s.name != "fedprox":
             _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
         check_privacy_combination(self)
+        d = self.data
+        if (d.partitioner == "dirichlet" and d.source in ("text_files", "hf") and not d.partition_key
+                and self.task.name != "classify"):
+            _fail("data.partition_key", "is required for data.partitioner=dirichlet (with "
+                  "task.name=classify it defaults to data.label_key)")
+        from fedslm.tasks.registry import get_task
+
+        get_task(self.task.name).check(self)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")

@@ -33,7 +33,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedslm.adapters import GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree
+from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
+                             target_modules)
 from fedslm.config import BUILTIN_MODEL, ModelConfig, PeftConfig
 
 
@@ -262,15 +263,25 @@ def _from_pretrained(loader: Callable[..., Any], path: str, **kwargs: Any) -> An
     raise ModelError(f"model.name_or_path: cannot load {path!r}: {reason}") from error
 
 
-def load_base_model(path: str, *, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Frozen causal LM and its tokenizer, same code for builtin and real checkpoints.
+HEAD_INIT_SEED = 1234  # a new task head gets the same random init in every process
 
-    A missing pad token is set to eos, and ``model.config.pad_token_id`` always follows
-    the tokenizer: training and evaluation mask label positions holding it.
+
+def load_base_model(path: str, *, dtype: str, auto_model: Any = AutoModelForCausalLM,
+                    **model_kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Frozen base model and its tokenizer, same code for builtin and real checkpoints.
+
+    ``auto_model`` is the task's Auto class (``fedslm.tasks``): causal LM, or sequence
+    classification with ``num_labels``, whose new head is initialised from a fixed seed
+    so the server and every client start from the same head. A missing pad token is set
+    to eos, and ``model.config.pad_token_id`` always follows the tokenizer: training and
+    evaluation mask label positions holding it, and classification pools the last
+    non-pad token.
     """
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype: unknown value {dtype!r}; expected one of {', '.join(DTYPES)}")
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[dtype])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_INIT_SEED)
+        model = _from_pretrained(auto_model.from_pretrained, path, dtype=DTYPES[dtype], **model_kwargs)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -293,18 +304,19 @@ def max_sequence_length(path: str) -> int:
     raise ModelError(f"model.name_or_path: {path!r} config states no maximum sequence length")
 
 
-def build_peft_model(
-    base: PreTrainedModel, peft_cfg: PeftConfig, *, personalization: str = "none"
-) -> PeftModel:
-    """Wrap ``base`` (modified in place) with a fresh LoRA adapter; trainability from adapters.
-
-    ``personalization="dual"`` adds a second LoRA adapter of the same shape named
-    ``personal``; both are active (their updates add up) and ``parameter_role`` keeps
-    the second one on the client.
-    """
+def check_target_modules(base: torch.nn.Module, peft_cfg: PeftConfig) -> None:
+    """ModelError naming ``peft.target_modules`` if a name matches no LoRA-able layer
+    (works on a model built on the meta device, so preflight checks it in seconds)."""
     modules = [(name, module) for name, module in base.named_modules() if name]
     targetable = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _is_targetable(m)})
-    for target in peft_cfg.target_modules:
+    targets = target_modules(peft_cfg, getattr(getattr(base, "config", None), "model_type", None))
+    if targets is None:
+        raise ModelError("peft.target_modules: auto has no PEFT default for this architecture "
+                         f"({getattr(base.config, 'model_type', '?')}); name them "
+                         f"(targetable: {', '.join(targetable)})")
+    if isinstance(targets, str):  # all-linear
+        return
+    for target in targets:
         matched = [m for n, m in modules if n == target or n.endswith("." + target)]
         if not matched:
             problem = "matches no module of the base model"
@@ -313,12 +325,28 @@ def build_peft_model(
         else:
             continue
         raise ModelError(f"peft.target_modules: {target!r} {problem} (targetable: {', '.join(targetable)})")
+
+
+def build_peft_model(
+    base: PreTrainedModel, peft_cfg: PeftConfig, *, personalization: str = "none",
+    task_type: str = "CAUSAL_LM",
+) -> PeftModel:
+    """Wrap ``base`` (modified in place) with a fresh LoRA adapter; trainability from adapters.
+
+    ``task_type`` is the task's PEFT type (``SEQ_CLS`` also trains a copy of the head).
+    ``personalization="dual"`` adds a second LoRA adapter of the same shape named
+    ``personal``; both are active (their updates add up) and ``parameter_role`` keeps
+    the second one on the client.
+    """
+    check_target_modules(base, peft_cfg)
+    model_type = getattr(base.config, "model_type", None)
     try:
-        model = get_peft_model(base, lora_config(peft_cfg))
+        model = get_peft_model(base, lora_config(peft_cfg, task_type=task_type, model_type=model_type))
     except ValueError as exc:
         raise ModelError(f"peft.target_modules: {' '.join(str(exc).split())[:200]}") from exc
     if personalization == "dual":
-        model.add_adapter(PERSONAL_ADAPTER, lora_config(peft_cfg))
+        model.add_adapter(PERSONAL_ADAPTER, lora_config(peft_cfg, task_type="CAUSAL_LM",
+                                                        model_type=model_type))
         model.base_model.set_adapter([GLOBAL_ADAPTER, PERSONAL_ADAPTER])
     apply_roles(model, personalization)
     return model

@@ -4,7 +4,7 @@ In simulation one Ray worker serves many virtual clients, round after round. Loa
 base model, wrapping it with LoRA and tokenizing a client's text must not happen each
 round: the PEFT model is built once per process and only its adapter tensors are
 overwritten per call (every adapter tensor is replaced, so no state leaks between
-clients); packed token blocks are cached per (data config, partition).
+clients); a client's encoded records (``fedslm.tasks``) are cached per process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from fedslm.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig
 from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
 from fedslm.model import build_peft_model, load_base_model, resolve_model_path
+from fedslm.tasks import get_task
 
 
 def model_path(model_cfg: ModelConfig, data_seed: int = 0) -> str:
@@ -31,45 +32,62 @@ def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str):
-    base, tokenizer = load_base_model(path, dtype=dtype)
+def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str, task: str,
+                model_kwargs: tuple):
+    spec = get_task(task)
+    base, tokenizer = load_base_model(path, dtype=dtype, auto_model=spec.auto_model(),
+                                      **dict(model_kwargs))
     peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
-    return build_peft_model(base, peft_cfg, personalization=personalization), tokenizer
+    model = build_peft_model(base, peft_cfg, personalization=personalization,
+                             task_type=spec.peft_task_type)
+    return model, tokenizer
 
 
 def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0,
-               personalization: str = "none"):
-    """The process's PEFT model and tokenizer for this (base, LoRA, personalization).
+               personalization: str = "none", task: str = "causal_lm",
+               model_kwargs: dict | None = None):
+    """The process's PEFT model and tokenizer for this (base, LoRA, personalization, task).
 
     One model per process whatever the number of clients: personal adapters are loaded
     into it per call from each client's state dir, never kept here.
     """
     key = astuple(peft_cfg)
     key = key[:3] + (tuple(key[3]),) + key[4:]
-    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization)
+    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization,
+                       task, tuple(sorted((model_kwargs or {}).items())))
 
 
 def experiment_model(cfg: ExperimentConfig):
-    """``peft_model`` for an experiment config (base, LoRA and personalization from it)."""
+    """``peft_model`` for an experiment config (base, LoRA, personalization and task from it)."""
+    spec = get_task(cfg.task.name)
     return peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed,
-                      personalization=cfg.personalization.method)
+                      personalization=cfg.personalization.method, task=cfg.task.name,
+                      model_kwargs=spec.model_kwargs(cfg))
 
 
-def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int) -> ClientSplit:
-    return load_client_split(data_cfg, num_clients=num_clients, partition_id=partition_id)
+def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int,
+                 task: str = "causal_lm") -> ClientSplit:
+    return load_client_split(data_cfg, num_clients=num_clients, partition_id=partition_id, task=task)
 
 
-_BLOCKS: dict[tuple, torch.Tensor] = {}
-_MAX_CACHED_BLOCK_SETS = 256
+_ENCODED: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_MAX_CACHED_SETS = 256
+
+
+def encoded(cfg: ExperimentConfig, records: tuple[str, ...], tokenizer) -> tuple[torch.Tensor, ...]:
+    """``records`` encoded by the experiment's task (one row per example), once per process."""
+    key = (cfg.task.name, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           cfg.training.seq_len, hash(tuple(records)))
+    if key not in _ENCODED:
+        if len(_ENCODED) >= _MAX_CACHED_SETS:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = get_task(cfg.task.name).encode(records, tokenizer, cfg)
+    return _ENCODED[key]
 
 
 def token_blocks(texts: tuple[str, ...], tokenizer, *, seq_len: int) -> torch.Tensor:
-    """Packed ``[N, seq_len]`` token blocks for ``texts``, tokenized once per process."""
-    from client.train import pack_texts
+    """Packed ``[N, seq_len]`` causal-LM blocks for ``texts`` (cached like ``encoded``)."""
+    from fedslm.config import TrainingConfig
 
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), seq_len, hash(tuple(texts)))
-    if key not in _BLOCKS:
-        if len(_BLOCKS) >= _MAX_CACHED_BLOCK_SETS:
-            _BLOCKS.pop(next(iter(_BLOCKS)))
-        _BLOCKS[key] = pack_texts(texts, tokenizer, seq_len=seq_len)
-    return _BLOCKS[key]
+    cfg = ExperimentConfig(training=TrainingConfig(seq_len=seq_len))
+    return encoded(cfg, tuple(texts), tokenizer)[0]

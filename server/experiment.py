@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,14 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from client.train import evaluate_lm
-from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_to_init, save_adapter,
-                             to_array_record)
+from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_lora, reset_to_init,
+                             save_adapter, to_array_record)
 from fedslm.config import ExperimentConfig
 from fedslm.data import central_test_texts
+from fedslm.data.federated import data_notes
 from fedslm.runconfig import to_run_config
-from fedslm.runtime import experiment_model, model_path, token_blocks
+from fedslm.runtime import encoded, experiment_model, model_path
+from fedslm.tasks import get_task
 from server.checkpoint import (
     StateHook,
     checkpoint_path,
@@ -35,7 +36,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.personalization import PersonalizationReport
-from server.plots import plot_rounds
+from server.plots import plot_confusion, plot_rounds
 from server.population import PopulationGrid
 from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
@@ -48,30 +49,66 @@ def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     """A freshly initialized LoRA adapter (PEFT's own init: A random, B zero),
     reproducible from ``training.seed``; only its shared (travelling) tensors."""
     model, _ = experiment_model(cfg)
-    torch.manual_seed(cfg.training.seed)
-    for module in model.modules():
-        if hasattr(module, "reset_lora_parameters"):
-            for adapter_name in module.lora_A.keys():
-                module.reset_lora_parameters(adapter_name, True)
+    reset_lora(model, seed=cfg.training.seed)
     return adapter_arrays(model)
 
 
-def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...]) -> CentralEval | None:
-    """Evaluate the global adapter on held-out text no client trains on."""
+ExamplesSink = Callable[[int, list[dict[str, str]]], None]
+
+
+def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
+                      examples: ExamplesSink | None = None) -> CentralEval | None:
+    """Evaluate the global adapter on held-out records no client trains on, with the
+    task's own metrics (``central_*``); generating tasks also hand a few (prompt,
+    reference, generated) examples of this server-side split to ``examples``."""
     if not cfg.training.central_eval or not texts:
         return None
     model, tokenizer = experiment_model(cfg)
-    blocks = token_blocks(texts, tokenizer, seq_len=cfg.training.seq_len)
+    task = get_task(cfg.task.name)
+    tensors = encoded(cfg, texts, tokenizer)
+    names = class_names(cfg)
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_arrays(model, {k: v.numpy() for k, v in arrays.items()})
         reset_to_init(model, "personal", seed=cfg.training.seed)  # the global model alone
-        res = evaluate_lm(model, blocks, batch_size=cfg.training.batch_size,
-                          max_batches=cfg.training.eval_max_batches)
-        return {"central_loss": res.loss, "central_perplexity": math.exp(min(res.loss, 50.0)),
-                "central_accuracy": res.accuracy}
+        stats = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
+                              max_batches=cfg.training.eval_max_batches)
+        if cfg.task.eval_generations > 0:
+            generated, shown = task.generation_metrics(model, texts, tokenizer, cfg)
+            stats.update(generated)
+            if examples is not None and shown:
+                examples(server_round, shown[: cfg.task.logged_examples])
+        metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))
+                   and k not in ("num-examples", "num-tokens", "generated", "rouge_l_sum",
+                                 "exact_match_sum")}
+        metrics.update(task.pooled([stats], names) if names is not None else task.pooled([stats]))
+        return {f"central_{k}": v for k, v in metrics.items()}
 
     return central_eval
+
+
+def class_names(cfg: ExperimentConfig) -> list[str] | None:
+    """Class names for per-class metrics (classification only)."""
+    if cfg.task.name != "classify":
+        return None
+    from fedslm.tasks.classify import label_names
+
+    return label_names(cfg)
+
+
+def examples_writer(output_dir: Path, tracker: Tracker | NoTracker) -> ExamplesSink:
+    """Each round's generated examples as ``examples/round_NNN.csv`` (and in MLflow)."""
+
+    def write(server_round: int, rows: list[dict[str, str]]) -> None:
+        path = output_dir / "examples" / f"round_{server_round:03d}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["prompt", "reference", "generated"])
+            writer.writeheader()
+            writer.writerows(rows)
+        tracker.log_artifact(path, "examples")
+
+    return write
 
 
 def make_tracker(cfg: ExperimentConfig, output_dir: Path) -> Tracker | NoTracker:
@@ -100,7 +137,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     base_path = model_path(cfg.model, cfg.data.seed)
     arrays = to_array_record(initial_adapter(cfg))
     # 3. data the server may see: only the central held-out split
-    central_texts = central_test_texts(cfg.data, num_clients=cfg.federation.num_clients)
+    central_texts = central_test_texts(cfg.data, num_clients=cfg.federation.num_clients,
+                                       task=cfg.task.name)
     # 4. strategy (wrapped for user-level DP), tracking, round plan; a resumed run
     # continues its checkpoint
     strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
@@ -118,7 +156,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     personal_report = PersonalizationReport(output_dir, tracker)
     history = resumed.history if resumed is not None else History()
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.round_timeout,
-                     central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
+                     central_eval=make_central_eval(cfg, central_texts,
+                                                    examples=examples_writer(output_dir, tracker)),
+                     privacy=privacy, task=get_task(cfg.task.name), class_names=class_names(cfg),
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
                      on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
@@ -131,15 +171,26 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             log_metrics=lambda metrics, step: tracker.log_metrics(metrics, step=step),
         )
         # 6. save: adapter (PEFT format), tables, plot, summary
+        task = get_task(cfg.task.name)
+        model, _ = experiment_model(cfg)
         adapter_dir = save_adapter({k: v.numpy() for k, v in arrays.items()}, cfg.peft,
-                                   base_model=base_path, out_dir=output_dir / "adapter")
+                                   base_model=base_path, out_dir=output_dir / "adapter",
+                                   task_type=task.peft_task_type,
+                                   model_type=getattr(model.config, "model_type", None))
         write_tables(history, output_dir)
-        plot_rounds(history.rounds, output_dir / "curves.png")
-        for name in ("rounds.csv", "clients.csv", "curves.png"):
+        plot_rounds(history.rounds, output_dir / "curves.png", metrics=task.report_keys)
+        plots = ["curves.png"]
+        if cfg.task.name == "classify" and plot_confusion(history.clients, class_names(cfg) or [],
+                                                          output_dir / "confusion.png"):
+            plots.append("confusion.png")
+        for name in ("rounds.csv", "clients.csv", *plots):
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
         personal_report.finish()
-        summary = {"status": "ok", "rounds": history.rounds, "mlflow_uri": tracker.uri,
+        summary = {"status": "ok", "task": cfg.task.name, "rounds": history.rounds,
+                   "data_notes": list(data_notes(cfg.data, num_clients=cfg.federation.num_clients,
+                                                 task=cfg.task.name)),
+                   "mlflow_uri": tracker.uri,
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,
                    "output_dir": str(output_dir)}
@@ -157,7 +208,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
 def run_name(cfg: ExperimentConfig) -> str:
     """A readable MLflow run name that tells sweep jobs apart (MLflow's own random names
     would repeat: the server seeds ``random`` for Flower's client sampling)."""
-    parts = [cfg.strategy.name, f"r{cfg.peft.r}"]
+    parts = ([cfg.task.name] if cfg.task.name != "causal_lm" else []) + [cfg.strategy.name, f"r{cfg.peft.r}"]
     if cfg.privacy.mode != "none":
         parts.append(f"{cfg.privacy.mode}-z{cfg.privacy.noise_multiplier:g}")
     if cfg.personalization.method != "none":

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
-from server.strategy import METRICS_KEY, WEIGHT_KEY
+from fedslm.keys import METRICS_KEY, PARTITION_ID, WEIGHT_KEY
 
-BOOKKEEPING = {WEIGHT_KEY, "partition-id", "status", "error"}
+if TYPE_CHECKING:
+    from fedslm.tasks.base import Task
+
+BOOKKEEPING = {WEIGHT_KEY, PARTITION_ID, "status", "error"}
 SPREAD_KEYS = {"loss", "perplexity"}
 DP_PREFIX = "dp-"  # privacy figures: summarized by server.privacy_rounds, not averaged here
 
@@ -49,10 +53,14 @@ def dropped_rows(phase: str, server_round: int, *, failed: dict[int, str],
     return rows
 
 
-def summarize(rows: list[dict], prefix: str) -> dict[str, float]:
+def summarize(rows: list[dict], prefix: str, *, task: Task | None = None,
+              class_names: Sequence[str] | None = None) -> dict[str, float]:
     """Weighted means (by num-examples) of every numeric metric, plus min/median/max of
     loss and perplexity over clients. ``{prefix}perplexity`` is exp of the weighted mean
-    loss, i.e. the perplexity of the pooled test tokens, not a mean of perplexities."""
+    loss, i.e. the perplexity of the pooled test tokens, not a mean of perplexities.
+    The task's exactly pooled metrics (``Task.pooled``: F1 from the summed confusion
+    matrices, ROUGE-L over all generations) replace the means of the same names, and so
+    do the personal model's (``personal_*``) when clients report one."""
     if not rows:
         return {}
     weights = [float(r.get(WEIGHT_KEY, 1)) for r in rows]
@@ -71,8 +79,13 @@ def summarize(rows: list[dict], prefix: str) -> dict[str, float]:
             out[f"{prefix}{key}_min"] = min(values)
             out[f"{prefix}{key}_median"] = statistics.median(values)
             out[f"{prefix}{key}_max"] = max(values)
-    if f"{prefix}loss" in out:
+    if f"{prefix}loss" in out and (task is None or "perplexity" in task.report_keys):
         out[f"{prefix}perplexity"] = math.exp(min(out[f"{prefix}loss"], 50.0))
+    if task is not None:
+        out.update({f"{prefix}{k}": v for k, v in task.pooled(rows, class_names).items()})
+        personal = [{k.removeprefix("personal_"): v for k, v in r.items() if k.startswith("personal_")}
+                    for r in rows]
+        out.update({f"{prefix}personal_{k}": v for k, v in task.pooled(personal, class_names).items()})
     out[f"{prefix}clients"] = float(len(rows))
     out[f"{prefix}examples"] = total
     return out

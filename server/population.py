@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedslm.keys import CONFIG_KEY
+
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
 
 PARTITION_KEY = "partition-id"
-CONFIG_KEY = "config"
 
 
 class PopulationGrid(Grid):

@@ -19,8 +19,8 @@ from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 from fedslm.config import ExperimentConfig, sampled_train_clients
+from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 from server.dp_fedavg import UserLevelDp
 from server.privacy import expected_release, restore_or_new, server_privacy_path
 from server.strategy import METRICS_KEY

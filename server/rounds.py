@@ -20,10 +20,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
+from fedslm.keys import ARRAYS_KEY
+from fedslm.tasks.base import Task
 from server.decompress import decode_train_replies
 from server.messaging import send_and_collect
 from server.metrics import client_rows, dropped_rows, summarize
-from server.strategy import ARRAYS_KEY, screen_train_replies
+from server.strategy import screen_train_replies
 
 if TYPE_CHECKING:
     from server.privacy_rounds import RoundPrivacy
@@ -47,6 +49,8 @@ class RoundPlan:
     # personalized vs global quality); merged into the round's metrics before logging.
     round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None
     initial_evaluation: bool = True
+    task: Task | None = None  # pools the task's statistics exactly (e.g. summed confusion)
+    class_names: list[str] | None = None
 
 
 @dataclass
@@ -63,7 +67,7 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
     strategy.aggregate_evaluate(server_round, got.ok)
     rows = client_rows("evaluate", server_round, got.ok)
-    metrics = summarize(rows, "eval_")
+    metrics = summarize(rows, "eval_", task=plan.task, class_names=plan.class_names)
     rows += dropped_rows("evaluate", server_round, failed=got.failed, timed_out=got.timed_out,
                          rejected={})
     metrics["bytes_down_eval"] = float(payload_bytes(arrays) * len(messages))
@@ -145,7 +149,9 @@ def _record(history: History, rnd: int, metrics: dict[str, float], rows: list[di
     log_metrics(metrics, rnd)
     parts = [f"[round {rnd}/{total}]"]
     for key, fmt in (("train_loss", "train loss {:.4f}"), ("eval_loss", "eval loss {:.4f}"),
-                     ("eval_perplexity", "ppl {:.2f}"), ("central_loss", "central loss {:.4f}"),
+                     ("eval_perplexity", "ppl {:.2f}"), ("eval_accuracy", "acc {:.3f}"),
+                     ("eval_macro_f1", "macro-F1 {:.3f}"), ("eval_rouge_l", "ROUGE-L {:.3f}"),
+                     ("central_loss", "central loss {:.4f}"),
                      ("round_seconds", "{:.1f}s")):
         if key in metrics:
             parts.append(fmt.format(metrics[key]))

@@ -23,11 +23,9 @@ from flwr.serverapp.strategy import (
 )
 
 from fedslm.config import ExperimentConfig
+from fedslm.keys import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 from fedslm.wire import WireError, decode_array
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-WEIGHT_KEY = "num-examples"
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

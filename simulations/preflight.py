@@ -9,7 +9,7 @@ from __future__ import annotations
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data.core import check_client_split
-from fedslm.model import max_sequence_length
+from fedslm.model import ModelError, check_target_modules, max_sequence_length
 from fedslm.runtime import model_path
 
 FULL_CHECK_MAX_CLIENTS = 100  # synthetic federations above this are sample-checked
@@ -24,25 +24,64 @@ def sampled_partitions(num_clients: int, k: int = SAMPLE_SIZE) -> list[int]:
     return sorted({round(i * (num_clients - 1) / (k - 1)) for i in range(k)})
 
 
-def check_data(cfg: ExperimentConfig) -> None:
+def check_data(cfg: ExperimentConfig) -> list[str]:
     """Every client of a small federation; a spread sample of a large synthetic one.
+    Returns notes on data the partitioning left out.
 
     A synthetic client is generated from its own seeded stream, so checking a sample
     costs the same at 100 or 10,000 clients; the others must partition the whole
     dataset anyway, which also checks every client.
     """
-    n = cfg.federation.num_clients
+    n, task = cfg.federation.num_clients, cfg.task.name
     if cfg.data.source != "synthetic" or n <= FULL_CHECK_MAX_CLIENTS:
-        texts = build_federated_texts(cfg.data, num_clients=n)
+        texts = build_federated_texts(cfg.data, num_clients=n, task=task)
         if len(texts.clients) != n:
             raise ConfigError(f"federation.num_clients: data yields {len(texts.clients)} clients, "
                               f"expected {n}")
-        return
+        return list(texts.notes)
     hint = "raise data.docs_per_client"
     for pid in sampled_partitions(n):
-        check_client_split(pid, load_client_split(cfg.data, num_clients=n, partition_id=pid),
+        check_client_split(pid, load_client_split(cfg.data, num_clients=n, partition_id=pid, task=task),
                            hint=hint)
-    central_test_texts(cfg.data, num_clients=n)
+    central_test_texts(cfg.data, num_clients=n, task=task)
+    return []
+
+
+def check_model_shape(cfg: ExperimentConfig, path: str) -> None:
+    """``peft.target_modules`` against the architecture, built on the meta device from
+    its config alone (no weights: seconds even for a large model)."""
+    import torch
+    from transformers import AutoConfig
+
+    from fedslm.tasks import get_task
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True) if _local(path) else None
+    if config is None:
+        return  # a hub name not cached yet: build_peft_model checks it when it loads
+    task = get_task(cfg.task.name)
+    for key, value in task.model_kwargs(cfg).items():  # e.g. num_labels, as from_pretrained sets it
+        setattr(config, key, value)
+    with torch.device("meta"):
+        try:
+            skeleton = task.auto_model().from_config(config)
+        except (ValueError, KeyError) as err:
+            raise ModelError(f"model.name_or_path: {task.name} cannot use {path!r}: "
+                             f"{str(err).splitlines()[0][:200]}") from None
+    check_target_modules(skeleton, cfg.peft)
+
+
+def _local(path: str) -> bool:
+    import os
+
+    if os.path.isdir(os.path.expanduser(path)):
+        return True
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not in the local cache
+        return False
 
 
 def preflight_deployment(cfg: ExperimentConfig) -> int:
@@ -66,9 +105,12 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
 
 
 def preflight(cfg: ExperimentConfig) -> str:
-    """Validate data and model against the config; returns the resolved base model path."""
-    check_data(cfg)
+    """Validate data and model against the config; returns the resolved base model path.
+    Prints what the partitioning dropped, if anything."""
+    for note in check_data(cfg):
+        print(f"[fedslm] {note}", flush=True)
     path = model_path(cfg.model, cfg.data.seed)
+    check_model_shape(cfg, path)
     limit = max_sequence_length(path)
     if cfg.training.seq_len > limit:
         raise ConfigError(f"training.seq_len: {cfg.training.seq_len} exceeds the maximum "

@@ -18,15 +18,24 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "-"
 
 
-def summary_table(rounds: list[dict]) -> str:
-    """Per round: train loss, eval loss, perplexity, bytes up/down, seconds."""
-    header = f"{'round':>5} {'train loss':>10} {'eval loss':>9} {'ppl':>8} {'up':>10} {'down':>10} {'seconds':>7}"
+COLUMN_TITLES = {"perplexity": ("ppl", ".2f"), "accuracy": ("accuracy", ".3f"),
+                 "macro_f1": ("macro-F1", ".3f"), "rouge_l": ("ROUGE-L", ".3f")}
+
+
+def summary_table(rounds: list[dict], metrics: tuple[str, ...] = ("perplexity",)) -> str:
+    """Per round: train loss, eval loss, the task's metrics on the clients' test splits
+    (``Task.report_keys``), bytes up/down, seconds."""
+    titles = [COLUMN_TITLES.get(m, (m, ".3f")) for m in metrics]
+    header = (f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
+              + "".join(f"{t:>9} " for t, _ in titles)
+              + f"{'up':>10} {'down':>10} {'seconds':>7}")
     lines = [header, "-" * len(header)]
     for r in rounds:
         num = functools.partial(_cell, r)
+        cells = "".join(f"{num(f'eval_{m}', '9' + fmt):>9} " for m, (_, fmt) in zip(metrics, titles))
         lines.append(
             f"{r['round']:>5} {num('train_loss', '10.4f'):>10} {num('eval_loss', '9.4f'):>9} "
-            f"{num('eval_perplexity', '8.2f'):>8} "
+            f"{cells}"
             f"{_fmt_bytes(r['bytes_up']) if 'bytes_up' in r else '-':>10} "
             f"{_fmt_bytes(r['bytes_down']) if 'bytes_down' in r else '-':>10} "
             f"{num('round_seconds', '7.1f'):>7}")

@@ -75,7 +75,9 @@ def run(cfg: ExperimentConfig) -> dict:
           flush=True)
     engine = run_on_simulation if cfg.federation.engine == "simulation" else run_on_remote
     summary = engine(cfg)
-    print("\n" + summary_table(summary["rounds"]))
+    from fedslm.tasks import get_task
+
+    print("\n" + summary_table(summary["rounds"], get_task(cfg.task.name).report_keys))
     if cfg.personalization.method != "none":
         print(f"\nPersonalization ({cfg.personalization.method}), means over clients:")
         print(personal_table(summary["rounds"]))

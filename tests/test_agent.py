@@ -49,7 +49,7 @@ def test_data_problems_are_named_in_one_line(tmp_path: Path) -> None:
 
     (tmp_path / "empty").mkdir()
     assert problem(tmp_path / "empty") == (
-        f"data-path: no .txt/.jsonl/.csv/.parquet files under {tmp_path / 'empty'}")
+        f"data-path: no .txt/.jsonl/.json/.csv/.tsv/.parquet files under {tmp_path / 'empty'}")
     assert problem(tmp_path / "missing") == f"data-path: {tmp_path / 'missing'} does not exist"
     assert problem(texts_dir(tmp_path / "one", 1)).startswith(
         f"data-path: {tmp_path / 'one'} holds 1 text(s); need at least 2")
@@ -76,7 +76,7 @@ def test_agent_checks_data_in_a_child_process(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(AgentError) as err:
         check_data(tmp_path / "empty")
-    assert str(err.value) == f"--data-path: no .txt/.jsonl/.csv/.parquet files under {tmp_path / 'empty'}"
+    assert str(err.value) == f"--data-path: no .txt/.jsonl/.json/.csv/.tsv/.parquet files under {tmp_path / 'empty'}"
 
 
 def test_key_checks_name_the_problem(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ class FederatedTexts:
     clients: tuple[ClientSplit, ...]
     public: tuple[str, ...]
     central_test: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what partitioning left out, said in the run's output
 
 
 def num_test(n: int, test_fraction: float) -> int:

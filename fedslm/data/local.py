@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedslm.data.core import ClientSplit, DataError, split_train_test
 
-SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
+SUPPORTED = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")  # = sources.SUPPORTED
 
 
 def fingerprint(path: str) -> tuple:
@@ -25,21 +25,31 @@ def fingerprint(path: str) -> tuple:
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def local_split(path: str, *, text_key: str, test_fraction: float, seed: int) -> ClientSplit:
-    """Train/test split of every text under ``path``; DataError names what is wrong."""
+def local_split(path: str, *, text_key: str = "text", test_fraction: float, seed: int,
+                task: str = "causal_lm", data=None) -> ClientSplit:
+    """Train/test split of every record under ``path`` in ``task``'s format (columns named
+    by ``data``, a DataConfig, when given); DataError names what is wrong."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data-path: {root} does not exist")
-    return _cached(str(root), text_key, test_fraction, seed, fingerprint(str(root)))
+    from fedslm.config import DataConfig
+    from fedslm.data.federated import config_key
+
+    data = data or DataConfig(text_key=text_key)
+    return _cached(str(root), config_key(data), task, test_fraction, seed, fingerprint(str(root)))
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(path: str, text_key: str, test_fraction: float, seed: int, _stamp: tuple) -> ClientSplit:
+def _cached(path: str, data_key: tuple, task: str, test_fraction: float, seed: int,
+            _stamp: tuple) -> ClientSplit:
+    import dataclasses
+
     from fedslm.config import DataConfig
     from fedslm.data.sources import load_text_files
 
+    data = DataConfig(**{k: list(v) if isinstance(v, tuple) else v for k, v in data_key})
     try:
-        dataset = load_text_files(DataConfig(source="text_files", path=path, text_key=text_key))
+        dataset = load_text_files(dataclasses.replace(data, source="text_files", path=path), task)
     except DataError as err:  # same checks as data.source=text_files, named for a device
         raise DataError(str(err).replace("data.path: ", "data-path: ", 1)) from err
     except OSError as err:
@@ -52,7 +62,7 @@ def _cached(path: str, text_key: str, test_fraction: float, seed: int, _stamp: t
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedslm.data.local PATH``: print how many texts PATH holds, or the problem.
+    """``python -m fedslm.data.local PATH [--task T]``: print how many records PATH holds, or the problem.
 
     The device agent runs this check in a child process: reading files pulls in pandas and
     datasets, memory the long-lived agent should not keep while the device trains.
@@ -60,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    task = "causal_lm"
+    if len(args) == 3 and args[1] == "--task":
+        args, task = args[:1], args[2]
     if len(args) != 1:
-        print("usage: python -m fedslm.data.local PATH", file=sys.stderr)
+        print("usage: python -m fedslm.data.local PATH [--task causal_lm|instruct|classify]",
+              file=sys.stderr)
         return 2
     try:
-        split = local_split(args[0], text_key="text", test_fraction=0.2, seed=0)
+        split = local_split(args[0], text_key="text", test_fraction=0.2, seed=0, task=task)
     except DataError as err:
         print(str(err), file=sys.stderr)
         return 2

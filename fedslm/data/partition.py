@@ -10,6 +10,7 @@ test by ``data.test_fraction`` after a shuffle seeded by (``data.seed``, client 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -25,11 +26,25 @@ EMPTY_HINT = "use fewer clients (federation.num_clients) or more data per client
 
 
 def partition_texts(
-    dataset: datasets.Dataset, cfg: DataConfig, *, num_clients: int
-) -> tuple[ClientSplit, ...]:
-    """Every record of ``dataset`` goes to exactly one client's train or test split."""
+    dataset: datasets.Dataset, cfg: DataConfig, *, num_clients: int, default_key: str = ""
+) -> tuple[tuple[ClientSplit, ...], tuple[str, ...]]:
+    """Every record of ``dataset`` goes to at most one client's train or test split.
+
+    Returns the splits and notes on what was left out: natural partitioning keeps only
+    the ``num_clients`` largest groups, and the run's output says how much it dropped.
+    ``default_key`` stands in for an empty ``data.partition_key`` (classify: the label).
+    """
+    if not cfg.partition_key and default_key:
+        cfg = dataclasses.replace(cfg, partition_key=default_key)
     parts = partition_dataset(dataset, cfg, num_clients=num_clients)
-    return tuple(
+    kept = sum(len(p) for p in parts)
+    notes: tuple[str, ...] = ()
+    if kept < len(dataset):
+        groups = len(set(dataset[cfg.partition_key]))
+        notes = (f"data: natural partitioning by {cfg.partition_key!r} keeps the {num_clients} "
+                 f"largest of {groups} groups: {kept} of {len(dataset)} records, "
+                 f"{len(dataset) - kept} dropped (raise federation.num_clients to keep them)",)
+    splits = tuple(
         check_client_split(
             i,
             split_train_test(part["text"], cfg.test_fraction, seed=f"fedslm-split:{cfg.seed}:{i}"),
@@ -37,6 +52,7 @@ def partition_texts(
         )
         for i, part in enumerate(parts)
     )
+    return splits, notes
 
 
 def partition_dataset(

@@ -20,21 +20,22 @@ import pyarrow as pa
 from fedslm.config import DataConfig
 from fedslm.data.core import DataError
 
-SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
+SUPPORTED = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FILE_COLUMN = "source_file"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
-def load_source(cfg: DataConfig) -> datasets.Dataset:
-    """The dataset for ``data.source`` text_files or hf."""
+def load_source(cfg: DataConfig, task: str = "causal_lm") -> datasets.Dataset:
+    """The dataset for ``data.source`` text_files or hf, its ``text`` column holding
+    ``task``'s records (``fedslm.tasks``)."""
     if cfg.source == "text_files":
-        return load_text_files(cfg)
+        return load_text_files(cfg, task)
     if cfg.source == "hf":
-        return load_hf(cfg)
+        return load_hf(cfg, task)
     raise DataError(f"data.source: {cfg.source!r} is not a text_files or hf source")
 
 
-def load_text_files(cfg: DataConfig) -> datasets.Dataset:
+def load_text_files(cfg: DataConfig, task: str = "causal_lm") -> datasets.Dataset:
     """Read ``data.path``: one supported file, or every supported file under a directory."""
     root = Path(cfg.path)
     if not root.exists():
@@ -55,7 +56,10 @@ def load_text_files(cfg: DataConfig) -> datasets.Dataset:
             raise DataError(f"data.path: no {'/'.join(SUPPORTED)} files under {root}")
     frames = []
     for file in files:
-        frame = _read_file(file, cfg.text_key)
+        if file.suffix.lower() == ".txt" and task != "causal_lm":
+            raise DataError(f"data.path: {file} is plain text; task.name={task} needs rows with "
+                            "columns (csv, tsv, jsonl, json, parquet)")
+        frame = _read_file(file, cfg.text_key if task == "causal_lm" else None)
         if FILE_COLUMN not in frame.columns:
             name = file.name if file == root else file.relative_to(root).as_posix()
             frame[FILE_COLUMN] = name
@@ -65,10 +69,17 @@ def load_text_files(cfg: DataConfig) -> datasets.Dataset:
         dataset = datasets.Dataset.from_pandas(frame, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataError(f"data.path: files under {root} disagree on column types ({err})") from err
-    return _text_column(dataset, cfg.text_key, where=str(root))
+    return _task_records(dataset, cfg, task, where=str(root))
 
 
-def _read_file(file: Path, text_key: str) -> pd.DataFrame:
+def _task_records(dataset: datasets.Dataset, cfg: DataConfig, task: str, *, where: str) -> datasets.Dataset:
+    from fedslm.tasks import get_task
+
+    return get_task(task).dataset_records(dataset, cfg, where=where)
+
+
+def _read_file(file: Path, text_key: str | None) -> pd.DataFrame:
+    """One file as a frame; ``text_key`` (plain-text tasks) must be a column of it."""
     suffix = file.suffix.lower()
     try:
         if suffix == ".txt":
@@ -76,8 +87,11 @@ def _read_file(file: Path, text_key: str) -> pd.DataFrame:
             return pd.DataFrame({text_key: [p for p in paragraphs if p]}, dtype=object)
         if suffix == ".jsonl":
             frame = pd.DataFrame(_read_jsonl(file, text_key))
-        elif suffix == ".csv":
-            frame = pd.read_csv(file)
+        elif suffix == ".json":
+            frame = pd.DataFrame(_read_json_array(file, text_key))
+        elif suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",",
+                                quoting=3 if suffix == ".tsv" else 0)
         else:
             frame = pd.read_parquet(file)
     except UnicodeDecodeError as err:
@@ -85,13 +99,28 @@ def _read_file(file: Path, text_key: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, pa.ArrowException, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"data.path: cannot read {file}: {first_line}") from err
-    if text_key not in frame.columns:
+    if text_key is not None and text_key not in frame.columns:
         found = ", ".join(map(str, frame.columns)) or "none"
         raise DataError(f"data.text_key: no column {text_key!r} in {file} (columns: {found})")
     return frame
 
 
-def _read_jsonl(file: Path, text_key: str) -> list[dict]:
+def _read_json_array(file: Path, text_key: str | None) -> list[dict]:
+    """A .json file holding one array of objects (Alpaca's layout)."""
+    try:
+        records = json.loads(file.read_text("utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"data.path: {file}:{err.lineno}: malformed JSON ({err.msg})") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"data.path: {file} must hold a JSON array of objects")
+    if text_key is not None:
+        for number, record in enumerate(records, start=1):
+            if text_key not in record:
+                raise DataError(f"data.text_key: {file} record {number} has no key {text_key!r}")
+    return records
+
+
+def _read_jsonl(file: Path, text_key: str | None) -> list[dict]:
     records = []
     with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -103,13 +132,13 @@ def _read_jsonl(file: Path, text_key: str) -> list[dict]:
                 raise DataError(f"data.path: {file}:{number}: malformed JSON ({err.msg})") from err
             if not isinstance(record, dict):
                 raise DataError(f"data.path: {file}:{number}: expected a JSON object")
-            if text_key not in record:
+            if text_key is not None and text_key not in record:
                 raise DataError(f"data.text_key: {file}:{number} has no key {text_key!r}")
             records.append(record)
     return records
 
 
-def load_hf(cfg: DataConfig) -> datasets.Dataset:
+def load_hf(cfg: DataConfig, task: str = "causal_lm") -> datasets.Dataset:
     """``load_dataset(hf_name, hf_config or None, split=hf_split)``.
 
     A local directory written by ``save_to_disk`` is read with ``load_from_disk``
@@ -131,14 +160,19 @@ def load_hf(cfg: DataConfig) -> datasets.Dataset:
             splits = ", ".join(loaded)
             raise DataError(f"data.hf_split: {cfg.hf_split!r} not in {local} (splits: {splits})")
         loaded = loaded[cfg.hf_split]
-    return _text_column(loaded, cfg.text_key, where=cfg.hf_name)
+    return _task_records(loaded, cfg, task, where=cfg.hf_name)
 
 
-def _text_column(dataset: datasets.Dataset, text_key: str, *, where: str) -> datasets.Dataset:
+def text_column(dataset: datasets.Dataset, text_key: str, *, where: str) -> datasets.Dataset:
     """Move ``text_key`` to ``text`` (as strings) and drop rows without text."""
     if text_key not in dataset.column_names:
         found = ", ".join(dataset.column_names) or "none"
         raise DataError(f"data.text_key: no column {text_key!r} in {where} (columns: {found})")
+    feature = dataset.features[text_key]
+    if not (getattr(feature, "dtype", None) in ("string", "large_string", "null")):
+        if isinstance(feature, (list, datasets.Sequence)) or type(feature).__name__ in ("List", "LargeList"):
+            raise DataError(f"data.text_key: column {text_key!r} in {where} holds lists (chat "
+                            "messages?), not text; use task=instruct with data.messages_key")
     if text_key != "text":
         if "text" in dataset.column_names:
             dataset = dataset.remove_columns("text")

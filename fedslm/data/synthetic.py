@@ -180,6 +180,9 @@ STYLES: tuple[Style, ...] = (
           ("next,", "finally,", "step one,", "then,"), "."),
 )
 
+# A short name per topic (its first noun's domain): labels of the classification task.
+TOPIC_NAMES: tuple[str, ...] = tuple(t.nouns[0] for t in TOPICS)
+
 STYLE_SHARE = 0.7  # sentences written in the document's style rather than a common template
 OPENER_SHARE = 0.4  # sentences that start with one of the style's openers
 TOPIC_STICKINESS = 0.85  # slots filled from the document's topic rather than re-drawn
@@ -216,23 +219,31 @@ def _sentence(rng: random.Random, topic: int, topic_w: Sequence[float], style: S
     return text[0].upper() + text[1:] + style.end
 
 
-def _document(rng: random.Random, topic_w: Sequence[float], style_w: Sequence[float]) -> str:
+def _document(rng: random.Random, topic_w: Sequence[float], style_w: Sequence[float]) -> tuple[str, int]:
+    """A document and its topic (the label of the synthetic classification task)."""
     topic, style = _pick(rng, topic_w), STYLES[_pick(rng, style_w)]
     n = rng.randint(*SENTENCES)
-    return " ".join(_sentence(rng, topic, topic_w, style) for _ in range(n))
+    return " ".join(_sentence(rng, topic, topic_w, style) for _ in range(n)), topic
+
+
+def _labelled_documents(
+    rng: random.Random, n: int, topic_w: Sequence[float], style_w: Sequence[float], seen: set[str]
+) -> list[tuple[str, int]]:
+    """``n`` (document, topic) pairs whose documents are not in ``seen`` (so a client's
+    splits never share a text), added to it."""
+    docs: list[tuple[str, int]] = []
+    while len(docs) < n:
+        doc, topic = _document(rng, topic_w, style_w)
+        if doc not in seen:
+            seen.add(doc)
+            docs.append((doc, topic))
+    return docs
 
 
 def _documents(
     rng: random.Random, n: int, topic_w: Sequence[float], style_w: Sequence[float], seen: set[str]
 ) -> list[str]:
-    """``n`` documents not in ``seen`` (so a client's splits never share a text), added to it."""
-    docs: list[str] = []
-    while len(docs) < n:
-        doc = _document(rng, topic_w, style_w)
-        if doc not in seen:
-            seen.add(doc)
-            docs.append(doc)
-    return docs
+    return [doc for doc, _ in _labelled_documents(rng, n, topic_w, style_w, seen)]
 
 
 def client_mixtures(
@@ -267,23 +278,30 @@ def _check_topics(cfg: DataConfig) -> None:
         )
 
 
-def synthetic_client(cfg: DataConfig, index: int) -> ClientSplit:
+def synthetic_client(cfg: DataConfig, index: int, task: str = "causal_lm") -> ClientSplit:
     """Client ``index``'s split alone: ``docs_per_client`` documents of its own stream,
-    the last ``round(test_fraction * n)`` of them its test split (i.i.d. within a client)."""
+    the last ``round(test_fraction * n)`` of them its test split (i.i.d. within a client),
+    as records of ``task`` (a document, its topic label, or questions about it)."""
     _check_topics(cfg)
-    return _client(cfg.seed, index, cfg.num_topics, cfg.heterogeneity, cfg.docs_per_client,
-                   cfg.test_fraction)
+    docs = _client(cfg.seed, index, cfg.num_topics, cfg.heterogeneity, cfg.docs_per_client)
+    records = _records(task, docs, cfg, stream=f"{cfg.seed}:client:{index}")
+    return split_train_test(records, cfg.test_fraction, seed=None)
 
 
 @functools.lru_cache(maxsize=256)  # bounded: a process may serve thousands of clients
-def _client(seed: int, index: int, num_topics: int, heterogeneity: float, docs: int,
-            test_fraction: float) -> ClientSplit:
+def _client(seed: int, index: int, num_topics: int, heterogeneity: float,
+            docs: int) -> tuple[tuple[str, int], ...]:
     topic_w, style_w = client_mixtures(index, num_topics, heterogeneity)
-    texts = _documents(_rng(seed, f"client:{index}"), docs, topic_w, style_w, set())
-    return split_train_test(texts, test_fraction, seed=None)
+    return tuple(_labelled_documents(_rng(seed, f"client:{index}"), docs, topic_w, style_w, set()))
 
 
-def synthetic_central_test(cfg: DataConfig, *, num_clients: int) -> tuple[str, ...]:
+def _records(task: str, docs, cfg: DataConfig, *, stream: str) -> tuple[str, ...]:
+    from fedslm.tasks import get_task
+
+    return get_task(task).synthetic_records(docs, cfg, stream=stream)
+
+
+def synthetic_central_test(cfg: DataConfig, *, num_clients: int, task: str = "causal_lm") -> tuple[str, ...]:
     """The server's held-out set: ``max(1, 64 // num_clients)`` documents from each of the
     first ``min(num_clients, 64)`` clients' mixtures (separate streams from their splits).
 
@@ -293,19 +311,19 @@ def synthetic_central_test(cfg: DataConfig, *, num_clients: int) -> tuple[str, .
     """
     _check_topics(cfg)
     per_client = max(1, CENTRAL_TEST_MAX // num_clients)
-    central: list[str] = []
+    central: list[tuple[str, int]] = []
     for i in range(min(num_clients, CENTRAL_TEST_MAX)):
         topic_w, style_w = client_mixtures(i, cfg.num_topics, cfg.heterogeneity)
-        central += _documents(_rng(cfg.seed, f"central:{i}"), per_client, topic_w, style_w, set())
-    return tuple(central)
+        central += _labelled_documents(_rng(cfg.seed, f"central:{i}"), per_client, topic_w, style_w, set())
+    return _records(task, central, cfg, stream=f"{cfg.seed}:central")
 
 
-def build_synthetic(cfg: DataConfig, *, num_clients: int) -> FederatedTexts:
+def build_synthetic(cfg: DataConfig, *, num_clients: int, task: str = "causal_lm") -> FederatedTexts:
     """Every client's split (``synthetic_client``), the public split and the central test
     set (``synthetic_central_test``)."""
     _check_topics(cfg)
     return FederatedTexts(
-        clients=tuple(synthetic_client(cfg, i) for i in range(num_clients)),
+        clients=tuple(synthetic_client(cfg, i, task) for i in range(num_clients)),
         public=synthetic_public_corpus(cfg.seed),
-        central_test=synthetic_central_test(cfg, num_clients=num_clients),
+        central_test=synthetic_central_test(cfg, num_clients=num_clients, task=task),
     )

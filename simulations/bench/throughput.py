@@ -61,12 +61,12 @@ def same_batches(blocks, training, *, seed: int):
 
 
 def measure(steps: int, reps: int, threads: int) -> dict[str, Any]:
-    from client.task import _client_data
+    from client.records import client_data as _client_data
 
     cfg = experiment({"training.local_steps": steps}, run_name="throughput")
     training = cfg.training
     with torch_threads(threads):
-        model, blocks = _client_data(cfg, 0, "train")
+        model, (blocks,) = _client_data(cfg, 0, "train")
         seed = 1234
         batches = same_batches(blocks, training, seed=seed)
         ours(model, blocks, training, seed=seed)  # warm-up both paths

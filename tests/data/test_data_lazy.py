@@ -60,7 +60,7 @@ def test_preflight_samples_a_spread_of_clients_in_large_federations(no_full_buil
 def test_preflight_still_checks_every_client_of_a_small_federation(monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(preflight, "build_federated_texts",
-                        lambda cfg, num_clients: calls.append(num_clients) or
+                        lambda cfg, num_clients, task="causal_lm": calls.append(num_clients) or
                         build_federated_texts(cfg, num_clients=num_clients))
     preflight.check_data(ExperimentConfig.from_dict({"federation": {"num_clients": 100}}))
     assert calls == [100]

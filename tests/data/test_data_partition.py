@@ -41,8 +41,8 @@ SIZES = {"a": 20, "b": 17, "c": 13, "d": 10}
 )
 def test_partitions_are_deterministic_disjoint_and_cover_the_data(partitioner, shapes):
     ds = labelled(SIZES)
-    clients = partition_texts(ds, cfg(partitioner, dirichlet_alpha=1.0), num_clients=3)
-    assert clients == partition_texts(ds, cfg(partitioner, dirichlet_alpha=1.0), num_clients=3)
+    clients = partition_texts(ds, cfg(partitioner, dirichlet_alpha=1.0), num_clients=3)[0]
+    assert clients == partition_texts(ds, cfg(partitioner, dirichlet_alpha=1.0), num_clients=3)[0]
     assert [(len(c.train), len(c.test)) for c in clients] == shapes
     pooled = texts_of(clients)
     assert len(pooled) == len(set(pooled))
@@ -51,19 +51,19 @@ def test_partitions_are_deterministic_disjoint_and_cover_the_data(partitioner, s
 
 
 def test_natural_gives_the_largest_groups_in_order_and_drops_the_rest():
-    clients = partition_texts(labelled(SIZES), cfg("natural"), num_clients=3)
+    clients = partition_texts(labelled(SIZES), cfg("natural"), num_clients=3)[0]
     assert [{t.split("-")[0] for t in c.train + c.test} for c in clients] == [{"a"}, {"b"}, {"c"}]
 
 
 def test_seed_changes_iid_and_dirichlet_assignment():
     ds = labelled(SIZES)
     for name in ("iid", "dirichlet"):
-        first = partition_texts(ds, cfg(name, seed=0), num_clients=3)
-        assert first != partition_texts(ds, cfg(name, seed=1), num_clients=3)
+        first = partition_texts(ds, cfg(name, seed=0), num_clients=3)[0]
+        assert first != partition_texts(ds, cfg(name, seed=1), num_clients=3)[0]
 
 
 def mean_majority_share(alpha: float) -> float:
-    clients = partition_texts(labelled(SIZES), cfg("dirichlet", dirichlet_alpha=alpha), num_clients=3)
+    clients = partition_texts(labelled(SIZES), cfg("dirichlet", dirichlet_alpha=alpha), num_clients=3)[0]
     shares = [Counter(t[0] for t in c.train + c.test).most_common(1)[0][1] / len(c.train + c.test)
               for c in clients]
     return sum(shares) / len(shares)
@@ -87,20 +87,20 @@ def test_dirichlet_small_alpha_skews_each_clients_key_mix():
 )
 def test_impossible_partitions_name_the_key(config, num_clients, message):
     with pytest.raises(DataError, match=message):
-        partition_texts(labelled(SIZES), config, num_clients=num_clients)
+        partition_texts(labelled(SIZES), config, num_clients=num_clients)[0]
 
 
 def test_a_client_left_without_test_texts_is_named():
     ds = labelled({"a": 5, "b": 4, "c": 1})
     message = r"^federation\.num_clients: client 2 has no test texts \(1 in total\); use fewer clients"
     with pytest.raises(DataError, match=message):
-        partition_texts(ds, cfg("natural"), num_clients=3)
+        partition_texts(ds, cfg("natural"), num_clients=3)[0]
 
 
 def test_key_values_must_all_be_present():
     ds = datasets.Dataset.from_dict({"text": ["x", "y", "z"], "k": ["a", None, "b"]})
     with pytest.raises(DataError, match=r"^data\.partition_key: 1 of 3 records have no 'k'$"):
-        partition_texts(ds, cfg("natural"), num_clients=2)
+        partition_texts(ds, cfg("natural"), num_clients=2)[0]
 
 
 def test_text_files_partitioned_by_file_through_the_public_api(tmp_path):

@@ -63,7 +63,7 @@ def test_directory_is_read_recursively_in_sorted_path_order(tmp_path):
     ("make", "text_key", "message"),
     [
         (lambda p: p / "missing", "text", r"^data\.path: .*missing does not exist$"),
-        (lambda p: p, "text", r"^data\.path: no \.txt/\.jsonl/\.csv/\.parquet files under "),
+        (lambda p: p, "text", r"^data\.path: no \.txt/\.jsonl/\.json/\.csv/\.tsv/\.parquet files under "),
         (lambda p: write(p / "a.md", "x"), "text", r"^data\.path: .*a\.md has unsupported extension '\.md'"),
         (lambda p: write(p / "a.jsonl", '{"text": "ok"}\n{"text": oops}\n'), "text",
          r"^data\.path: .*a\.jsonl:2: malformed JSON"),

@@ -1,0 +1,52 @@
+"""A client's records, their tensors, round seeds and the task's evaluation of them:
+one place both training paths read from.
+
+``client.task`` (plain and DP training, evaluation) and ``client.personal``
+(personalization) both start here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from fedslm.config import ExperimentConfig
+from fedslm.data.local import local_split
+from fedslm.runtime import client_split, encoded, experiment_model
+from fedslm.tasks import get_task
+
+
+def round_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """Distinct, reproducible data order per (experiment seed, client, round)."""
+    return (seed * 1_000_003 + partition_id * 10_007 + server_round) % (2**31 - 1)
+
+
+def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):
+    """This client's records (``fedslm.tasks``): its own files under ``data_path`` (a real
+    device), or its partition of the configured corpus (simulation)."""
+    if data_path:
+        return getattr(local_split(data_path, test_fraction=cfg.data.test_fraction,
+                                   seed=cfg.data.seed, task=cfg.task.name, data=cfg.data), split)
+    return getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
+                                partition_id=partition_id, task=cfg.task.name), split)
+
+
+def client_tensors(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer, data_path: str = ""):
+    """This client's ``split`` encoded by the task, one row per example."""
+    return encoded(cfg, client_texts(cfg, partition_id, split, data_path), tokenizer)
+
+
+def client_data(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):
+    """The process's model and this client's encoded ``split``."""
+    model, tokenizer = experiment_model(cfg)
+    return model, client_tensors(cfg, partition_id, split, tokenizer, data_path)
+
+
+def task_metrics(cfg: ExperimentConfig, model, tensors, records) -> dict:
+    """Evaluation statistics and, for generating tasks, scores of a bounded sample of
+    generations (their texts stay here: only numbers leave the client)."""
+    task = get_task(cfg.task.name)
+    metrics = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
+                            max_batches=cfg.training.eval_max_batches)
+    if cfg.task.eval_generations > 0:
+        _, tokenizer = experiment_model(cfg)
+        generated, _examples = task.generation_metrics(model, records, tokenizer, cfg)
+        metrics.update(generated)
+    return metrics
