@@ -1,6 +1,6 @@
 """The device agent: one command that turns a device into a FedSLM client.
 
-    python -m client.agent --superlink superlink.lan:9093 --root-certificates ca.crt \\
+    python -m fedslm.client.agent --superlink superlink.lan:9093 --root-certificates ca.crt \\
         --auth-key /var/lib/fedslm/node-key --data-path ~/notes --state-dir /var/lib/fedslm
 
 It checks everything it can before connecting (the data is readable and has texts, the
@@ -306,7 +306,7 @@ class SuperNodeRunner:
                 raise AgentError(
                     f"--auth-key: the SuperLink at {cfg.superlink} refused this node: its public "
                     f"key ({cfg.auth_key}.pub) is not registered there (python -m "
-                    "server.superlink register ...), or it still counts this node online after "
+                    "fedslm.server.superlink register ...), or it still counts this node online after "
                     "a crash (for two missed heartbeats, 60 s)")
             print(f"[fedslm-agent] the SuperLink did not accept this node (not registered, or "
                   f"still online from before a restart); retrying in {RETRY_SECONDS:.0f}s",

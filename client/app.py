@@ -1,12 +1,12 @@
-"""Flower ClientApp: thin handlers over ``client.handlers``, which unpacks the message,
-calls the plain task functions (``client.task``) and packs the reply.
+"""Flower ClientApp: thin handlers over ``fedslm.client.handlers``, which unpacks the message,
+calls the plain task functions (``fedslm.client.task``) and packs the reply.
 
 This module is light on purpose (Flower, the config schema; not torch, transformers or
 PEFT): Flower loads the ServerApp and the ClientApp under one import lock, and its
-simulation engine starts Ray only once both are loaded. ``client.handlers``, and torch
+simulation engine starts Ray only once both are loaded. ``fedslm.client.handlers``, and torch
 with it, is imported in a background thread as soon as this module is loaded, so a Ray
 worker imports while the ServerApp sets up, and the first message waits only for what
-is left of that import (see ``server.app`` too).
+is left of that import (see ``fedslm.server.app`` too).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
 from fedslm.warm_imports import import_heavy
 
-HANDLERS = "client.handlers"
+HANDLERS = "fedslm.client.handlers"
 threading.Thread(target=import_heavy, args=(HANDLERS,), name="import-handlers",
                  daemon=True).start()
 
@@ -50,13 +50,13 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
 
 @app.train(mods=[user_level_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    from client import handlers  # torch and the rest: on the first message (see above)
+    from fedslm.client import handlers  # torch and the rest: on the first message (see above)
 
     return handlers.train_reply(experiment(context), msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client import handlers
+    from fedslm.client import handlers
 
     return handlers.evaluate_reply(experiment(context), msg, context)

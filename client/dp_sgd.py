@@ -11,7 +11,7 @@ The loss is the task's per-example loss (``fedslm.tasks``: for text, the mean ov
 record's own target tokens), averaged over the batch, so one record's gradient depends
 on that record alone; Hugging Face's built-in loss averages over all tokens of the
 batch, which couples records.
-No Flower imports: ``client.task`` calls ``train_dp_sgd``.
+No Flower imports: ``fedslm.client.task`` calls ``train_dp_sgd``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 
-from client.privacy import (
+from fedslm.client.privacy import (
     BudgetExhausted,
     PrivacyLedger,
     client_delta,
@@ -33,7 +33,7 @@ from client.privacy import (
     load_ledger,
     save_ledger,
 )
-from client.train import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
+from fedslm.client.train import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
 from fedslm.config import PrivacyConfig, TrainingConfig
 from fedslm.tasks import get_task
 from fedslm.tasks.base import Task

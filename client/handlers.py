@@ -5,9 +5,9 @@ Only adapter tensors (the ``shared`` role of ``fedslm.adapters.parameter_role``)
 their compressed delta (``fedslm.compression``), and scalar metrics leave the client;
 base weights, text and personal tensors never do. A DP-SGD client whose budget is spent
 replies with a status record and its epsilon instead of an update. Where this client's
-data and state live is decided once, by ``client.node``.
+data and state live is decided once, by ``fedslm.client.node``.
 
-``client.app`` imports this module in a background thread once Flower has loaded the app,
+``fedslm.client.app`` imports this module in a background thread once Flower has loaded the app,
 so that loading the app does not wait for torch.
 """
 
@@ -18,10 +18,10 @@ import functools
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.node import NodeSetup, node_setup, record_participation
-from client.personal_state import resolve_state_dir
-from client.privacy import BudgetExhausted
-from client.task import evaluate, fit
+from fedslm.client.node import NodeSetup, node_setup, record_participation
+from fedslm.client.personal_state import resolve_state_dir
+from fedslm.client.privacy import BudgetExhausted
+from fedslm.client.task import evaluate, fit
 from fedslm.adapters import from_array_record
 from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig

@@ -3,7 +3,7 @@
 A SuperNode's ``--node-config`` reaches every ClientApp as ``context.node_config``:
 
 * simulation: ``partition-id`` (and ``num-partitions``), set by Flower per virtual node;
-* a device (``python -m client.agent``): ``data-path`` (its own files) and ``state-dir``.
+* a device (``python -m fedslm.client.agent``): ``data-path`` (its own files) and ``state-dir``.
 
 The state dir is this client's own dir for what must outlive one message, one run and
 a restart of the device: its personal adapter (``personal/``), its privacy ledger
@@ -11,7 +11,7 @@ a restart of the device: its personal adapter (``personal/``), its privacy ledge
 node took part in, for its owner. Nothing in it is sent to the server. This is the one
 rule for where client state lives: a device's ``state-dir`` as given; in simulation
 ``<simulation_base>/<partition id>`` (``<output_dir>/clients/<id>`` by default, see
-``client.personal_state.resolve_state_dir``), so memory never grows with the population.
+``fedslm.client.personal_state.resolve_state_dir``), so memory never grows with the population.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The global arrays a client receives and returns hold only ``shared`` tensors
 (``fedslm.adapters.parameter_role``); ``personal`` ones are read from and written to
-the client's state dir (``client.personal_state``) and never returned.
+the client's state dir (``fedslm.client.personal_state``) and never returned.
 
 - ``local_only``: every trainable tensor is personal; nothing travels.
 - ``split``: A matrices travel, B matrices are personal; both train locally.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.personal_state import PersonalState, load_personal, save_personal
-from client.records import client_tensors, client_texts, round_seed, task_metrics
-from client.train import train_local
+from fedslm.client.personal_state import PersonalState, load_personal, save_personal
+from fedslm.client.records import client_tensors, client_texts, round_seed, task_metrics
+from fedslm.client.train import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
 from fedslm.config import ExperimentConfig
 from fedslm.keys import PARTITION_ID, WEIGHT_KEY

@@ -1,4 +1,4 @@
-"""Personal adapters on disk, in each client's own dir (``client.node``): ``<client dir>/personal/``.
+"""Personal adapters on disk, in each client's own dir (``fedslm.client.node``): ``<client dir>/personal/``.
 
 On disk, not in memory: in simulation one process serves many clients round after
 round, and memory must not grow with the population; a client sampled again resumes
@@ -43,7 +43,7 @@ def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
 
     ``personalization.state_dir`` if set, else ``<output_dir>/clients`` (``output_dir``
     "" means the ServerApp's default ``~/.cache/fedslm/runs/<run_id>``). A device uses
-    its agent's ``state-dir`` instead (``client.node``).
+    its agent's ``state-dir`` instead (``fedslm.client.node``).
     """
     if cfg.personalization.state_dir:
         return Path(cfg.personalization.state_dir).expanduser()

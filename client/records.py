@@ -1,7 +1,7 @@
 """A client's records, their tensors, round seeds and the task's evaluation of them:
 one place both training paths read from.
 
-``client.task`` (plain and DP training, evaluation) and ``client.personal``
+``fedslm.client.task`` (plain and DP training, evaluation) and ``fedslm.client.personal``
 (personalization) both start here, so neither imports the other.
 """
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.personal import TRAINED_IN_FIT, evaluate_personal, fit_personal
-from client.personal_state import resolve_state_dir
-from client.privacy import BudgetExhausted
-from client.records import client_data, client_texts, round_seed, task_metrics
-from client.train import train_local
+from fedslm.client.personal import TRAINED_IN_FIT, evaluate_personal, fit_personal
+from fedslm.client.personal_state import resolve_state_dir
+from fedslm.client.privacy import BudgetExhausted
+from fedslm.client.records import client_data, client_texts, round_seed, task_metrics
+from fedslm.client.train import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
 from fedslm.keys import PARTITION_ID, WEIGHT_KEY
@@ -38,11 +38,11 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
         client_dir: Path | None = None, data_path: str = "") -> tuple[dict[str, np.ndarray], Metrics]:
     """Train the global adapter on this client's train split; return the new adapter.
 
-    ``client_dir`` is this client's own state dir (``client.node``; default
+    ``client_dir`` is this client's own state dir (``fedslm.client.node``; default
     ``<resolve_state_dir(cfg)>/<partition_id>``). With a personalization that trains a
-    personal part (``client.personal``), that part is kept there and not returned. With
+    personal part (``fedslm.client.personal``), that part is kept there and not returned. With
     ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger kept there and may
-    raise ``client.privacy.BudgetExhausted``.
+    raise ``fedslm.client.privacy.BudgetExhausted``.
     """
     client_dir = client_dir or resolve_state_dir(cfg) / str(partition_id)
     if cfg.personalization.method in TRAINED_IN_FIT:
@@ -65,7 +65,7 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
 
 def _fit_dp_sgd(cfg: ExperimentConfig, model, tensors, *, partition_id: int, server_round: int,
                 ledger_dir: Path) -> tuple[dict[str, np.ndarray], Metrics]:
-    from client.dp_sgd import train_dp_sgd
+    from fedslm.client.dp_sgd import train_dp_sgd
 
     try:
         result, dp_metrics = train_dp_sgd(
@@ -85,7 +85,7 @@ def evaluate(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
     (causal LM: loss, perplexity, next-token accuracy; classify: its confusion matrix;
     instruct: response loss plus ROUGE-L / exact match of greedy generations).
 
-    With personalization, the personal model's too (``client.personal.evaluate_personal``).
+    With personalization, the personal model's too (``fedslm.client.personal.evaluate_personal``).
     """
     if cfg.personalization.method != "none":
         return evaluate_personal(cfg, global_arrays, partition_id=partition_id,

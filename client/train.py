@@ -240,7 +240,7 @@ def train_local(
 
     The global torch RNG (LoRA dropout) is seeded with ``generator_seed`` too, so a round
     is reproducible. DP training does not come through here: its noise and sampling
-    draw from fresh entropy (``client.dp_sgd``).
+    draw from fresh entropy (``fedslm.client.dp_sgd``).
     """
     torch.manual_seed(generator_seed)
     setup = make_training_setup(model, blocks, cfg, proximal_mu=proximal_mu, reference=reference,

@@ -66,7 +66,7 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
     of them, ``split`` the LoRA B matrices, ``dual`` the tensors of the adapter named
     ``personal`` (only parameter names carry the adapter name). ``none`` and
     ``finetune`` share the whole adapter (finetune's private copy is a separate value of
-    the same tensors, made and kept on the client, see ``client.personal``).
+    the same tensors, made and kept on the client, see ``fedslm.client.personal``).
     """
     parts = name.split(".")
     lora = _LORA_PARTS.intersection(parts)

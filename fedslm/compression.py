@@ -31,7 +31,7 @@ without it are plain float32 adapters.
 
 Error feedback: what quantization dropped (``corrected - decoded``) is added to the
 client's next delta, so the error does not accumulate across rounds. The residual is kept
-on disk in the client's own state dir (``RESIDUAL_FILE``, see ``client.node``): in
+on disk in the client's own state dir (``RESIDUAL_FILE``, see ``fedslm.client.node``): in
 simulation one process serves many clients, and per-client state in memory would grow
 with the population.
 """
@@ -155,7 +155,7 @@ def decode(wire: Mapping[str, np.ndarray], method: str,
     return out
 
 
-RESIDUAL_FILE = "compression_residual.npz"  # in the client's own state dir (client.node)
+RESIDUAL_FILE = "compression_residual.npz"  # in the client's own state dir (fedslm.client.node)
 RUN_KEY = "__run__"  # the Flower run the residual belongs to, stored beside the tensors
 
 

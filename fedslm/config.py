@@ -1,6 +1,6 @@
 """The experiment schema: typed, documented dataclasses that reject bad values by key.
 
-Every way into an experiment (Hydra in ``simulations.run``, Flower's flat run config
+Every way into an experiment (Hydra in ``fedslm.simulations.run``, Flower's flat run config
 in the ServerApp/ClientApp, tests) ends in ``ExperimentConfig.from_dict``, so a value
 is checked once, where it enters, and the error names the dotted key that is wrong.
 """
@@ -210,7 +210,7 @@ class FederationConfig:
     in the same MLflow run (see server/checkpoint.py). ``supernodes`` 0 simulates one
     SuperNode per client; k > 0 runs k SuperNodes that serve all ``num_clients`` clients,
     the server sending each sampled client's partition id with its message
-    (``server.population``): for large populations, where Flower's per-node polling
+    (``fedslm.server.population``): for large populations, where Flower's per-node polling
     makes every round slower.
     ``initial_evaluation`` evaluates the initial adapter on the clients first (round 0):
     the curves' starting point, at the cost of one more message per client, which real

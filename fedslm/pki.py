@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             private, public = write_node_key(args.path)
             print(f"private key  {private}  (stays on the device)")
-            print(f"public key   {public}  (register it: python -m server.superlink register ...)")
+            print(f"public key   {public}  (register it: python -m fedslm.server.superlink register ...)")
     except PkiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """One lock for the heavy imports (torch, transformers, PEFT, Opacus) the apps defer.
 
-``server.app`` and ``client.app`` load without torch (see their docstrings) and import
+``fedslm.server.app`` and ``fedslm.client.app`` load without torch (see their docstrings) and import
 their heavy modules later: the ServerApp in ``main``, the ClientApp in a background
 thread. In Flower's simulation process both happen at once, in two threads, and Python
 raises ``_DeadlockError`` when two threads import packages with circular imports

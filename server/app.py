@@ -3,10 +3,10 @@
 ``flwr run`` exits 0 even when a ServerApp raises, so the launcher learns the outcome
 from ``status.json`` in the run's output dir.
 
-This module is light on purpose, like ``client.app``: Flower loads the ServerApp and the
+This module is light on purpose, like ``fedslm.client.app``: Flower loads the ServerApp and the
 ClientApp under one import lock, and its simulation engine starts Ray only after both
 are loaded. Importing torch here held Ray back by the ≈4 s torch, transformers and PEFT
-take to import; ``server.experiment`` (and torch with it) is imported by ``main``,
+take to import; ``fedslm.server.experiment`` (and torch with it) is imported by ``main``,
 while Ray starts, under ``fedslm.warm_imports``'s lock.
 """
 
@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     status.write_text(json.dumps({"status": "running"}))
     try:
         # torch and the rest (see above); inside the try, so a failing import is reported
-        experiment = import_heavy("server.experiment")
+        experiment = import_heavy("fedslm.server.experiment")
         experiment.run_experiment(grid, cfg, output_dir)
     except BaseException as exc:
         status.write_text(json.dumps({

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedslm.atomic import atomic_write
 from fedslm.config import ConfigError, ExperimentConfig
-from server.rounds import History
+from fedslm.server.rounds import History
 
 CHECKPOINT_FILE = "checkpoint.npz"
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedslm.compression import ARRAYS_KEY, INFO_KEY, CompressionError, decode_update
-from server.strategy import Screened
+from fedslm.server.strategy import Screened
 
 
 def decode_train_replies(replies: list[Message], reference: ArrayRecord) -> Screened:

@@ -17,7 +17,7 @@ mean what the ledger says:
   norm before adding noise (noise then matches the next round's norm, not the one the
   updates were clipped to) and step it in the wrong direction (norm_bit there means
   "clipped", yet the rule they apply expects "not clipped");
-- the release ledger and a budget check (``server.privacy``), saved at every release.
+- the release ledger and a budget check (``fedslm.server.privacy``), saved at every release.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_adaptive_noise_params, get_norm
 
 from fedslm.config import PrivacyConfig
-from server.privacy import Release, ServerPrivacyState, save_server_privacy
+from fedslm.server.privacy import Release, ServerPrivacyState, save_server_privacy
 
 UNIT_WEIGHT_KEY = "dp-unit-weight"
 

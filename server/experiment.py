@@ -28,21 +28,21 @@ from fedslm.data.federated import data_notes
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import encoded, experiment_model, model_path
 from fedslm.tasks import get_task
-from server.checkpoint import (
+from fedslm.server.checkpoint import (
     StateHook,
     checkpoint_path,
     make_checkpoint,
     resume_state,
     save_checkpoint,
 )
-from server.personalization import PersonalizationReport
-from server.plots import plot_confusion, plot_rounds
-from server.population import PopulationGrid
-from server.privacy import ServerPrivacyState
-from server.privacy_rounds import setup_privacy
-from server.rounds import CentralEval, History, RoundPlan, run_rounds
-from server.strategy import build_strategy
-from server.tracking import NoTracker, Tracker
+from fedslm.server.personalization import PersonalizationReport
+from fedslm.server.plots import plot_confusion, plot_rounds
+from fedslm.server.population import PopulationGrid
+from fedslm.server.privacy import ServerPrivacyState
+from fedslm.server.privacy_rounds import setup_privacy
+from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
+from fedslm.server.strategy import build_strategy
+from fedslm.server.tracking import NoTracker, Tracker
 
 
 def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:

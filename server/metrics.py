@@ -1,4 +1,4 @@
-"""Per-client rows and per-round summaries from client replies.
+"""Per-client rows and per-round summaries from fedslm.client replies.
 
 FedAvg's own metric aggregation keeps only a weighted mean; an operator also wants the
 spread over clients and who reported what, so the round loop keeps every client's row.
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 BOOKKEEPING = {WEIGHT_KEY, PARTITION_ID, "status", "error"}
 SPREAD_KEYS = {"loss", "perplexity"}
-DP_PREFIX = "dp-"  # privacy figures: summarized by server.privacy_rounds, not averaged here
+DP_PREFIX = "dp-"  # privacy figures: summarized by fedslm.server.privacy_rounds, not averaged here
 
 
 def client_rows(phase: str, server_round: int, replies: Iterable[Message]) -> list[dict]:

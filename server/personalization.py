@@ -1,7 +1,7 @@
 """Personalized vs global quality over clients, per round: statistics, tables, plots.
 
 Every evaluated client reports its global-model and personal-model metrics on its own
-test split (``client.personal.comparison_metrics``; with ``personalization=none`` only
+test split (``fedslm.client.personal.comparison_metrics``; with ``personalization=none`` only
 the global ones). Here each client counts once: per round the mean, median, 10th and
 90th percentile over clients of global and personal loss / perplexity / accuracy and of
 the per-client gain (relative perplexity reduction, %), the share of clients the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.plots import save_figure
-from server.tracking import NoTracker, Tracker
+from fedslm.server.plots import save_figure
+from fedslm.server.tracking import NoTracker, Tracker
 
 QUALITY = ("loss", "perplexity", "accuracy")
 TABLE_COLUMNS = ("round", "partition-id", "node_id", "has_personal", "personal_round",

@@ -7,7 +7,7 @@ scanning every stored message (``vce_api.add_messages_to_queue`` /
 the clients registered, not the clients sampled: with 10 sampled, the simulation
 process spent 0.3, 0.8 and 2.9 CPU-s per round at 100, 1,000 and 10,000 clients, and a
 round took 3.6 s at 100 and 5.7 s (16 s on a busier machine) at 10,000 on 2 cores
-(``python -m simulations.bench scale``); start-up took 75 s instead of 23 s.
+(``python -m fedslm.simulations.bench scale``); start-up took 75 s instead of 23 s.
 
 With ``federation.supernodes = k > 0`` the engine runs k SuperNodes and this grid shows
 the strategy all ``num_clients`` clients as virtual node ids ``1..num_clients`` (client

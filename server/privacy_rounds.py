@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedslm.config import ExperimentConfig, sampled_train_clients
 from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
-from server.dp_fedavg import UserLevelDp
-from server.privacy import expected_release, restore_or_new, server_privacy_path
-from server.strategy import METRICS_KEY
+from fedslm.server.dp_fedavg import UserLevelDp
+from fedslm.server.privacy import expected_release, restore_or_new, server_privacy_path
+from fedslm.server.strategy import METRICS_KEY
 
 
 def is_refusal(reply: Message) -> bool:
@@ -32,7 +32,7 @@ def is_refusal(reply: Message) -> bool:
 
 
 class RoundPrivacy:
-    """Per-run privacy bookkeeping on the server, consulted by ``server.rounds``."""
+    """Per-run privacy bookkeeping on the server, consulted by ``fedslm.server.rounds``."""
 
     def __init__(self, cfg: ExperimentConfig, user_level: UserLevelDp | None = None) -> None:
         self.cfg = cfg

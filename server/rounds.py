@@ -22,13 +22,13 @@ from flwr.serverapp.strategy import Strategy
 from fedslm.adapters import payload_bytes
 from fedslm.keys import ARRAYS_KEY
 from fedslm.tasks.base import Task
-from server.decompress import decode_train_replies
-from server.messaging import send_and_collect
-from server.metrics import client_rows, dropped_rows, summarize
-from server.strategy import screen_train_replies
+from fedslm.server.decompress import decode_train_replies
+from fedslm.server.messaging import send_and_collect
+from fedslm.server.metrics import client_rows, dropped_rows, summarize
+from fedslm.server.strategy import screen_train_replies
 
 if TYPE_CHECKING:
-    from server.privacy_rounds import RoundPrivacy
+    from fedslm.server.privacy_rounds import RoundPrivacy
 
 CentralEval = Callable[[int, ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord, dict[str, float], list[dict]], None]
@@ -44,7 +44,7 @@ class RoundPlan:
     evaluate_config: ConfigRecord = field(default_factory=ConfigRecord)
     central_eval: CentralEval | None = None
     on_round_end: RoundHook | None = None
-    privacy: RoundPrivacy | None = None  # refusals, DP metrics, budget stop (server.privacy_rounds)
+    privacy: RoundPrivacy | None = None  # refusals, DP metrics, budget stop (fedslm.server.privacy_rounds)
     # Extra per-round metrics from the round's evaluate rows (e.g. per-client spreads of
     # personalized vs global quality); merged into the round's metrics before logging.
     round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None

@@ -1,7 +1,7 @@
 """Run a SuperLink for a federation of real devices, and register the devices' keys.
 
-    python -m server.superlink start --certs certs --database state/superlink.db --host 0.0.0.0
-    python -m server.superlink register --address superlink.lan:9093 --ca certs/ca.crt nodes/*.pub
+    python -m fedslm.server.superlink start --certs certs --database state/superlink.db --host 0.0.0.0
+    python -m fedslm.server.superlink register --address superlink.lan:9093 --ca certs/ca.crt nodes/*.pub
 
 ``start`` runs Flower's own ``flower-superlink`` with the settings a deployment needs:
 TLS on (the files ``init`` of fedslm.pki writes), SuperNode authentication on (only
@@ -134,7 +134,7 @@ def register_node(address: str, public_key: Path, *, ca_cert: Path | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.superlink", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedslm.server.superlink", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run flower-superlink for a deployment")

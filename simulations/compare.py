@@ -1,6 +1,6 @@
 """Compare personalization methods recorded in one MLflow experiment: one table.
 
-    python -m simulations.compare --experiment NAME --tracking-uri sqlite:////abs/outputs/mlflow.db
+    python -m fedslm.simulations.compare --experiment NAME --tracking-uri sqlite:////abs/outputs/mlflow.db
 
 One row per ``personalization.method`` (its most recent FINISHED run; ``--all`` lists
 every finished run). Quality numbers are the last evaluated round's means over clients,
@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.report import _fmt_bytes
+from fedslm.simulations.report import _fmt_bytes
 
 METHOD_ORDER = ("none", "local_only", "finetune", "split", "dual")
 

@@ -25,7 +25,7 @@ import httpx
 from fedslm.config import ExperimentConfig
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
-from simulations.app_dir import stage_app
+from fedslm.simulations.app_dir import stage_app
 
 CONNECTION = "fedslm"
 STARTUP_SECONDS = 90

@@ -2,9 +2,9 @@
 benchmark (simulations/bench/agent_memory.py).
 
 A ``Deployment`` makes a development PKI, starts a real ``flower-superlink`` (TLS, node
-authentication, ``--database``) through ``server.superlink``, registers node keys, starts
-real agents (``python -m client.agent``), and submits runs with ``python -m
-simulations.run federation=remote``. Every process it starts carries an environment
+authentication, ``--database``) through ``fedslm.server.superlink``, registers node keys, starts
+real agents (``python -m fedslm.client.agent``), and submits runs with ``python -m
+fedslm.simulations.run federation=remote``. Every process it starts carries an environment
 marker, inherited by everything Flower spawns below it (SuperExec, ServerApp, ClientApp),
 so ``marked_processes`` finds what is left and ``stop_all`` ends all of it.
 """
@@ -30,7 +30,7 @@ from fedslm.flower_tools import flower_env
 from fedslm.config import DataConfig
 from fedslm.data import build_federated_texts
 from fedslm.pki import init_dev_pki
-from server.superlink import TlsFiles, register_node, superlink_command, superlink_env
+from fedslm.server.superlink import TlsFiles, register_node, superlink_command, superlink_env
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout whose code runs
 MARK_ENV = "FEDSLM_DEPLOYMENT_MARK"
@@ -197,7 +197,7 @@ class Deployment:
         return register_node(self.address, Path(f"{self.node_key(i)}.pub"), ca_cert=self.ca)
 
     def agent_command(self, i: int, data_dir: Path, *, key: Path | None = None) -> list[str]:
-        return [sys.executable, "-m", "client.agent", "--superlink", self.address,
+        return [sys.executable, "-m", "fedslm.client.agent", "--superlink", self.address,
                 "--root-certificates", str(self.ca), "--auth-key", str(key or self.node_key(i)),
                 "--data-path", str(data_dir), "--state-dir", str(self.state_dir(i)),
                 "--runtime-port", str(free_port())]
@@ -239,8 +239,8 @@ class Deployment:
             raise RuntimeError(f"agents {sorted(pending)} did not connect\n" + self.tail())
 
     def submit(self, *overrides: str, name: str = "submit") -> subprocess.Popen:
-        """``python -m simulations.run federation=remote ...`` against this SuperLink."""
-        cmd = [sys.executable, "-m", "simulations.run", "federation=remote",
+        """``python -m fedslm.simulations.run federation=remote ...`` against this SuperLink."""
+        cmd = [sys.executable, "-m", "fedslm.simulations.run", "federation=remote",
                f"federation.address={self.address}", f"federation.root_certificates={self.ca}",
                f"hydra.run.dir={self.root / 'hydra' / name}", *overrides]
         return self._spawn(name, cmd)

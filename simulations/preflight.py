@@ -97,7 +97,7 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
             raise ConfigError(f"federation.root_certificates: {err}") from None
     if not fed.resume_from:
         return 0
-    from server.checkpoint import check_resumable, checkpoint_path, load_checkpoint
+    from fedslm.server.checkpoint import check_resumable, checkpoint_path, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path(fed.resume_from))
     check_resumable(ckpt, cfg)

@@ -1,8 +1,8 @@
 """Privacy-utility plot: epsilon against final perplexity for the runs of an MLflow experiment.
 
-    python -m simulations.run -m privacy=dp_sgd privacy.noise_multiplier=0.5,1.0,2.0 tracking.experiment=dp
-    python -m simulations.run tracking.experiment=dp            # the non-DP baseline
-    python -m simulations.privacy_plot --experiment dp --tracking-uri sqlite:////abs/outputs/mlflow.db
+    python -m fedslm.simulations.run -m privacy=dp_sgd privacy.noise_multiplier=0.5,1.0,2.0 tracking.experiment=dp
+    python -m fedslm.simulations.run tracking.experiment=dp            # the non-DP baseline
+    python -m fedslm.simulations.privacy_plot --experiment dp --tracking-uri sqlite:////abs/outputs/mlflow.db
 
 Each finished run contributes its last logged epsilon (sample-level: the max over
 clients; user-level: the server's) and its last perplexity (central held-out if logged,
@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from server.plots import save_figure  # noqa: E402
+from fedslm.server.plots import save_figure  # noqa: E402
 
 PLOT_TAG = "fedslm.kind"
 PLOT_KIND = "privacy-plot"

@@ -1,8 +1,8 @@
 """Hydra entry point: validate -> flatten -> run on Flower's engine -> report.
 
-    python -m simulations.run                       # embedded default (tiny SLM, synthetic data)
-    python -m simulations.run strategy=fedprox peft.r=16 federation.num_clients=20
-    python -m simulations.run -m peft.r=4,8,16      # a sweep: one MLflow run per job
+    python -m fedslm.simulations.run                       # embedded default (tiny SLM, synthetic data)
+    python -m fedslm.simulations.run strategy=fedprox peft.r=16 federation.num_clients=20
+    python -m fedslm.simulations.run -m peft.r=4,8,16      # a sweep: one MLflow run per job
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
-from simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from simulations.preflight import hints, preflight, preflight_deployment
-from simulations.report import personal_table, summary_table, where_to_look
+from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
+from fedslm.simulations.preflight import hints, preflight, preflight_deployment
+from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
 

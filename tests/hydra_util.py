@@ -1,4 +1,4 @@
-"""Compose the real conf/ tree the way ``simulations.run`` does, without running it."""
+"""Compose the real conf/ tree the way ``fedslm.simulations.run`` does, without running it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from fedslm.config import ExperimentConfig
-from simulations.run import experiment_from_hydra
+from fedslm.simulations.run import experiment_from_hydra
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

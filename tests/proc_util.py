@@ -18,13 +18,13 @@ MARKER = "FEDSLM_TEST_MARKER"
 
 def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
             ) -> tuple[subprocess.CompletedProcess, str]:
-    """``python -m simulations.run ARGS`` tagged with a unique marker in its environment;
+    """``python -m fedslm.simulations.run ARGS`` tagged with a unique marker in its environment;
     every process it spawns (SuperLink, ServerApp, Ray) inherits the marker."""
     marker = uuid.uuid4().hex
     if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         args = [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix='fedslm-cli-')}"]  # not ./outputs
     full_env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "simulations.run", *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "fedslm.simulations.run", *args], cwd=REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc, marker
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.agent import (
+from fedslm.client.agent import (
     AgentConfig,
     AgentError,
     check_certificate,
@@ -24,7 +24,7 @@ from client.agent import (
 from fedslm.data.core import DataError
 from fedslm.data.local import local_split
 from fedslm.pki import init_dev_pki, write_node_key
-from simulations.local_deployment import free_port
+from fedslm.simulations.local_deployment import free_port
 from tests.tls_util import plain_server, tls_server
 
 

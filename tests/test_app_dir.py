@@ -10,7 +10,7 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedslm.runconfig import PROJECT_ROOT
-from simulations.app_dir import app_files, stage_app
+from fedslm.simulations.app_dir import app_files, stage_app
 
 
 def _fab_members(fab: bytes) -> dict[str, bytes]:

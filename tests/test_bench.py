@@ -14,7 +14,7 @@ import pytest
 
 from fedslm.compression import RESIDUAL_FILE
 
-from simulations.bench.__main__ import BENCHMARKS, main
+from fedslm.simulations.bench.__main__ import BENCHMARKS, main
 
 
 def run(name: str, tmp_path: Path, *args: str) -> dict:
@@ -101,7 +101,7 @@ def test_scale_tiny_samples_ten_of_a_hundred_clients_on_ten_supernodes(tmp_path:
 
 
 def _engine_run(round_end: dict[int, float], round_seconds: dict[int, float]):
-    from simulations.bench.common import EngineRun, TreeSample
+    from fedslm.simulations.bench.common import EngineRun, TreeSample
 
     rows = [{"round": r, "round_seconds": s} for r, s in round_seconds.items()]
     return EngineRun({"rounds": rows}, wall=20.0, engine_ready=1.0, rounds_start=5.0,

@@ -13,7 +13,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedslm.config import ConfigError, ExperimentConfig
-from server.checkpoint import (
+from fedslm.server.checkpoint import (
     Checkpoint,
     StateHook,
     check_resumable,
@@ -27,7 +27,7 @@ from server.checkpoint import (
     set_random_state,
     strategy_state,
 )
-from server.rounds import History
+from fedslm.server.rounds import History
 
 NAMES = ("a.lora_A.weight", "a.lora_B.weight")
 
@@ -131,7 +131,7 @@ def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path: Path, mo
         fh.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("server.checkpoint.np.savez", dies_halfway)
+    monkeypatch.setattr("fedslm.server.checkpoint.np.savez", dies_halfway)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, full_checkpoint(2, cfg))
     assert path.read_bytes() == good

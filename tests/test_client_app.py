@@ -11,12 +11,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from flwr.app.message.message import make_message
 from flwr.common.serde import message_to_proto
 
-from client.app import app
+from fedslm.client.app import app
 from fedslm.adapters import from_array_record, parameter_role, to_array_record
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.runtime import client_split
-from server.experiment import initial_adapter
+from fedslm.server.experiment import initial_adapter
 
 NUM_CLIENTS = 3
 
@@ -90,10 +90,10 @@ print("loaded")
 """
 
 
-@pytest.mark.parametrize("module", ["client.app", "server.app"])
+@pytest.mark.parametrize("module", ["fedslm.client.app", "fedslm.server.app"])
 def test_an_app_loads_without_torch(module: str) -> None:
     """Flower loads both apps under one lock before its simulation engine starts Ray, so
-    loading them must not wait for torch (client.app and server.app say why)."""
+    loading them must not wait for torch (fedslm.client.app and fedslm.server.app say why)."""
     out = subprocess.run([sys.executable, "-c", BLOCK_HEAVY % module], cwd=PROJECT_ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr[-500:]

@@ -26,8 +26,8 @@ from fedslm.compression import (
     update_records,
 )
 from fedslm.config import ConfigError, ExperimentConfig
-from server.decompress import decode_train_replies
-from server.strategy import screen_train_replies
+from fedslm.server.decompress import decode_train_replies
+from fedslm.server.strategy import screen_train_replies
 
 SHAPES = {"m.q.lora_A.weight": (4, 16), "m.q.lora_B.weight": (16, 4)}
 

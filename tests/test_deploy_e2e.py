@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.node import read_participation
-from server.checkpoint import checkpoint_path, load_checkpoint
-from server.superlink import SuperLinkError
-from simulations.local_deployment import (
+from fedslm.client.node import read_participation
+from fedslm.server.checkpoint import checkpoint_path, load_checkpoint
+from fedslm.server.superlink import SuperLinkError
+from fedslm.simulations.local_deployment import (
     Deployment,
     descendants,
     free_port,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.bench.dp_cost import combine, measure, table
+from fedslm.simulations.bench.dp_cost import combine, measure, table
 
 
 @pytest.mark.parametrize("mode", ["none", "hooks", "ghost"])
@@ -36,7 +36,7 @@ def test_table_compares_each_mode_with_plain_training():
 
 
 def test_the_bench_dispatcher_runs_dp_and_exits_zero(tmp_path):
-    """``python -m simulations.bench dp`` (one fresh process on the tiny setting)."""
+    """``python -m fedslm.simulations.bench dp`` (one fresh process on the tiny setting)."""
     import json
     import subprocess
     import sys
@@ -44,7 +44,7 @@ def test_the_bench_dispatcher_runs_dp_and_exits_zero(tmp_path):
     from fedslm.runconfig import PROJECT_ROOT
 
     out = tmp_path / "dp.json"
-    proc = subprocess.run([sys.executable, "-m", "simulations.bench", "dp", "--sizes", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "fedslm.simulations.bench", "dp", "--sizes", "tiny",
                            "--modes", "none", "--steps", "1", "--repeats", "1", "--warmup", "0",
                            "--passes", "1", "--batch-size", "2", "--seq-len", "16", "--json", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True)

@@ -13,8 +13,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.app.message.message import make_message
 
 from fedslm.config import ExperimentConfig
-from server.metrics import summarize
-from server.privacy import (
+from fedslm.server.metrics import summarize
+from fedslm.server.privacy import (
     PrivacyStateError,
     Release,
     load_server_privacy,
@@ -22,8 +22,8 @@ from server.privacy import (
     server_privacy_path,
     user_level_epsilon,
 )
-from server.privacy_rounds import RoundPrivacy, setup_privacy
-from server.strategy import build_strategy
+from fedslm.server.privacy_rounds import RoundPrivacy, setup_privacy
+from fedslm.server.strategy import build_strategy
 
 SHAPE = (50, 40)  # 2000 values per tensor, two tensors
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_sgd import make_private, plan_round, train_dp_sgd
-from client.privacy import BudgetExhausted, LedgerError, epsilon_of, ledger_path, load_ledger
-from client.train import make_training_setup, pack_texts, run_steps
+from fedslm.client.dp_sgd import make_private, plan_round, train_dp_sgd
+from fedslm.client.privacy import BudgetExhausted, LedgerError, epsilon_of, ledger_path, load_ledger
+from fedslm.client.train import make_training_setup, pack_texts, run_steps
 from fedslm.adapters import adapter_arrays
 from fedslm.config import PrivacyConfig, TrainingConfig
 
@@ -301,8 +301,8 @@ def test_poisson_sampling_does_not_follow_the_public_seed(make_peft, tiny_base, 
 def test_per_example_loss_is_the_mean_of_each_blocks_own_transformers_loss(tiny_base) -> None:
     """Shifting labels instead of slicing logits changes no number: each block's loss is
     what transformers computes for that block alone (pad targets ignored)."""
-    from client.dp_sgd import per_example_mean_loss
-    from client.train import IGNORE_INDEX
+    from fedslm.client.dp_sgd import per_example_mean_loss
+    from fedslm.client.train import IGNORE_INDEX
 
     model, _ = tiny_base
     torch.manual_seed(3)

@@ -51,9 +51,9 @@ def test_layers_import_one_way(layer):
 
 def test_the_check_catches_a_forbidden_import(tmp_path):
     """The rule is not vacuous: a server module importing the client is reported."""
-    (tmp_path / "bad.py").write_text("import os\nfrom client.train import train_local\n"
+    (tmp_path / "bad.py").write_text("import os\nfrom fedslm.client.train import train_local\n"
                                      "def f():\n    from fedslm.server import rounds\n")
-    assert violations(tmp_path, "server") == ["bad.py:2 imports client.train"]
-    assert violations(tmp_path, "fedslm") == ["bad.py:2 imports client.train",
+    assert violations(tmp_path, "server") == ["bad.py:2 imports fedslm.client.train"]
+    assert violations(tmp_path, "fedslm") == ["bad.py:2 imports fedslm.client.train",
                                               "bad.py:4 imports fedslm.server"]
     assert violations(tmp_path, "client") == ["bad.py:4 imports fedslm.server"]

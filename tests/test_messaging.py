@@ -12,7 +12,7 @@ import time
 from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from server.messaging import send_and_collect
+from fedslm.server.messaging import send_and_collect
 
 
 def instruction(node: int, rnd: int) -> Message:
@@ -99,7 +99,7 @@ def test_a_task_the_superlink_expired_is_a_timeout_and_an_offline_node_a_failure
 
 
 class FakeClock:
-    """Stands in for the ``time`` module of server.messaging: sleeping advances it."""
+    """Stands in for the ``time`` module of fedslm.server.messaging: sleeping advances it."""
 
     def __init__(self) -> None:
         self.now, self.sleeps = 0.0, []
@@ -113,7 +113,7 @@ class FakeClock:
 
 
 def test_polls_back_off_while_waiting_and_speed_up_after_a_reply(monkeypatch) -> None:
-    import server.messaging as messaging
+    import fedslm.server.messaging as messaging
 
     clock = FakeClock()
     monkeypatch.setattr(messaging, "time", clock)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from server.metrics import summarize
+from fedslm.server.metrics import summarize
 
 
 def test_summary_weights_by_examples_and_reports_spread() -> None:
@@ -25,7 +25,7 @@ def test_empty_round_has_no_metrics() -> None:
 
 
 def test_dropped_clients_get_a_row_each_with_why() -> None:
-    from server.metrics import dropped_rows
+    from fedslm.server.metrics import dropped_rows
 
     rows = dropped_rows("train", 2, failed={9: "Error: Node Unavailable\nmore"},
                         timed_out=[4, 3], rejected={5: "tensor x has non-finite values"})

@@ -17,20 +17,20 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.app import app
-from client.personal_state import (
+from fedslm.client.app import app
+from fedslm.client.personal_state import (
     STATE_FILE,
     PersonalStateError,
     personal_dir,
     load_personal,
     save_personal,
 )
-from client.task import evaluate, fit
+from fedslm.client.task import evaluate, fit
 from fedslm import adapters
 from fedslm.adapters import to_array_record
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
-from server.experiment import initial_adapter
+from fedslm.server.experiment import initial_adapter
 
 NUM_CLIENTS = 3
 
@@ -178,8 +178,8 @@ RESTART = """
 import json, sys, numpy as np
 from pathlib import Path
 from fedslm.config import ExperimentConfig
-from client.task import evaluate
-from client.personal_state import load_personal
+from fedslm.client.task import evaluate
+from fedslm.client.personal_state import load_personal
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.runtime import experiment_model
 cfg = ExperimentConfig.from_dict(json.loads(sys.argv[1]))

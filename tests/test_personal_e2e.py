@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from fedslm.config import ExperimentConfig
-from simulations import compare
-from simulations.run import run
+from fedslm.simulations import compare
+from fedslm.simulations.run import run
 
 
 @pytest.mark.e2e

@@ -9,9 +9,9 @@ import statistics
 import pytest
 
 from fedslm.config import TrackingConfig
-from server.personalization import PersonalizationReport, round_stats, spread
-from server.tracking import NoTracker, Tracker
-from simulations import compare
+from fedslm.server.personalization import PersonalizationReport, round_stats, spread
+from fedslm.server.tracking import NoTracker, Tracker
+from fedslm.simulations import compare
 
 
 def _row(pid: int, ppl: float, personal_ppl: float | None) -> dict:

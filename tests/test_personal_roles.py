@@ -114,7 +114,7 @@ def test_reset_to_init_touches_only_the_role(tiny_model_dir):
 
 def test_local_only_fresh_adapter_is_the_servers_initial_adapter(tiny_model_dir):
     server = _model(tiny_model_dir, "none")
-    torch.manual_seed(11)  # what server.experiment.initial_adapter does for training.seed=11
+    torch.manual_seed(11)  # what fedslm.server.experiment.initial_adapter does for training.seed=11
     for module in server.modules():
         if hasattr(module, "reset_lora_parameters"):
             for name in module.lora_A.keys():

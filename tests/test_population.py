@@ -11,11 +11,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app as client_app
-from client.handlers import node
+import fedslm.client.app as client_app
+from fedslm.client.handlers import node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
-from server.population import PopulationGrid
+from fedslm.server.population import PopulationGrid
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +125,7 @@ def test_supernodes_is_checked_by_key() -> None:
 
 
 def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
-    from simulations.launch import simulation_federation_config
+    from fedslm.simulations.launch import simulation_federation_config
 
     per_client = ExperimentConfig.from_dict({"federation": {"num_clients": 300}})
     pooled = ExperimentConfig.from_dict({"federation": {"num_clients": 10_000, "supernodes": 10}})
@@ -135,7 +135,7 @@ def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
 
 
 def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:
-    from simulations.preflight import hints
+    from fedslm.simulations.preflight import hints
 
     def cfg(**fed):
         return ExperimentConfig.from_dict({"federation": fed})

@@ -52,7 +52,7 @@ def test_fedprox_without_proximal_term_is_fine_under_dp_sgd(tmp_path: Path) -> N
 
 def test_the_cli_rejects_an_unsafe_combination_before_starting_anything(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "privacy=dp_sgd", "strategy=fedprox",
+        [sys.executable, "-m", "fedslm.simulations.run", "privacy=dp_sgd", "strategy=fedprox",
          f"hydra.run.dir={tmp_path}"],
         cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2

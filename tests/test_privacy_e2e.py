@@ -13,12 +13,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from client.dp_sgd import plan_round
-from client.privacy import PrivacyLedger, epsilon_of, ledger_path, load_ledger, save_ledger
+from fedslm.client.dp_sgd import plan_round
+from fedslm.client.privacy import PrivacyLedger, epsilon_of, ledger_path, load_ledger, save_ledger
 from fedslm.config import ExperimentConfig
 from fedslm.runtime import client_split, peft_model, token_blocks
-from server.privacy import Release, user_level_epsilon
-from simulations.launch import run_on_simulation
+from fedslm.server.privacy import Release, user_level_epsilon
+from fedslm.simulations.launch import run_on_simulation
 
 pytestmark = pytest.mark.e2e
 

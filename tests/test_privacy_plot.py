@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from simulations.privacy_plot import PLOT_KIND, PLOT_TAG, main, plot_experiment
+from fedslm.simulations.privacy_plot import PLOT_KIND, PLOT_TAG, main, plot_experiment
 
 
 def _run(client, exp_id, name, params, metrics, status="FINISHED"):

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from fedslm.config import ExperimentConfig
-from server.checkpoint import checkpoint_path, make_checkpoint, resume_state, save_checkpoint
-from server.experiment import privacy_state_hook
-from server.privacy import (expected_release, save_server_privacy, server_privacy_path,
+from fedslm.server.checkpoint import checkpoint_path, make_checkpoint, resume_state, save_checkpoint
+from fedslm.server.experiment import privacy_state_hook
+from fedslm.server.privacy import (expected_release, save_server_privacy, server_privacy_path,
                             user_level_epsilon)
-from server.privacy_rounds import setup_privacy
-from server.rounds import History
-from server.strategy import build_strategy
+from fedslm.server.privacy_rounds import setup_privacy
+from fedslm.server.rounds import History
+from fedslm.server.strategy import build_strategy
 
 ADAPTER = {"a.lora_A.weight": np.ones((2, 3), np.float32)}
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.handlers import node
-from client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
-from client.task import fit
+from fedslm.client.handlers import node
+from fedslm.client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
+from fedslm.client.task import fit
 from fedslm.adapters import adapter_arrays
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import peft_model
-from simulations.report import privacy_line
+from fedslm.simulations.report import privacy_line
 
 
 def _context(cfg: ExperimentConfig, **node_config) -> Context:

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.rounds import RoundPlan, run_rounds
+from fedslm.server.rounds import RoundPlan, run_rounds
 
 
 class Devices:

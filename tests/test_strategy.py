@@ -9,7 +9,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedslm.config import STRATEGIES, ExperimentConfig
-from server.strategy import build_strategy, screen_train_replies
+from fedslm.server.strategy import build_strategy, screen_train_replies
 
 EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
             "fedyogi": FedYogi, "fedadagrad": FedAdagrad}

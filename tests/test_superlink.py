@@ -8,8 +8,8 @@ import pytest
 
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.pki import init_dev_pki
-from server.superlink import SuperLinkError, TlsFiles, register_node, superlink_command, write_connection
-from simulations.preflight import preflight_deployment
+from fedslm.server.superlink import SuperLinkError, TlsFiles, register_node, superlink_command, write_connection
+from fedslm.simulations.preflight import preflight_deployment
 
 
 def flag(cmd: list[str], name: str) -> str:
@@ -81,7 +81,7 @@ def test_preflight_checks_the_ca_file_and_the_checkpoint_to_resume(tmp_path: Pat
 
 def test_submitted_paths_are_absolute_and_a_resume_writes_into_its_own_dir(tmp_path: Path,
                                                                           monkeypatch) -> None:
-    from simulations.run import absolute_paths
+    from fedslm.simulations.run import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = ExperimentConfig.from_dict({

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from client.task import evaluate, fit
+from fedslm.client.task import evaluate, fit
 from fedslm.adapters import parameter_role
 from fedslm.config import ConfigError, DataConfig, ExperimentConfig
 from fedslm.data import DataError, build_federated_texts
@@ -18,7 +18,7 @@ from fedslm.tasks import get_task, task_names
 from fedslm.tasks.base import IGNORE_INDEX
 from fedslm.tasks.classify import CONFUSION, scores_from_confusion
 from fedslm.tasks.instruct import encode_example, render_prompt
-from server.experiment import initial_adapter
+from fedslm.server.experiment import initial_adapter
 
 MESSAGES = [{"role": "user", "content": "Name the farmer's animal."},
             {"role": "assistant", "content": "the cattle"}]
@@ -236,7 +236,7 @@ def tiny_gpt2(tmp_path_factory, sentences=None):
 def test_auto_targets_take_peft_defaults_and_a_bad_list_fails_in_preflight(tiny_gpt2):
     from fedslm.config import PeftConfig
     from fedslm.model import ModelError, build_peft_model, load_base_model
-    from simulations.preflight import check_model_shape
+    from fedslm.simulations.preflight import check_model_shape
 
     cfg = ExperimentConfig.from_dict({"model": {"name_or_path": tiny_gpt2}})
     check_model_shape(cfg, tiny_gpt2)  # auto: c_attn

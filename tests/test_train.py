@@ -1,4 +1,4 @@
-"""client.train: packing, the lr schedule, local training (FedProx included) and evaluation."""
+"""fedslm.client.train: packing, the lr schedule, local training (FedProx included) and evaluation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from client import train as train_mod
-from client.train import (
+from fedslm.client import train as train_mod
+from fedslm.client.train import (
     IGNORE_INDEX,
     evaluate_lm,
     labels_for,

@@ -36,7 +36,7 @@ def test_two_threads_never_import_at_the_same_time(monkeypatch) -> None:
 
 def test_a_serverapp_whose_experiment_cannot_be_imported_writes_the_error(tmp_path: Path,
                                                                           monkeypatch) -> None:
-    import server.app as server_app
+    import fedslm.server.app as server_app
 
     def broken(name: str):
         raise ImportError(f"No module named {name!r}")
@@ -49,4 +49,4 @@ def test_a_serverapp_whose_experiment_cannot_be_imported_writes_the_error(tmp_pa
         server_app.main(None, context)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "error"
-    assert status["error"] == "ImportError: No module named 'server.experiment'"
+    assert status["error"] == "ImportError: No module named 'fedslm.server.experiment'"

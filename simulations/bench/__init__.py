@@ -1,4 +1,4 @@
 """Benchmarks that print figures (ratios against same-run baselines); not timed tests.
 
-``python -m simulations.bench <name> [--tiny] [--out PATH]``; see docs/benchmarks.md.
+``python -m fedslm.simulations.bench <name> [--tiny] [--out PATH]``; see docs/benchmarks.md.
 """

@@ -1,4 +1,4 @@
-"""``python -m simulations.bench <name> [options]``: run one benchmark, print its table,
+"""``python -m fedslm.simulations.bench <name> [options]``: run one benchmark, print its table,
 write its JSON (default outputs/bench/<name>.json). ``--help`` after a name for its options.
 """
 
@@ -9,16 +9,16 @@ import sys
 
 # name -> (module, what it measures); modules are imported only when chosen
 BENCHMARKS = {
-    "overhead": ("simulations.bench.overhead", "Flower simulation vs the same loop in one process"),
-    "dp": ("simulations.bench.dp_cost", "DP-SGD step time and peak memory vs non-DP"),
-    "comm": ("simulations.bench.comm", "bytes per client per round; compression quality cost"),
-    "scale": ("simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
-    "throughput": ("simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
+    "overhead": ("fedslm.simulations.bench.overhead", "Flower simulation vs the same loop in one process"),
+    "dp": ("fedslm.simulations.bench.dp_cost", "DP-SGD step time and peak memory vs non-DP"),
+    "comm": ("fedslm.simulations.bench.comm", "bytes per client per round; compression quality cost"),
+    "scale": ("fedslm.simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
+    "throughput": ("fedslm.simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: python -m simulations.bench <name> [options]", "", "benchmarks:"]
+    lines = ["usage: python -m fedslm.simulations.bench <name> [options]", "", "benchmarks:"]
     lines += [f"  {name:<11} {what}" for name, (_, what) in BENCHMARKS.items()]
     return "\n".join(lines)
 
@@ -49,7 +49,7 @@ def quiet() -> None:
     """Tables, not library chatter: no weight-loading bars, no deprecation warnings."""
     import warnings
 
-    from simulations.run import quiet_libraries
+    from fedslm.simulations.run import quiet_libraries
 
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)

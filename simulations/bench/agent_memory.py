@@ -1,7 +1,7 @@
 """Memory of a device agent while it trains: RSS of the SuperNode and its ClientApp.
 
-    python -m simulations.bench.agent_memory                      # tiny model, 2 devices
-    python -m simulations.bench.agent_memory --rounds 3 --local-steps 20 --out mem.json
+    python -m fedslm.simulations.bench.agent_memory                      # tiny model, 2 devices
+    python -m fedslm.simulations.bench.agent_memory --rounds 3 --local-steps 20 --out mem.json
 
 Runs a real local deployment (TLS SuperLink with node authentication, two agents on
 their own data) and samples /proc of device 1's process tree every 50 ms: the agent
@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.local_deployment import Deployment, descendants
+from fedslm.simulations.local_deployment import Deployment, descendants
 
 ROLES = (("flwr-clientapp", "clientapp"), ("flower-superexec", "superexec"),
-         ("flower-supernode", "supernode"), ("client.agent", "agent"))
+         ("flower-supernode", "supernode"), ("fedslm.client.agent", "agent"))
 
 
 def role_of(cmdline: str) -> str | None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedslm.config import COMPRESSION_METHODS as METHODS
-from simulations.bench.common import experiment, machine, run_engine, table, write_json
+from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 RANKS = (4, 8, 16)
 TARGET_REDUCTION = 200.0
@@ -123,7 +123,7 @@ def quality_runs(methods: tuple[str, ...], setting: dict[str, int], echo: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench comm", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench comm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)

@@ -278,12 +278,12 @@ class EngineRun:
 
 def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: float = 0.25,
                ray_cpus: int = 0) -> EngineRun:
-    """``simulations.launch``'s simulation run, with a timeline and process-tree sampling.
+    """``fedslm.simulations.launch``'s simulation run, with a timeline and process-tree sampling.
 
     ``ray_cpus`` > 0 caps the CPUs Ray may hand out (Flower's ``init-args-num-cpus``),
     hence the number of parallel workers: ``ray_cpus // client_num_cpus``.
     """
-    from simulations.launch import (
+    from fedslm.simulations.launch import (
         flwr_run,
         read_outcome,
         simulation_federation_config,

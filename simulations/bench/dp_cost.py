@@ -1,7 +1,7 @@
 """What DP-SGD costs on one client: step time and peak memory, plain vs Opacus hooks vs ghost.
 
-    python -m simulations.bench.dp_cost                       # tiny + small models, CPU
-    python -m simulations.bench.dp_cost --sizes small --batch-size 16 --seq-len 128 --json out.json
+    python -m fedslm.simulations.bench.dp_cost                       # tiny + small models, CPU
+    python -m fedslm.simulations.bench.dp_cost --sizes small --batch-size 16 --seq-len 128 --json out.json
 
 Each (model size, mode) runs in fresh processes (``--passes`` of them, interleaved with
 the other configurations, so a busy machine slows all alike), so peak memory is that
@@ -11,7 +11,7 @@ the peak resident set size while training minus the resident size before the fir
 sensitive to other load), is the median over ``--repeats`` timed blocks of ``--steps``
 steps after ``--warmup`` steps, then the median over passes; ratios are of CPU time.
 
-Same LoRA setup and training loop (``client.train.run_steps``) as the federated clients,
+Same LoRA setup and training loop (``fedslm.client.train.run_steps``) as the federated clients,
 and the same batches: by default the DP runs train on the plain run's fixed-size batches
 (Opacus's hooks, per-example clipping and noise, on the Poisson loader's expected batch
 size). A real DP-SGD client samples Poisson batches, whose size varies from step to step
@@ -73,8 +73,8 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     """One configuration, in the current process (``main`` gives each its own process)."""
     import torch
 
-    from client.dp_sgd import make_private
-    from client.train import make_training_setup, run_steps
+    from fedslm.client.dp_sgd import make_private
+    from fedslm.client.train import make_training_setup, run_steps
     from fedslm.config import TrainingConfig
 
     torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ does at evaluation time, then prints the mean per-client gain over the global ad
 (100 * (1 - ppl_personal / ppl_global), on each client's own test split) with its
 standard error and the share of clients improved::
 
-    python -m simulations.bench.finetune_grid --run-dir outputs/runs/<date>/<time> \\
+    python -m fedslm.simulations.bench.finetune_grid --run-dir outputs/runs/<date>/<time> \\
         --grid 0.003:5,0.001:5,0.0003:5,0.003:2,0.001:10
 
 Personal copies go to a temporary dir; the run dir is only read.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from client.personal import evaluate_personal
+from fedslm.client.personal import evaluate_personal
 from fedslm.adapters import ADAPTER_WEIGHTS_FILE
 from fedslm.config import ExperimentConfig
 

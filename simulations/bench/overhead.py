@@ -1,15 +1,15 @@
 """overhead: the same federated training on Flower's simulation engine vs one plain process.
 
 Both sides run the same steps with the same code: every round each of K clients loads the
-global adapter, trains S local steps (``client.task.fit``), the server averages by example
-count, every client evaluates on its test split (``client.task.evaluate``) and the server
+global adapter, trains S local steps (``fedslm.client.task.fit``), the server averages by example
+count, every client evaluates on its test split (``fedslm.client.task.evaluate``) and the server
 evaluates on the central set. The baseline does this in a loop in one fresh Python
 process with ``federation.client_num_cpus`` torch threads; the engine run adds everything
 Flower brings: SuperLink, simulation process (ServerApp thread, message routing), Ray
 and its workers, messages and their serialization. By default the engine gets one Ray
 worker (``--workers 1``), so both sides run the clients one after another on the same
 resources and the ratios measure overhead, not parallelism; ``--workers 0`` lets Flower
-start one worker per ``client_num_cpus`` cores, as ``simulations.run`` does.
+start one worker per ``client_num_cpus`` cores, as ``fedslm.simulations.run`` does.
 
 Ratios (engine / baseline):
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslm.config import TrainingConfig
-from simulations.bench.common import (
+from fedslm.simulations.bench.common import (
     ProcessTreeSampler,
     experiment,
     machine,
@@ -55,10 +55,10 @@ def baseline(cfg) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from client.task import evaluate, fit
+    from fedslm.client.task import evaluate, fit
     from fedslm.adapters import to_array_record
     from fedslm.data import central_test_texts
-    from server.experiment import initial_adapter, make_central_eval
+    from fedslm.server.experiment import initial_adapter, make_central_eval
 
     torch.set_num_threads(cfg.federation.client_num_cpus)
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def baseline(cfg) -> dict[str, Any]:
 
 def run_baseline_process(cfg) -> dict[str, Any]:
     """``baseline`` in a fresh interpreter, timed from spawn to exit (imports included)."""
-    cmd = [sys.executable, "-m", "simulations.bench.overhead", "--baseline-child",
+    cmd = [sys.executable, "-m", "fedslm.simulations.bench.overhead", "--baseline-child",
            json.dumps(cfg.to_dict())]
     start = time.monotonic()
     with ProcessTreeSampler() as sampler:
@@ -119,7 +119,7 @@ def steady(per_round: dict[int, float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench overhead", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)

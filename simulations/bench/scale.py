@@ -12,7 +12,7 @@ sampling ``--sampled`` clients per round for training and for evaluation. Per si
 Both should be flat in the population: what a round costs depends on the clients
 sampled, not on the clients registered. Each size runs twice: with one SuperNode per
 client (``federation.supernodes=0``, Flower's own mapping) and with ``--sampled``
-SuperNodes serving the whole population (``server.population``). Ratios are against the
+SuperNodes serving the whole population (``fedslm.server.population``). Ratios are against the
 smallest population on the same kind of nodes; "flat" means within ``FLAT`` of it.
 """
 
@@ -23,16 +23,16 @@ import sys
 import time
 from typing import Any
 
-from simulations.bench.common import experiment, machine, run_engine, table, write_json
+from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 FLAT = 1.2
 MIB = 2**20
 
 
 def preflight_seconds(cfg) -> float:
-    """The launcher's preflight on a cold cache (what ``simulations.run`` pays first)."""
+    """The launcher's preflight on a cold cache (what ``fedslm.simulations.run`` pays first)."""
     from fedslm.data import synthetic
-    from simulations.preflight import preflight
+    from fedslm.simulations.preflight import preflight
 
     synthetic._client.cache_clear()
     start = time.perf_counter()
@@ -73,7 +73,7 @@ def run_one(population: int, supernodes: int, sampled: int, rounds: int, steps: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench scale", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--populations", default="100,1000,10000")
     parser.add_argument("--sampled", type=int, default=10, help="clients per round")

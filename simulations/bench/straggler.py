@@ -1,6 +1,6 @@
 """What the server records for a straggling device, on a real local deployment.
 
-    python -m simulations.bench.straggler                 # 2 devices, 3 rounds, 25 s deadline
+    python -m fedslm.simulations.bench.straggler                 # 2 devices, 3 rounds, 25 s deadline
 
 Device 2's ClientApp is frozen (SIGSTOP) as soon as it starts round 1's training and thawed
 after round 1 has ended, like a device that stalls past the deadline and wakes up. The
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.local_deployment import Deployment, descendants
+from fedslm.simulations.local_deployment import Deployment, descendants
 
 
 def clientapp_of(agent_pid: int) -> int | None:

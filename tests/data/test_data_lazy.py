@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import simulations.preflight as preflight
+import fedslm.simulations.preflight as preflight
 from fedslm.config import DataConfig, ExperimentConfig
 from fedslm.data import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data import federated
