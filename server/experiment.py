@@ -39,6 +39,7 @@ from server.plots import plot_rounds
 from server.population import PopulationGrid
 from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
+from server.registry import best_round_hook, register_run, with_best_round
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
 from server.strategy import build_strategy
 from server.tracking import NoTracker, Tracker
@@ -121,8 +122,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
-                     on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
-                                                  run_id=run_id, hooks=state_hooks))
+                     on_round_end=with_best_round(
+                         round_end_saver(cfg, output_dir, strategy, history, tracker,
+                                         run_id=run_id, hooks=state_hooks),
+                         best_round_hook(cfg, output_dir, base_model=base_path)))
     try:
         # 5. rounds
         arrays, history = run_rounds(
@@ -139,10 +142,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
         personal_report.finish()
+        registered = (register_run(cfg, tracker, output_dir, adapter_dir, history.rounds)
+                      if cfg.tracking.register else None)
         summary = {"status": "ok", "rounds": history.rounds, "mlflow_uri": tracker.uri,
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,
                    "output_dir": str(output_dir)}
+        if registered is not None:
+            summary["registered"] = registered
         if privacy is not None:
             summary["privacy"] = privacy.summary()
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
