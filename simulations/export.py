@@ -27,7 +27,8 @@ from fedslm.export_formats import dir_bytes, load_hf, load_int8, save_hf, save_i
 from fedslm.gguf_export import GGUF_TYPES, GGUFError, read_back, write_gguf
 from fedslm.inference import InferenceError, latency_per_token, merged_model
 from fedslm.model import ModelError, count_parameters
-from simulations.generate import EXIT_BAD_INPUT, add_model_args, quiet
+from fedslm.generate_cli import EXIT_BAD_INPUT, quiet
+from simulations.generate import add_model_args
 
 FORMATS = ("hf", "int8", "gguf", "onnx")
 DEFAULT_MAX_QUALITY_LOSS = 2.0  # percent perplexity increase that earns a warning

@@ -229,3 +229,27 @@ def test_bad_input_is_one_line_and_exit_2(none_run, tmp_path, capsys):
 def test_sampling_settings_are_checked():
     with pytest.raises(InferenceError, match=r"^--top-p: must be in \(0, 1\], got 0.0$"):
         Sampling(top_p=0.0).check()
+
+
+def test_agent_generate_uses_the_devices_personal_model_offline(tmp_path, capsys):
+    from client import agent
+
+    make_run("dual", tmp_path)
+    spec = resolve(personal=str(tmp_path / "clients" / "0"))
+    model, tokenizer = spec.build()
+    expected = generate(model, tokenizer, "a doctor", Sampling(max_new_tokens=5))
+    assert agent.main(["generate", "--state-dir", str(tmp_path / "clients" / "0"),
+                       "--prompt", "a doctor", "--max-new-tokens", "5", "--no-stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert agent.main(["generate", "--state-dir", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --personal: {tmp_path / 'nothing'} is not a directory"]
+
+
+def test_fedslm_cli_dispatches_and_names_a_bad_command(none_run, capsys):
+    from simulations import cli
+
+    assert cli.main(["export", "--run", str(none_run), "--format", "onnx", "--out", "/tmp/none"]) == 2
+    assert "error: --format onnx: needs optimum[onnxruntime]" in capsys.readouterr().err
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err.strip() == "error: command: expected one of generate, export, got serve"
