@@ -318,6 +318,11 @@ class SuperNodeRunner:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["generate"]:  # the device's personal model, offline (client/generate.py)
+        from fedslm.client.generate import main as generate
+
+        return generate(args[1:])
     cfg = parse_args(argv)
     try:
         facts = check_inputs(cfg)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedslm.client.personal_state import PersonalState, load_personal, save_personal
+from fedslm.client.personal_state import PersonalState, load_personal, save_last_global, save_personal
 from fedslm.client.records import client_tensors, client_texts, round_seed, task_metrics
 from fedslm.client.train import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
@@ -130,6 +130,9 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
         return comparison_metrics(cfg, global_result, global_result, has_personal=False,
                                   personal_round=-1, partition_id=partition_id)
     load_adapter_arrays(model, state.arrays, "personal")
+    if method in ("split", "dual"):  # their personal model needs it: kept for offline use
+        save_last_global(client_dir, global_arrays, server_round=server_round,
+                         peft_cfg=cfg.peft, base_model=model_path(cfg.model, cfg.data.seed))
     return comparison_metrics(cfg, global_result, score(), has_personal=True,
                               personal_round=state.round, partition_id=partition_id)
 

@@ -85,3 +85,23 @@ def save_personal(client_dir: Path, arrays: Mapping[str, np.ndarray], *,
     return save_adapter(arrays, peft_cfg, base_model=base_model,
                         out_dir=personal_dir(client_dir),
                         extra_files={STATE_FILE: json.dumps(meta, indent=2)})
+
+
+LAST_GLOBAL_DIR = "last_global"  # the global adapter a split/dual device last received
+
+
+def save_last_global(client_dir: Path, arrays: Mapping[str, np.ndarray], *, server_round: int,
+                     peft_cfg: PeftConfig, base_model: str) -> Path:
+    """Keep the shared tensors the client last received for evaluation, beside its personal
+    adapter: a ``split``/``dual`` personal model is global + personal, and a device must be
+    able to use it offline (``fedslm-agent generate``) after the run. Received data only;
+    like everything in the state dir it is never sent."""
+    return save_adapter(arrays, peft_cfg, base_model=base_model,
+                        out_dir=Path(client_dir) / LAST_GLOBAL_DIR,
+                        extra_files={STATE_FILE: json.dumps({"round": int(server_round)})})
+
+
+def personal_method(client_dir: Path) -> str:
+    """The method that wrote the client's personal adapter ("" if it has none)."""
+    meta = personal_dir(client_dir) / STATE_FILE
+    return str(json.loads(meta.read_text()).get("method", "")) if meta.is_file() else ""

@@ -362,16 +362,34 @@ class PrivacyConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: ``uri`` "" means a sqlite store in the output root (absolute path)."""
+    """MLflow: ``uri`` "" means a sqlite store in the output root (absolute path).
+
+    ``register``: at the end of the run the global model (adapter merged into the base)
+    is logged as an MLflow pyfunc model that generates text and registered as a new
+    version of ``model_name`` in the Model Registry, with the final round's metrics as
+    tags. ``register_best_by`` (a round metric, e.g. ``central_loss``) registers the round
+    with the best value instead of the last: lowest for names containing ``loss`` or
+    ``perplexity``, highest otherwise; that round's adapter is kept in
+    ``<output_dir>/best_adapter/`` while the run goes (only the best one, only then).
+    """
 
     enabled: bool = True
     uri: str = ""
     experiment: str = "fedslm"
     run_name: str = ""
+    register: bool = False
+    model_name: str = ""
+    register_best_by: str = ""
 
     def check(self, at: str) -> None:
         if self.enabled and not self.experiment:
             _fail(f"{at}.experiment", "must not be empty")
+        if self.register and not self.enabled:
+            _fail(f"{at}.register", "needs tracking.enabled=true (the registry is MLflow's)")
+        if self.register and not self.model_name.strip():
+            _fail(f"{at}.model_name", "must name the registered model when tracking.register=true")
+        if self.register_best_by and not self.register:
+            _fail(f"{at}.register_best_by", "is only used with tracking.register=true")
 
 
 PERSONALIZATION_METHODS = ("none", "local_only", "finetune", "split", "dual")

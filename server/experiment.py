@@ -40,6 +40,7 @@ from fedslm.server.plots import plot_confusion, plot_rounds
 from fedslm.server.population import PopulationGrid
 from fedslm.server.privacy import ServerPrivacyState
 from fedslm.server.privacy_rounds import setup_privacy
+from fedslm.server.registry import best_round_hook, register_run, with_best_round
 from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
@@ -161,8 +162,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      privacy=privacy, task=get_task(cfg.task.name), class_names=class_names(cfg),
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
-                     on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
-                                                  run_id=run_id, hooks=state_hooks))
+                     on_round_end=with_best_round(
+                         round_end_saver(cfg, output_dir, strategy, history, tracker,
+                                         run_id=run_id, hooks=state_hooks),
+                         best_round_hook(cfg, output_dir, base_model=base_path)))
     try:
         # 5. rounds
         arrays, history = run_rounds(
@@ -187,6 +190,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
         personal_report.finish()
+        registered = (register_run(cfg, tracker, output_dir, adapter_dir, history.rounds)
+                      if cfg.tracking.register else None)
         summary = {"status": "ok", "task": cfg.task.name, "rounds": history.rounds,
                    "data_notes": list(data_notes(cfg.data, num_clients=cfg.federation.num_clients,
                                                  task=cfg.task.name)),
@@ -194,6 +199,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,
                    "output_dir": str(output_dir)}
+        if registered is not None:
+            summary["registered"] = registered
         if privacy is not None:
             summary["privacy"] = privacy.summary()
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

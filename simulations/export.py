@@ -1,0 +1,199 @@
+"""Export a trained model (global or personal) for use outside FedSLM, with a report.
+
+    python -m fedslm.simulations.export --run outputs/runs/<date>/<time> --format hf   --out exports/hf
+    python -m fedslm.simulations.export --run <run> --client 3 --format int8 --out exports/c3-int8
+    python -m fedslm.simulations.export --run <run> --format gguf --gguf-type q8_0 --out exports/gguf
+
+The adapter(s) are merged into the base (``merge_and_unload``), the model is written in
+the format, read back from what was written, and ``report.json`` + ``report.md`` in
+``--out`` state: file size, parameters, loss/perplexity/accuracy on the central test
+split (global) or the client's own test split (personal) before export (base + adapter)
+and after (the exported files), CPU latency per generated token (median of
+``--latency-runs``, prompt length and threads stated) of the export and of the fp32
+merged model measured in the same process, and a warning when perplexity rises by more
+than ``--max-quality-loss`` percent. Bad input: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+from fedslm.export_formats import dir_bytes, load_hf, load_int8, save_hf, save_int8
+from fedslm.gguf_export import GGUF_TYPES, GGUFError, read_back, write_gguf
+from fedslm.inference import InferenceError, latency_per_token, merged_model
+from fedslm.model import ModelError, count_parameters
+from fedslm.generate_cli import EXIT_BAD_INPUT, quiet
+from fedslm.simulations.generate import add_model_args
+
+FORMATS = ("hf", "int8", "gguf", "onnx")
+DEFAULT_MAX_QUALITY_LOSS = 2.0  # percent perplexity increase that earns a warning
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedslm export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--gguf-type", default="q8_0", help=f"{' | '.join(GGUF_TYPES)} (gguf only)")
+    parser.add_argument("--max-quality-loss", type=float, default=DEFAULT_MAX_QUALITY_LOSS,
+                        help="warn when perplexity rises by more than this many percent")
+    parser.add_argument("--latency-runs", type=int, default=5, help="0 skips the latency measurement")
+    parser.add_argument("--latency-prompt-tokens", type=int, default=32)
+    parser.add_argument("--latency-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the latency runs")
+    return parser.parse_args(argv)
+
+
+def check_format(args: argparse.Namespace) -> None:
+    if args.format not in FORMATS:
+        raise InferenceError(f"--format: unknown value {args.format!r}; expected one of {', '.join(FORMATS)}")
+    if args.format == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+            import optimum.exporters.onnx  # noqa: F401
+        except ImportError:
+            raise InferenceError("--format onnx: needs optimum[onnxruntime], which is not "
+                                 "installed here (hf, int8 and gguf work)") from None
+        raise InferenceError("--format onnx: not implemented yet (hf, int8 and gguf work)")
+    if args.gguf_type not in GGUF_TYPES:
+        raise InferenceError(f"--gguf-type: unknown value {args.gguf_type!r}; expected one of {', '.join(GGUF_TYPES)}")
+
+
+def export(args: argparse.Namespace) -> dict:
+    from fedslm.simulations.model_source import eval_texts, resolve, score
+
+    check_format(args)
+    spec = resolve(run=args.run, client=args.client, personal=args.personal,
+                   tracking_uri=args.tracking_uri)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise InferenceError(f"--out: {out} exists and is not empty")
+    model, tokenizer = spec.build()
+    texts = eval_texts(spec)
+    before = score(spec, model, tokenizer, texts)
+    merged = merged_model(model)
+    params = count_parameters(merged)[1]
+    latency = {}
+    if args.latency_runs:
+        latency["fp32_merged"] = _latency(args, merged, tokenizer)
+    if args.format == "hf":
+        save_hf(merged, tokenizer, out)
+        exported, _ = load_hf(out)
+        files = out
+    elif args.format == "int8":
+        save_int8(copy.deepcopy(merged), tokenizer, out)
+        exported, _ = load_int8(out)
+        files = out
+    else:
+        files = write_gguf(merged, tokenizer, out / "model.gguf", qtype=args.gguf_type)
+        tokenizer.save_pretrained(str(out / "tokenizer"))  # for reading the file back
+        exported = read_back(files, copy.deepcopy(merged))
+    after = score(spec, exported, tokenizer, texts)
+    if args.latency_runs:
+        if args.format == "gguf":
+            latency["export"] = _gguf_latency(args, files)
+        else:
+            latency["export"] = _latency(args, exported, tokenizer)
+    report = _report(args, spec, files, params, before, after, latency, len(texts))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def _latency(args, model, tokenizer) -> dict:
+    return latency_per_token(model, tokenizer, prompt_tokens=args.latency_prompt_tokens,
+                             new_tokens=args.latency_new_tokens, runs=args.latency_runs,
+                             threads=args.threads)
+
+
+def _gguf_latency(args, path: Path) -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"unavailable": "llama-cpp-python is not installed (no wheel for this "
+                               "platform; it builds from source)"}
+    import statistics
+    import time
+
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, verbose=False)
+    prompt = list(range(4, 4 + args.latency_prompt_tokens))
+    times = []
+    for _ in range(args.latency_runs + 1):
+        start = time.perf_counter()
+        llm.create_completion(prompt, max_tokens=args.latency_new_tokens, temperature=0.0)
+        times.append((time.perf_counter() - start) / args.latency_new_tokens)
+    return {"seconds_per_token": statistics.median(times[1:]), "runs": args.latency_runs,
+            "threads": args.threads, "prompt_tokens": args.latency_prompt_tokens,
+            "new_tokens": args.latency_new_tokens}
+
+
+def _report(args, spec, files: Path, params: int, before, after, latency, n_texts) -> dict:
+    split = ("central test split" if spec.partition_id is None
+             else f"client {spec.partition_id} test split")
+    report = {
+        "format": args.format if args.format != "gguf" else f"gguf ({args.gguf_type})",
+        "model": spec.label, "method": spec.method,
+        "run": str(spec.run_dir) if spec.run_dir else "", "base_model": spec.base_path,
+        "out": str(Path(args.out).expanduser()), "size_bytes": dir_bytes(files),
+        "parameters": params,
+        "quality": {"split": split if before else "none (no run config: pass --run)",
+                    "texts": n_texts, "before": before, "after": after},
+        "max_quality_loss_pct": args.max_quality_loss, "latency": latency, "warning": "",
+    }
+    if before and after:
+        change = 100.0 * (after["perplexity"] / before["perplexity"] - 1.0)
+        report["quality"]["perplexity_change_pct"] = change
+        if not math.isfinite(change) or change > args.max_quality_loss:
+            report["warning"] = (f"perplexity rose {change:.2f}% ({before['perplexity']:.4f} -> "
+                                 f"{after['perplexity']:.4f}), above --max-quality-loss "
+                                 f"{args.max_quality_loss}%")
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    q = report["quality"]
+    lines = [f"# Export: {report['model']} ({report['method']}) as {report['format']}", "",
+             f"- size: {report['size_bytes']:,} bytes; parameters: {report['parameters']:,}",
+             f"- quality on the {q['split']}:"]
+    for when in ("before", "after"):
+        if q.get(when):
+            v = q[when]
+            lines.append(f"  - {when}: loss {v['loss']:.4f}, perplexity {v['perplexity']:.4f}, "
+                         f"accuracy {v['accuracy']:.4f} ({v['tokens']} tokens)")
+    if "perplexity_change_pct" in q:
+        lines.append(f"  - perplexity change: {q['perplexity_change_pct']:+.3f}% "
+                     f"(threshold {report['max_quality_loss_pct']}%)")
+    for name, lat in report["latency"].items():
+        if "seconds_per_token" in lat:
+            lines.append(f"- latency {name}: {1000 * lat['seconds_per_token']:.2f} ms/token "
+                         f"(median of {lat['runs']}, prompt {lat['prompt_tokens']} tokens, "
+                         f"{lat['new_tokens']} new, {lat['threads']} thread(s))")
+        else:
+            lines.append(f"- latency {name}: n/a ({lat['unavailable']})")
+    if report["warning"]:
+        lines.append(f"- WARNING: {report['warning']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet()
+    args = parse_args(argv)
+    try:
+        report = export(args)
+    except (InferenceError, ModelError, GGUFError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(report_markdown(report), end="")
+    if report["warning"]:
+        print(f"warning: {report['warning']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
