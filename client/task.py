@@ -18,6 +18,7 @@ from client.personal_state import resolve_state_dir
 from client.privacy import BudgetExhausted
 from client.train import evaluate_lm, train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
+from fedslm.audit.canaries import with_canaries
 from fedslm.config import ExperimentConfig
 from fedslm.data.local import local_split
 from fedslm.runtime import client_split, experiment_model, token_blocks
@@ -36,8 +37,8 @@ def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path
     if data_path:
         return getattr(local_split(data_path, text_key=cfg.data.text_key,
                                    test_fraction=cfg.data.test_fraction, seed=cfg.data.seed), split)
-    return getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
-                                partition_id=partition_id), split)
+    return getattr(with_canaries(cfg, partition_id, client_split(  # privacy.audit's canaries
+        cfg.data, num_clients=cfg.federation.num_clients, partition_id=partition_id)), split)
 
 
 def train_metrics(result, blocks: torch.Tensor, partition_id: int) -> Metrics:
