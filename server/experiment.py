@@ -139,6 +139,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
         personal_report.finish()
+        if cfg.privacy.audit:  # empirical privacy audit + privacy report (server/audit.py)
+            from server.audit import audit_and_report  # sklearn: only runs that audit load it
+
+            audit_and_report(cfg, output_dir, {k: v.numpy() for k, v in arrays.items()}, tracker)
         summary = {"status": "ok", "rounds": history.rounds, "mlflow_uri": tracker.uri,
                    "mlflow_run_id": run_id, "mlflow_experiment_id": tracker.experiment_id,
                    "adapter_dir": str(adapter_dir), "base_model": base_path,
