@@ -54,12 +54,15 @@ def privacy_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def utility(rounds: list[dict[str, float]]) -> dict[str, float]:
-    last = {}
+    """Last reported quality, and the first perplexity (round 0: before training) beside it."""
+    out = {}
     for key in ("eval_loss", "eval_perplexity", "central_loss", "central_perplexity"):
         values = [r[key] for r in rounds if key in r]
         if values:
-            last[key] = values[-1]
-    return last
+            out[key] = values[-1]
+            if key.endswith("perplexity") and len(values) > 1:
+                out[f"{key}_initial"] = values[0]
+    return out
 
 
 def build_report(cfg: ExperimentConfig, rounds: list[dict[str, float]],

@@ -58,7 +58,7 @@ def test_untrained_adapter_audit_and_report(tmp_path: Path):
     for reps in (1, 4):
         assert 0.0 <= audit[f"audit_exposure_rep{reps}"] <= 5.0
     assert (report["mode"], report["epsilon_sample_level"], report["delta"]) == ("none", 2.25, 1e-3)
-    assert report["utility"] == {"eval_perplexity": 8.5}
+    assert report["utility"] == {"eval_perplexity": 8.5, "eval_perplexity_initial": 9.0}
     assert json.loads((out / REPORT_JSON).read_text())["audit"] == audit
     assert "| audit_mia_loss_auc |" in (out / REPORT_MD).read_text()
     assert (out / REPORT_PLOT).stat().st_size > 0

@@ -8,7 +8,7 @@ block), canary exposure per repetition count, membership-inference AUC and TPR a
 (loss-threshold and reference-calibrated), and the epsilon lower bound the better attack
 implies at the run's delta (95% Clopper-Pearson)::
 
-    python -m simulations.bench audit                       # none, z=1.5, 3, 5 (~5-8 min)
+    python -m simulations.bench audit                       # none, z=1.2, 2, 5 (~6-8 min)
     python -m simulations.bench audit --noise 1.5 --tiny    # smoke: 2 clients x 1 round
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from simulations.bench.common import experiment, machine, run_engine, table, write_json
 
-COLUMNS = ["privacy", "epsilon", "ppl", "exp@1", "exp@4", "exp@16", "exp_max@16", "ceiling",
+COLUMNS = ["privacy", "epsilon", "ppl0", "ppl", "exp@1", "exp@4", "exp@16", "exp_max@16", "ceiling",
            "auc_loss", "auc_cal", "tpr1%_loss", "tpr1%_cal", "eps_lb"]
 
 
@@ -29,6 +29,7 @@ def setting_overrides(args: argparse.Namespace, noise: float | None) -> dict[str
     overrides: dict[str, Any] = {
         "federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
         "training.local_steps": args.steps, "data.docs_per_client": args.docs,
+        "data.test_fraction": args.test_fraction,
         "privacy.audit": True, "audit.canaries": args.canaries,
         "audit.canary_clients": list(range(args.clients)), "audit.candidates": args.candidates,
     }
@@ -41,6 +42,7 @@ def row_of(report: dict[str, Any], label: str) -> dict[str, Any]:
     a = report["audit"]
     return {
         "privacy": label, "epsilon": report.get("epsilon_sample_level", float("inf")),
+        "ppl0": report["utility"].get("eval_perplexity_initial"),
         "ppl": report["utility"].get("eval_perplexity"),
         "exp@1": a.get("audit_exposure_rep1"), "exp@4": a.get("audit_exposure_rep4"),
         "exp@16": a.get("audit_exposure_rep16"), "exp_max@16": a.get("audit_exposure_rep16_max"),
@@ -55,13 +57,15 @@ def row_of(report: dict[str, Any], label: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40, help="local steps per round")
-    parser.add_argument("--docs", type=int, default=24, help="documents per client")
-    parser.add_argument("--canaries", type=int, default=2, help="per client and repetition count")
+    parser.add_argument("--steps", type=int, default=20, help="local steps per round")
+    parser.add_argument("--docs", type=int, default=40, help="documents per client")
+    parser.add_argument("--test-fraction", type=float, default=0.5,
+                        help="held-out share per client: the non-members (0.5: as many as members)")
+    parser.add_argument("--canaries", type=int, default=1, help="per client and repetition count")
     parser.add_argument("--candidates", type=int, default=999)
-    parser.add_argument("--noise", default="1.5,3,5",
+    parser.add_argument("--noise", default="1.2,2,5",
                         help="DP-SGD noise multipliers, comma-separated ('' = no DP run only)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without DP")
     parser.add_argument("--tiny", action="store_true", help="2 clients x 1 round x 2 steps")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": round(run.wall, 1)})
     print(table(rows, COLUMNS))
     path = write_json("audit", {"machine": machine(), "setting": {
-        k: getattr(args, k) for k in ("clients", "rounds", "steps", "docs", "canaries",
+        k: getattr(args, k) for k in ("clients", "rounds", "steps", "docs", "test_fraction", "canaries",
                                       "candidates")}, "rows": rows}, args.out)
     print(f"JSON: {path}")
     return 0
