@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from fedslm.audit.canaries import make_canaries
+from fedslm.audit.metrics import epsilon_lower_bound_ci
 from fedslm.config import ExperimentConfig
 from server.audit import REPORT_JSON, REPORT_MD, REPORT_PLOT, audit_and_report
 from server.experiment import initial_adapter
@@ -54,6 +55,9 @@ def test_untrained_adapter_audit_and_report(tmp_path: Path):
     assert audit["audit_mia_calibrated_tpr_at_1pct_fpr"] == 0.0
     assert audit["audit_mia_members"] == 2 * 5 and audit["audit_mia_non_members"] == 2 * 1
     assert audit["audit_delta"] == 1e-3
+    assert audit["audit_eps_lower_bound"] == 0.0  # neither attack beats chance with certainty
+    assert audit["audit_eps_lower_bound_ceiling"] == pytest.approx(epsilon_lower_bound_ci(
+        false_negatives=0, members=10, false_positives=0, non_members=2, delta=1e-3))
     assert audit["audit_exposure_ceiling"] == 5.0  # log2(31 + 1)
     for reps in (1, 4):
         assert 0.0 <= audit[f"audit_exposure_rep{reps}"] <= 5.0

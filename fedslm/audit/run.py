@@ -16,7 +16,8 @@ import numpy as np
 from fedslm.adapters import load_adapter_arrays, reset_to_init
 from fedslm.audit.attack import calibrated_scores, loss_scores, mean_nll, text_nll
 from fedslm.audit.canaries import candidate_texts, make_canaries
-from fedslm.audit.metrics import best_epsilon_lower_bound, exposure, roc_auc, tpr_at_fpr
+from fedslm.audit.metrics import (best_epsilon_lower_bound, epsilon_lower_bound_ci, exposure,
+                                  roc_auc, tpr_at_fpr)
 from fedslm.config import ExperimentConfig
 from fedslm.data import load_client_split
 from fedslm.runtime import experiment_model
@@ -82,4 +83,8 @@ def membership_inference(cfg: ExperimentConfig, model, tokenizer, *, delta: floa
         out[f"audit_mia_{name}_tpr_at_1pct_fpr"] = tpr_at_fpr(m, nm, max_fpr=0.01)
         bounds.append(best_epsilon_lower_bound(m, nm, delta=delta, confidence=0.95))
     out["audit_eps_lower_bound"] = max(bounds)
+    # what a perfect attack would certify with this many records: the audit's reach
+    out["audit_eps_lower_bound_ceiling"] = epsilon_lower_bound_ci(
+        false_negatives=0, members=n, false_positives=0, non_members=len(non_members),
+        delta=delta, confidence=0.95)
     return out
