@@ -29,6 +29,8 @@ UNITS = {
     "dp_sgd": "record = one packed block of training.seq_len tokens of a client's train texts",
     "dp_fedavg": "client = everything one client contributes, over all rounds",
 }
+# Mean exposure of a canary the model did not memorise (uniform rank over N): ~log2(e)
+CHANCE_EXPOSURE = 1 / math.log(2)
 EPSILON_COLUMNS = (("dp_epsilon_sample_max", "epsilon_sample_level"),
                    ("dp_epsilon_user", "epsilon_user_level"))
 
@@ -120,9 +122,12 @@ def plot_privacy_utility(rounds: list[dict[str, float]], report: Mapping[str, An
         ax_exp.bar(x - 0.2, [audit[f"audit_exposure_rep{r}"] for r in reps], 0.4, label="mean")
         ax_exp.bar(x + 0.2, [audit[f"audit_exposure_rep{r}_max"] for r in reps], 0.4, label="max")
         ax_exp.axhline(audit["audit_exposure_ceiling"], color="k", linestyle=":", label="ceiling")
-        ax_exp.axhline(1.0, color="grey", linestyle="--", label="chance ~1")
+        ax_exp.axhline(CHANCE_EXPOSURE, color="grey", linestyle="--",
+                       label=f"chance (mean) {CHANCE_EXPOSURE:.2f}")
         ax_exp.set_xticks(x, [str(r) for r in reps])
-    ax_exp.set(title=f"Canary exposure (MIA AUC {audit.get('audit_mia_loss_auc', float('nan')):.3f})",
+    auc = "/".join(f"{audit[f'audit_mia_{k}_auc']:.3f}" for k in ("loss", "calibrated")
+                   if f"audit_mia_{k}_auc" in audit)
+    ax_exp.set(title=f"Canary exposure (MIA AUC loss/calibrated {auc})",
                xlabel="repetitions in training", ylabel="exposure (bits)")
     for ax in (ax_pu, ax_exp):
         ax.grid(alpha=0.3)
