@@ -132,7 +132,7 @@ def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -
     from simulations.bench.common import experiment
 
     args = argparse.Namespace(clients=3, rounds=2, steps=4, docs=8, test_fraction=0.5, canaries=1,
-                              candidates=63)
+                              candidates=63, shakespeare="", mia_records=100)
     cfg = experiment(setting_overrides(args, 2.0), run_name="audit-test")
     assert (cfg.privacy.mode, cfg.privacy.noise_multiplier, cfg.privacy.audit) == ("dp_sgd", 2.0, True)
     assert cfg.audit.canary_clients == [0, 1, 2] and cfg.audit.candidates == 63

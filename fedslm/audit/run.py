@@ -38,7 +38,7 @@ def run_audit(cfg: ExperimentConfig, arrays: Mapping[str, np.ndarray], *, delta:
     max_tokens = int(getattr(model.config, "max_position_embeddings", 256) or 256)
     out: dict[str, float] = {"audit_delta": delta}
     inserted = cfg.privacy.audit if canaries_inserted is None else canaries_inserted
-    if inserted and cfg.audit.canaries > 0:
+    if inserted and cfg.audit.canaries > 0 and cfg.audit.canary_clients:
         out.update(canary_exposure(cfg, model, tokenizer, max_tokens=max_tokens))
     out.update(membership_inference(cfg, model, tokenizer, delta=delta, max_tokens=max_tokens))
     return out

@@ -10,6 +10,7 @@ implies at the run's delta (95% Clopper-Pearson)::
 
     python -m simulations.bench audit                       # none, z=1.2, 2, 5 (~6-8 min)
     python -m simulations.bench audit --noise 1.5 --tiny    # smoke: 2 clients x 1 round
+    python -m simulations.bench audit --shakespeare ../shared/data/tinyshakespeare.txt --noise 2
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def setting_overrides(args: argparse.Namespace, noise: float | None) -> dict[str
         "privacy.audit": True, "audit.canaries": args.canaries,
         "audit.canary_clients": list(range(args.clients)), "audit.candidates": args.candidates,
     }
+    if args.shakespeare:  # one client per speaker; at most mia_records texts per client audited
+        overrides.update({"data.source": "shakespeare", "data.path": args.shakespeare,
+                          "audit.mia_records": args.mia_records})
     if noise is not None:
         overrides.update({"privacy.mode": "dp_sgd", "privacy.noise_multiplier": noise})
     return overrides
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=999)
     parser.add_argument("--noise", default="1.2,2,5",
                         help="DP-SGD noise multipliers, comma-separated ('' = no DP run only)")
+    parser.add_argument("--shakespeare", default="", metavar="PATH",
+                        help="tinyshakespeare.txt: clients are speakers instead of synthetic")
+    parser.add_argument("--mia-records", type=int, default=100,
+                        help="with --shakespeare: members and non-members per client")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without DP")
     parser.add_argument("--tiny", action="store_true", help="2 clients x 1 round x 2 steps")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
@@ -94,6 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, COLUMNS))
     path = write_json("audit", {"machine": machine(), "setting": {
         k: getattr(args, k) for k in ("clients", "rounds", "steps", "docs", "test_fraction", "canaries",
-                                      "candidates")}, "rows": rows}, args.out)
+                                      "candidates", "shakespeare")}, "rows": rows}, args.out)
     print(f"JSON: {path}")
     return 0
