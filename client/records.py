@@ -7,6 +7,7 @@ one place both training paths read from.
 
 from __future__ import annotations
 
+from fedslm.audit.canaries import with_canaries
 from fedslm.config import ExperimentConfig
 from fedslm.data.local import local_split
 from fedslm.runtime import client_split, encoded, experiment_model
@@ -24,8 +25,9 @@ def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path
     if data_path:
         return getattr(local_split(data_path, test_fraction=cfg.data.test_fraction,
                                    seed=cfg.data.seed, task=cfg.task.name, data=cfg.data), split)
-    return getattr(client_split(cfg.data, num_clients=cfg.federation.num_clients,
-                                partition_id=partition_id, task=cfg.task.name), split)
+    return getattr(with_canaries(cfg, partition_id, client_split(  # privacy.audit's canaries
+        cfg.data, num_clients=cfg.federation.num_clients, partition_id=partition_id,
+        task=cfg.task.name)), split)
 
 
 def client_tensors(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer, data_path: str = ""):

@@ -315,6 +315,9 @@ class PrivacyConfig:
     ``clipped_count_stddev`` (0 = sampled clients / 20). Accounted with ``rdp`` (dp-accounting),
     with amplification by client sampling. ``max_epsilon`` > 0 is a hard budget: a client
     (dp_sgd) or the server (dp_fedavg) stops before a round that would exceed it.
+    ``audit`` plants the canaries of ``audit.*`` in the chosen clients' training texts and,
+    at the end of the run, measures what the final global adapter leaks (canary
+    exposure, membership inference, the epsilon lower bound they imply; docs/privacy.md).
     """
 
     mode: str = "none"
@@ -331,6 +334,7 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_norm_lr: float = 0.2
     clipped_count_stddev: float = 0.0
+    audit: bool = False
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.mode", self.mode, PRIVACY_MODES)
@@ -453,6 +457,46 @@ class TaskConfig:
         _non_negative(f"{at}.logged_examples", self.logged_examples)
 
 
+@dataclass
+class AuditConfig:
+    """The empirical privacy audit run when ``privacy.audit`` is true (``fedslm.audit``).
+
+    Canaries (Carlini et al., "The Secret Sharer"): for every count in ``repetitions``,
+    ``canaries`` secrets ``template`` with ``{secret}`` = ``secret_length`` random digits
+    are added that many times to the train texts of each client in ``canary_clients``;
+    each one's exposure is its rank among ``candidates`` random secrets of the same
+    template. Membership inference uses each client's train texts as members and its
+    test texts as non-members, at most ``mia_records`` of each per client (0 = all).
+    ``seed`` draws the canaries, the candidates and where the canaries go.
+    """
+
+    canaries: int = 2
+    repetitions: list[int] = field(default_factory=lambda: [1, 4, 16])
+    canary_clients: list[int] = field(default_factory=lambda: [0])
+    template: str = "my secret code is {secret}"
+    secret_length: int = 6
+    candidates: int = 999
+    mia_records: int = 0
+    seed: int = 0
+
+    def check(self, at: str) -> None:
+        if self.canaries < 0:
+            _fail(f"{at}.canaries", f"must be >= 0, got {self.canaries}")
+        if not self.repetitions or min(self.repetitions) < 1:
+            _fail(f"{at}.repetitions", f"must be counts >= 1, got {self.repetitions}")
+        if min(self.canary_clients, default=0) < 0:
+            _fail(f"{at}.canary_clients", f"must be partition ids >= 0, got {self.canary_clients}")
+        if self.template.count("{secret}") != 1:
+            _fail(f"{at}.template", f"must hold {{secret}} exactly once, got {self.template!r}")
+        if not 1 <= self.secret_length <= 18:
+            _fail(f"{at}.secret_length", f"must be in 1..18 digits, got {self.secret_length}")
+        space = 10 ** self.secret_length
+        if not 1 <= self.candidates <= min(100_000, space - 1 - self.canaries * len(self.repetitions)):
+            _fail(f"{at}.candidates", f"must be in 1..100000 and leave room in the {space} "
+                  f"secrets of audit.secret_length={self.secret_length}, got {self.candidates}")
+        _non_negative(f"{at}.mia_records", self.mia_records)
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -490,6 +534,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -519,6 +564,7 @@ class ExperimentConfig:
         from fedslm.tasks.registry import get_task
 
         get_task(self.task.name).check(self)
+        check_audit_combination(self)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")
@@ -563,6 +609,23 @@ def check_privacy_combination(cfg: ExperimentConfig) -> None:
                   f"{sampled} sampled clients / 20)")
 
 
+def check_audit_combination(cfg: ExperimentConfig) -> None:
+    """The audit regenerates every client's texts, so it needs simulated clients."""
+    if not cfg.privacy.audit:
+        return
+    if cfg.federation.engine != "simulation":
+        _fail("privacy.audit", "needs federation.engine=simulation: the audit regenerates each "
+              "client's train/test texts, which on real devices never leave them")
+    if cfg.task.name != "causal_lm":
+        _fail("privacy.audit", f"audits text likelihoods (canaries, membership by loss) and "
+              f"runs with task.name=causal_lm only, not {cfg.task.name}")
+    n = cfg.federation.num_clients
+    outside = [c for c in cfg.audit.canary_clients if c >= n]
+    if outside:
+        _fail("audit.canary_clients", f"client {outside[0]} is outside 0..{n - 1} "
+              f"(federation.num_clients={n})")
+
+
 def _build(cls: type, data: Any, at: str) -> Any:
     if not isinstance(data, dict):
         _fail(at or "<root>", f"expected a mapping, got {type(data).__name__}")
@@ -583,8 +646,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _build(hint, value, key)
     origin = typing.get_origin(hint)
     if origin is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # Flower's run config carries lists comma-joined
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            if typing.get_args(hint)[0] is int:
+                return [_coerce(int, int(v) if v.lstrip("-").isdigit() else v, key) for v in items]
+            return items
         if isinstance(value, (list, tuple)):
             return [_coerce(typing.get_args(hint)[0], v, key) for v in value]
         _fail(key, f"expected a list, got {value!r}")

@@ -190,6 +190,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             tracker.log_artifact(output_dir / name)
         tracker.log_artifact(adapter_dir, "adapter")
         personal_report.finish()
+        if cfg.privacy.audit:  # empirical privacy audit + privacy report (server/audit.py)
+            from fedslm.server.audit import audit_and_report  # sklearn: only runs that audit load it
+
+            audit_and_report(cfg, output_dir, {k: v.numpy() for k, v in arrays.items()}, tracker)
         registered = (register_run(cfg, tracker, output_dir, adapter_dir, history.rounds)
                       if cfg.tracking.register else None)
         summary = {"status": "ok", "task": cfg.task.name, "rounds": history.rounds,

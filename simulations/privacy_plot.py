@@ -8,7 +8,10 @@ Each finished run contributes its last logged epsilon (sample-level: the max ove
 clients; user-level: the server's) and its last perplexity (central held-out if logged,
 else the clients' test splits). Runs without DP are the baseline (a dashed line). The
 PNG and a CSV of the points are saved and logged to a new run of the same experiment,
-tagged ``fedslm.kind=privacy-plot`` (such runs are skipped when plotting).
+tagged ``fedslm.kind=privacy-plot`` (such runs are skipped when plotting). Runs made
+with ``privacy.audit=true`` also bring their audit figures to the table and CSV: the
+stronger attack's membership-inference AUC, the mean canary exposure at the largest
+repetition count, and the empirical epsilon lower bound (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ class Point:
     perplexity: float
     perplexity_metric: str
     initial_perplexity: float  # before any training (round 0)
+    audit_mia_auc: float = math.nan  # max over the two attacks; nan: the run was not audited
+    audit_exposure: float = math.nan  # mean exposure at the largest repetition count
+    audit_exposure_reps: int = 0
+    audit_eps_lower_bound: float = math.nan
+
+
+def audit_fields(metrics: dict[str, float]) -> dict[str, float | int]:
+    """A run's audit figures for its ``Point`` (none if it logged no audit)."""
+    out: dict[str, float | int] = {}
+    aucs = [metrics[k] for k in ("audit_mia_loss_auc", "audit_mia_calibrated_auc") if k in metrics]
+    if aucs:
+        out["audit_mia_auc"] = max(aucs)
+    reps = [int(k[len("audit_exposure_rep"):]) for k in metrics
+            if k.startswith("audit_exposure_rep") and k[len("audit_exposure_rep"):].isdigit()]
+    if reps:
+        out["audit_exposure_reps"] = max(reps)
+        out["audit_exposure"] = metrics[f"audit_exposure_rep{max(reps)}"]
+    if "audit_eps_lower_bound" in metrics:
+        out["audit_eps_lower_bound"] = metrics["audit_eps_lower_bound"]
+    return out
 
 
 def collect_points(client, experiment_id: str) -> list[Point]:
@@ -67,7 +90,8 @@ def collect_points(client, experiment_id: str) -> list[Point]:
             noise_multiplier=float(params.get("privacy.noise_multiplier", "nan")) if mode != "none" else 0.0,
             epsilon=float(metrics[eps_key]) if eps_key else math.inf,
             delta=float(metrics.get("dp_delta", 0.0)), perplexity=float(metrics[ppl_key]),
-            perplexity_metric=ppl_key, initial_perplexity=_first_value(client, run.info.run_id, ppl_key)))
+            perplexity_metric=ppl_key, initial_perplexity=_first_value(client, run.info.run_id, ppl_key),
+            **audit_fields(metrics)))
     return sorted(points, key=lambda p: (p.mode, p.epsilon))
 
 
@@ -112,11 +136,18 @@ def write_csv(points: list[Point], path: Path) -> Path:
 
 
 def table(points: list[Point]) -> str:
-    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'start ppl':>9} {'final ppl':>9}  run"]
+    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'start ppl':>9} {'final ppl':>9} "
+             f"{'MIA AUC':>7} {'exposure':>11} {'eps lb':>6}  run"]
     for p in points:
+        exposure = f"{p.audit_exposure:.2f}@{p.audit_exposure_reps}" if p.audit_exposure_reps else "-"
         lines.append(f"{p.mode:<10} {p.noise_multiplier:>6g} {p.epsilon:>10.3f} {p.delta:>9.2g} "
-                     f"{p.initial_perplexity:>9.3f} {p.perplexity:>9.3f}  {p.run_id[:8]}")
+                     f"{p.initial_perplexity:>9.3f} {p.perplexity:>9.3f} {_num(p.audit_mia_auc):>7} "
+                     f"{exposure:>11} {_num(p.audit_eps_lower_bound):>6}  {p.run_id[:8]}")
     return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
 
 
 def plot_experiment(experiment: str, tracking_uri: str, out: Path) -> tuple[list[Point], str]:

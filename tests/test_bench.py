@@ -27,7 +27,7 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in BENCHMARKS)
-    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput"}
+    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "audit"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
@@ -123,3 +123,25 @@ def test_steady_window_is_never_shorter_than_the_servers_own_round_timings() -> 
 def test_no_steady_window_when_a_round_timing_is_missing() -> None:
     run = _engine_run({0: 8.0, 1: 10.0, 2: 12.5, 3: 15.0}, {1: 1.8, 3: 2.1})
     assert run.steady_window() == (0.0, 0.0, 0)
+
+
+def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -> None:
+    import argparse
+
+    from fedslm.simulations.bench.audit import row_of, setting_overrides
+    from fedslm.simulations.bench.common import experiment
+
+    args = argparse.Namespace(clients=3, rounds=2, steps=4, docs=8, test_fraction=0.5, canaries=1,
+                              candidates=63, shakespeare="", mia_records=100)
+    cfg = experiment(setting_overrides(args, 2.0), run_name="audit-test")
+    assert (cfg.privacy.mode, cfg.privacy.noise_multiplier, cfg.privacy.audit) == ("dp_sgd", 2.0, True)
+    assert cfg.audit.canary_clients == [0, 1, 2] and cfg.audit.candidates == 63
+    assert cfg.data.test_fraction == 0.5
+    assert experiment(setting_overrides(args, None), run_name="audit-test").privacy.mode == "none"
+    audit = {"audit_mia_loss_auc": 0.5, "audit_mia_calibrated_auc": 0.6,
+             "audit_mia_loss_tpr_at_1pct_fpr": 0.0, "audit_mia_calibrated_tpr_at_1pct_fpr": 0.1,
+             "audit_eps_lower_bound": 0.0, "audit_exposure_rep16": 3.0}
+    row = row_of({"audit": audit, "utility": {"eval_perplexity": 8.0}, "delta": 1e-3,
+                  "epsilon_sample_level": 4.0}, "z=2")
+    assert (row["epsilon"], row["exp@16"], row["auc_cal"], row["ppl"]) == (4.0, 3.0, 0.6, 8.0)
+    assert row_of({"audit": audit, "utility": {}, "delta": 1e-5}, "none")["epsilon"] == math.inf

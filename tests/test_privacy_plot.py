@@ -29,7 +29,10 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
     _run(client, exp, "sgd-1", {"privacy.mode": "dp_sgd", "privacy.noise_multiplier": "1.0"},
          {"dp_epsilon_sample_max": [1.0, 2.5], "dp_delta": [1e-3, 1e-3], "central_perplexity": [9.0, 8.5]})
     _run(client, exp, "sgd-2", {"privacy.mode": "dp_sgd", "privacy.noise_multiplier": "0.5"},
-         {"dp_epsilon_sample_max": [4.0, 9.0], "central_perplexity": [8.8, 8.1]})
+         {"dp_epsilon_sample_max": [4.0, 9.0], "central_perplexity": [8.8, 8.1],
+          "audit_mia_loss_auc": [0.52], "audit_mia_calibrated_auc": [0.55],
+          "audit_exposure_rep4": [2.0], "audit_exposure_rep16": [1.25],
+          "audit_exposure_rep16_max": [3.0], "audit_eps_lower_bound": [0.0]})
     _run(client, exp, "fedavg", {"privacy.mode": "dp_fedavg", "privacy.noise_multiplier": "1.0"},
          {"dp_epsilon_user": [6.0, 9.5], "eval_perplexity": [9.5, 9.2]})
     _run(client, exp, "base", {"privacy.mode": "none"}, {"central_perplexity": [8.0, 7.5]})
@@ -46,6 +49,9 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
         "fedavg": ("dp_fedavg", 1.0, 9.5, 9.2, "eval_perplexity", 9.5),
         "base": ("none", 0.0, math.inf, 7.5, "central_perplexity", 8.0),
     }
+    audited = {p.run_name: (p.audit_mia_auc, p.audit_exposure, p.audit_exposure_reps,
+                            p.audit_eps_lower_bound) for p in points if p.audit_exposure_reps}
+    assert audited == {"sgd-2": (0.55, 1.25, 16, 0.0)}  # the stronger attack, the most repeated canary
     assert out.stat().st_size > 10_000 and out.with_suffix(".csv").exists()
     plot_run = client.get_run(run_id)
     assert plot_run.data.tags[PLOT_TAG] == PLOT_KIND
@@ -54,6 +60,7 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
     main(["--experiment", "dp", "--tracking-uri", uri, "--out", str(out)])
     printed = capsys.readouterr().out
     assert printed.count("dp_sgd") == 2 and "privacy-utility" not in printed.split("Plot:")[0]
+    assert "0.550     1.25@16  0.000" in printed
 
 
 def test_plot_names_a_missing_experiment(tmp_path: Path):
