@@ -62,6 +62,16 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
 
     ckpt = load_checkpoint(checkpoint_path(fed.resume_from))
     check_resumable(ckpt, cfg)
+    if "privacy_accountant" in ckpt.extra:  # the ledger file must continue the checkpoint's
+        from server.privacy import (PrivacyStateError, load_server_privacy, new_server_state,
+                                    resumed_state, server_privacy_path)
+
+        path = server_privacy_path(fed.resume_from)
+        try:
+            resumed_state(load_server_privacy(path) or new_server_state(cfg),
+                          ckpt.extra["privacy_accountant"], path=path)
+        except PrivacyStateError as err:
+            raise ConfigError(f"federation.resume_from: {err}") from None
     return ckpt.round
 
 
