@@ -82,11 +82,13 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
     replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
+    replies, ledger_rejected = plan.privacy.check_ledgers(replies) if plan.privacy else (replies, {})
     wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
                   for m in replies if ARRAYS_KEY in m.content.array_records}
     decoded = decode_train_replies(replies, arrays)  # compressed deltas -> full adapters
     screened = screen_train_replies(decoded.accepted, arrays)
     screened.rejected.update(decoded.rejected)
+    screened.rejected.update(ledger_rejected)
     for node, why in screened.rejected.items():
         log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
     for node, why in got.failed.items():
