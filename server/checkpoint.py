@@ -39,6 +39,7 @@ STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 RESUMABLE_CHANGES = {
     "output_dir", "federation.resume_from", "federation.address",
     "federation.root_certificates", "federation.insecure", "federation.round_timeout",
+    "federation.i_know_this_is_insecure",
     "federation.num_rounds",
 }
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from fedslm.config import ExperimentConfig
+from fedslm.config import ExperimentConfig, is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from simulations import watchdog
@@ -217,6 +217,11 @@ def run_on_simulation(cfg: ExperimentConfig) -> dict:
 def run_on_remote(cfg: ExperimentConfig) -> dict:
     """Submit the experiment to a running SuperLink at ``federation.address`` (killing
     the launcher ends the local ``flwr run``, not the run on the SuperLink)."""
+    fed = cfg.federation
+    if fed.insecure and not is_loopback(fed.address.rsplit(":", 1)[0]):
+        print(f"[fedslm] WARNING: submitting to {fed.address} without TLS "
+              "(federation.i_know_this_is_insecure): the config and every adapter cross the "
+              "network in clear text", file=sys.stderr, flush=True)
     with watched_tmp(cfg, mark_run=False) as (flwr_home, mark):
         write_connection(flwr_home, cfg.federation.address,
                          root_certificates=cfg.federation.root_certificates)
