@@ -49,6 +49,10 @@ class RoundPlan:
     initial_evaluation: bool = True
 
 
+class NoTrainingError(RuntimeError):
+    """Not one client update arrived in time: the run must not end as a success."""
+
+
 @dataclass
 class History:
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -122,6 +126,7 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
     when starting fresh (unless ``plan.initial_evaluation`` is off), so every curve has
     its starting point."""
     history = history or History()
+    trained = first_round > 1  # a resumed run trained before
     if first_round == 1 and plan.initial_evaluation:
         metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
@@ -131,6 +136,13 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
             break
         start = time.monotonic()
         arrays, train_metrics, train_rows = train_phase(grid, strategy, plan, rnd, arrays)
+        trained = trained or any(r.get("status") == "ok" for r in train_rows if r["phase"] == "train")
+        if not trained and train_metrics["clients_sampled"] > 0 and \
+                train_metrics["clients_timed_out"] == train_metrics["clients_sampled"]:
+            raise NoTrainingError(
+                f"federation.round_timeout: all {train_metrics['clients_sampled']:.0f} clients of "
+                f"round {rnd} missed the {plan.timeout:g}s deadline and none has trained yet; "
+                "no client can meet it, so the run stops instead of finishing untrained")
         eval_metrics, eval_rows = evaluate_phase(grid, strategy, plan, rnd, arrays)
         metrics = {**train_metrics, **eval_metrics, "round_seconds": time.monotonic() - start}
         metrics["bytes_down"] += metrics.pop("bytes_down_eval")

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from fedslm.config import DataConfig
 from fedslm.data.core import DataError
+from fedslm.data.validate import check_text_file
 
 SUPPORTED = (".txt", ".jsonl", ".csv", ".parquet")
 FILE_COLUMN = "source_file"
@@ -70,6 +71,7 @@ def load_text_files(cfg: DataConfig) -> datasets.Dataset:
 
 def _read_file(file: Path, text_key: str) -> pd.DataFrame:
     suffix = file.suffix.lower()
+    check_text_file(file)
     try:
         if suffix == ".txt":
             paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(file.read_text("utf-8"))]
