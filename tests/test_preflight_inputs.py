@@ -76,3 +76,23 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: data.path: {bad}:1: mostly control characters (100% of the file); not text")
+
+
+def test_a_truncated_checkpoint_to_resume_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.npz").write_bytes(b"PK\x03\x04 half a zip")
+    proc, _ = run_cli([f"federation.resume_from={tmp_path}"], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: federation.resume_from: {tmp_path / 'checkpoint.npz'} is not a readable "
+        "checkpoint (BadZipFile)"]
+
+
+@pytest.mark.e2e
+def test_a_deadline_no_client_can_meet_fails_the_run(tmp_path: Path) -> None:
+    proc, _ = run_cli(["federation.num_clients=2", "federation.num_rounds=2",
+                       "federation.round_timeout=0.001", "data.docs_per_client=16",
+                       "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the run failed: NoTrainingError: federation.round_timeout: all 2 clients of "
+        "round 1 missed the 0.001s deadline and none has trained yet")
