@@ -1,8 +1,10 @@
-"""SIGKILL of the launcher's whole process group leaves nothing running, nothing in /tmp,
+"""SIGKILL of the launcher's whole process group (or SIGTERM of the launcher, or a Ctrl-C)
+leaves nothing running, nothing in /tmp,
 no run claiming to be in progress; while it runs, nothing listens beyond loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -51,7 +53,9 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
             for f in path.rglob("*") if f.is_file()}
 
 
-def test_sigkill_of_the_launcher_group_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "whom"), [(signal.SIGKILL, "group"), (signal.SIGTERM, "launcher"),
+                                           (signal.SIGINT, "group")])
+def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, whom: str) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_dir = tmp_path / "run"
     marker = uuid.uuid4().hex
@@ -90,10 +94,21 @@ def test_sigkill_of_the_launcher_group_leaves_nothing_behind(tmp_path: Path) -> 
                                  for p in superlink for c in p.net_connections(kind="inet")
                                  if c.status == psutil.CONN_LISTEN)
     finally:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
+        if whom == "group":
+            os.killpg(launcher.pid, sig)
+        else:
+            launcher.send_signal(sig)
+        try:
+            launcher.wait(timeout=30)  # the signal alone ends it (else TimeoutExpired fails)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
 
-    assert survivors(marker, wait=10.0) == []
+    deadline = time.monotonic() + 10
+    while (engine := [p for p in survivors(marker, wait=0) if "simulations.watchdog" not in p]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine == []  # SuperLink, SuperExec, ServerApp, simulation, Ray: all gone
     assert flwr_homes and all(home.startswith("/tmp/") for home in flwr_homes)
     deadline = time.monotonic() + 10
     while any(Path(h).exists() for h in flwr_homes) and time.monotonic() < deadline:
@@ -111,4 +126,5 @@ def test_sigkill_of_the_launcher_group_leaves_nothing_behind(tmp_path: Path) -> 
             break
         time.sleep(0.5)
     assert [r.info.status for r in runs] == ["KILLED"]
+    assert survivors(marker, wait=30.0) == []  # and the watchdog itself, once done
     assert '"status": "killed"' in (run_dir / "status.json").read_text()
