@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
@@ -85,3 +86,35 @@ def test_ledger_floor_and_reported_epsilon_survive_a_checkpoint(tmp_path: Path) 
     metrics = resumed.round_metrics(4, [{"partition-id": 2, "dp-epsilon": 2.81, "dp-delta": 1e-3}], [])
     assert metrics["dp_epsilon_sample_max"] == 3.24
     assert resumed.check_ledgers([_reply(7, 0, 2.81, 20)])[0] == []
+
+
+@pytest.mark.e2e
+def test_a_deleted_client_ledger_is_rejected_after_a_resume_and_epsilon_never_drops(tmp_path: Path) -> None:
+    """The issue's case on the real engine: after round 1, client 0's privacy.json is
+    deleted and the server restarted; round 2 rejects client 0's update, and the run's
+    reported epsilon continues from round 1 instead of dropping."""
+    import csv
+    import dataclasses
+
+    from simulations.launch import run_on_simulation
+
+    out = tmp_path / "run"
+    cfg = ExperimentConfig.from_dict({
+        "federation": {"num_clients": 2, "num_rounds": 1, "round_timeout": 120.0,
+                       "initial_evaluation": False},
+        "training": {"local_steps": 3, "eval_max_batches": 1, "central_eval": False},
+        "privacy": {"mode": "dp_sgd", "noise_multiplier": 1.0},
+        "tracking": {"enabled": False}, "output_dir": str(out)})
+    first = run_on_simulation(cfg)
+    eps1 = first["rounds"][-1]["dp_epsilon_sample_max"]
+    (out / "clients" / "0" / "privacy.json").unlink()
+    resumed = dataclasses.replace(cfg, federation=dataclasses.replace(
+        cfg.federation, num_rounds=2, resume_from=str(out)))
+    second = run_on_simulation(resumed)
+    assert second["rounds"][-1]["dp_epsilon_sample_max"] >= eps1
+    with open(out / "clients.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["round"] == "2" and r["phase"] == "train"]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["error"].startswith(
+        "privacy ledger: went backwards: epsilon ")
+    assert second["rounds"][-1]["clients_rejected"] == 1.0
