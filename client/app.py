@@ -18,6 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
+from fedslm.client.failures import failure_report_mod
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import from_run_config
 from fedslm.warm_imports import import_heavy
@@ -48,14 +49,14 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     return call_next(msg, context)
 
 
-@app.train(mods=[user_level_clipping_mod])
+@app.train(mods=[failure_report_mod, user_level_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     from fedslm.client import handlers  # torch and the rest: on the first message (see above)
 
     return handlers.train_reply(experiment(context), msg, context)
 
 
-@app.evaluate()
+@app.evaluate(mods=[failure_report_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     from fedslm.client import handlers
 

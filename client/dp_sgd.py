@@ -225,7 +225,8 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.Tensor | tuple, training:
                 f"budget exhausted: epsilon {spent:.4g} now, {projected:.4g} after this round "
                 f"> privacy.max_epsilon={privacy.max_epsilon:g}",
                 {"dp-budget-exhausted": 1, "dp-epsilon": spent, "dp-epsilon-next": projected,
-                 "dp-delta": budget.delta, "dp-rounds": len(ledger.rounds)})
+                 "dp-delta": budget.delta, "dp-rounds": len(ledger.rounds),
+                 "dp-steps-total": _steps(ledger.history)})
     setup = make_training_setup(model, tensors, training, generator_seed=generator_seed)
     private = make_private(setup, noise_multiplier=budget.noise_multiplier,
                            max_grad_norm=privacy.max_grad_norm,
@@ -246,7 +247,8 @@ def train_dp_sgd(model: torch.nn.Module, blocks: torch.Tensor | tuple, training:
     return result, {
         "dp-epsilon": epsilon, "dp-delta": budget.delta,
         "dp-noise-multiplier": budget.noise_multiplier, "dp-sample-rate": budget.sample_rate,
-        "dp-steps": budget.steps, "dp-rounds": len(updated.rounds),
+        "dp-steps": budget.steps, "dp-steps-total": _steps(updated.history),
+        "dp-rounds": len(updated.rounds),
         "dp-clipped-fraction": private.clips.fraction,
     }
 

@@ -198,6 +198,20 @@ class StrategyConfig:
         _positive(f"{at}.tau", self.tau)
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs (``127.0.0.0/8``, ``::1``); a name that
+    could resolve elsewhere, or a wildcard such as 0.0.0.0, is not."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class FederationConfig:
     """Who takes part and on which engine.
@@ -215,6 +229,9 @@ class FederationConfig:
     ``initial_evaluation`` evaluates the initial adapter on the clients first (round 0):
     the curves' starting point, at the cost of one more message per client, which real
     devices may want to save.
+    ``i_know_this_is_insecure`` lets ``insecure`` reach a SuperLink that is not on this
+    machine (anything but a loopback address): the run's config, the global adapter and
+    every update then cross the network in clear text, to whoever answers at ``address``.
     """
 
     num_clients: int = 10
@@ -229,6 +246,7 @@ class FederationConfig:
     resume_from: str = ""
     supernodes: int = 0
     initial_evaluation: bool = True
+    i_know_this_is_insecure: bool = False
 
     def check(self, at: str) -> None:
         if self.supernodes < 0:
@@ -247,6 +265,11 @@ class FederationConfig:
                   "(TLS is on by default; federation.insecure=true only for a local test SuperLink)")
         if self.root_certificates and self.insecure:
             _fail(f"{at}.insecure", "contradicts federation.root_certificates; set only one")
+        if (self.engine == "remote" and self.insecure and not self.i_know_this_is_insecure
+                and not is_loopback(self.address.rsplit(":", 1)[0])):
+            _fail(f"{at}.insecure", f"refusing to send a run without TLS to {self.address}, "
+                  "which is not this machine; use federation.root_certificates (or set "
+                  f"{at}.i_know_this_is_insecure=true)")
         _positive(f"{at}.round_timeout", self.round_timeout)
         if self.client_num_cpus < 1:
             _fail(f"{at}.client_num_cpus", f"must be >= 1, got {self.client_num_cpus}")

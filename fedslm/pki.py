@@ -130,14 +130,26 @@ def write_node_key(private_path: Path) -> tuple[Path, Path]:
     return private_path, write_public(Path(f"{private_path}.pub"), public)
 
 
-def init_dev_pki(out: Path, hosts: list[str], *, nodes: int = 0) -> dict[str, Path]:
-    """CA + server certificate (+ ``nodes`` node key pairs under ``out/nodes``)."""
-    if (out / "ca.key").exists():
-        raise PkiError(f"{out}: already holds a CA (ca.key); use another --out or remove it")
+def ca_key_dir(out: Path) -> Path:
+    """Where ``init`` keeps the CA's private key: beside ``out``, not in it, so copying
+    ``out`` (what the SuperLink reads) to the SuperLink's machine does not carry it."""
+    return out.parent / f"{out.name}-ca-key"
+
+
+def init_dev_pki(out: Path, hosts: list[str], *, nodes: int = 0,
+                 key_dir: Path | None = None) -> dict[str, Path]:
+    """CA + server certificate (+ ``nodes`` node key pairs under ``out/nodes``); the CA
+    key goes to ``key_dir`` (default ``ca_key_dir(out)``, mode 0700, the key 0600)."""
+    key_dir = key_dir or ca_key_dir(out)
+    for existing in (out / "ca.crt", out / "ca.key", key_dir / "ca.key"):
+        if existing.exists():
+            raise PkiError(f"{out}: already holds a CA ({existing}); use another --out or remove it")
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key_dir.chmod(0o700)
     paths = {
-        "ca_key": write_private(out / "ca.key", pem_key(ca_key)),
+        "ca_key": write_private(key_dir / "ca.key", pem_key(ca_key)),
         "ca_cert": write_public(out / "ca.crt", pem_cert(ca_cert)),
         "server_key": write_private(out / "server.key", pem_key(server_key)),
         "server_cert": write_public(out / "server.crt", pem_cert(server_cert)),
@@ -196,14 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--host", action="append", default=[],
                       help="SuperLink host name or IP the devices connect to (repeatable)")
     init.add_argument("--nodes", type=int, default=0, help="node key pairs to make")
+    init.add_argument("--ca-key-dir", type=Path, default=None,
+                      help="where the CA private key goes (default: <out>-ca-key, beside --out)")
     node = sub.add_parser("node-key", help="one SuperNode key pair: PATH and PATH.pub")
     node.add_argument("path", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "init":
             for name, path in init_dev_pki(args.out, args.host or ["127.0.0.1", "localhost"],
-                                           nodes=args.nodes).items():
-                print(f"{name:12} {path}")
+                                           nodes=args.nodes, key_dir=args.ca_key_dir).items():
+                note = ("  (0600; keep it off the SuperLink's machine, offline if you can: it "
+                        "signs certificates every device trusts)" if name == "ca_key" else "")
+                print(f"{name:12} {path}{note}")
+            print(f"the SuperLink reads {args.out} (--certs); the CA key is not in it")
         else:
             private, public = write_node_key(args.path)
             print(f"private key  {private}  (stays on the device)")

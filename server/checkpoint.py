@@ -9,13 +9,16 @@ samples clients with it), the config it was made with, and the state of every re
 run, so the finished run has the same rounds as one that never stopped.
 
 The file is written to a temporary name, fsynced, then renamed over the old one: a crash
-while writing leaves the last good checkpoint in place.
+while writing leaves the last good checkpoint in place. It carries a sha256 over its
+arrays and metadata: a truncated, corrupt or edited checkpoint is refused with one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.server.rounds import History
 
 CHECKPOINT_FILE = "checkpoint.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 over arrays and metadata
 # Strategy attributes that carry state from round to round (Flower 1.41): FedOpt family
 # (FedAdam, FedYogi, FedAdagrad) and FedAvgM. Anything else is rebuilt from the config.
 STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
@@ -36,6 +39,7 @@ STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 RESUMABLE_CHANGES = {
     "output_dir", "federation.resume_from", "federation.address",
     "federation.root_certificates", "federation.insecure", "federation.round_timeout",
+    "federation.i_know_this_is_insecure",
     "federation.num_rounds",
 }
 
@@ -127,7 +131,18 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> Path:
     payload = {f"adapter/{k}": np.asarray(v) for k, v in ckpt.arrays.items()}
     payload.update({f"strategy/{k}": v for k, v in ckpt.strategy_state.items()})
     payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    payload["digest"] = np.frombuffer(_digest(payload).encode(), dtype=np.uint8)
     return atomic_write(path, lambda fh: np.savez(fh, **payload))
+
+
+def _digest(payload: Mapping[str, np.ndarray]) -> str:
+    """sha256 over every entry's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in payload if k != "digest"):
+        arr = np.ascontiguousarray(payload[name])
+        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -137,17 +152,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
                           "(the run did not finish a round, or this is not its output dir)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes().decode())
-            arrays = {k.removeprefix("adapter/"): data[k] for k in data.files
-                      if k.startswith("adapter/")}
-            strategy = {k.removeprefix("strategy/"): data[k] for k in data.files
-                        if k.startswith("strategy/")}
-    except (OSError, ValueError, KeyError) as err:
+            payload = {k: data[k] for k in data.files}
+        meta = json.loads(payload["meta"].tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ConfigError(f"federation.resume_from: {path} is not a readable checkpoint "
                           f"({type(err).__name__})") from err
     if meta.get("format") != FORMAT_VERSION:
         raise ConfigError(f"federation.resume_from: {path} has format {meta.get('format')}, "
                           f"expected {FORMAT_VERSION}")
+    if "digest" not in payload or payload["digest"].tobytes().decode() != _digest(payload):
+        raise ConfigError(f"federation.resume_from: {path} does not match its sha256 "
+                          "(corrupt or edited); refusing to resume from it")
+    arrays = {k.removeprefix("adapter/"): v for k, v in payload.items() if k.startswith("adapter/")}
+    strategy = {k.removeprefix("strategy/"): v for k, v in payload.items()
+                if k.startswith("strategy/")}
     history = History(rounds=meta["history"]["rounds"], clients=meta["history"]["clients"])
     return Checkpoint(round=meta["round"], arrays=arrays, strategy_state=strategy,
                       history=history, mlflow_run_id=meta["mlflow_run_id"],

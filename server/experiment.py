@@ -38,7 +38,7 @@ from fedslm.server.checkpoint import (
 from fedslm.server.personalization import PersonalizationReport
 from fedslm.server.plots import plot_confusion, plot_rounds
 from fedslm.server.population import PopulationGrid
-from fedslm.server.privacy import ServerPrivacyState
+from fedslm.server.privacy import ServerPrivacyState, resumed_state
 from fedslm.server.privacy_rounds import setup_privacy
 from fedslm.server.registry import best_round_hook, register_run, with_best_round
 from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
@@ -144,7 +144,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     # continues its checkpoint
     strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
     # Server state beyond the strategy that must survive a restart registers here.
-    state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),) if h is not None]
+    state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),
+                                                privacy and privacy.state_hook()) if h]
     resumed = resume_state(cfg, strategy, state_hooks)
     if resumed is not None:
         arrays = to_array_record(resumed.arrays)
@@ -231,15 +232,13 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 def privacy_state_hook(strategy: Any) -> StateHook | None:
     """The user-level privacy ledger (DP-FedAvg) in every checkpoint. On resume the
-    ledger with more releases wins: a release the clients already saw (e.g. an aggregate
-    sent for evaluation just before a crash) is never forgotten."""
+    file's ledger continues the checkpoint's or the resume is refused
+    (``fedslm.server.privacy.resumed_state``)."""
     if not isinstance(getattr(strategy, "state", None), ServerPrivacyState):
         return None
 
     def load(data: dict[str, Any]) -> None:
-        saved = ServerPrivacyState.from_dict(data)
-        if len(saved.releases) > len(strategy.state.releases):
-            strategy.state = saved
+        strategy.state = resumed_state(strategy.state, data, path=strategy.state_path)
 
     return StateHook("privacy_accountant", lambda: strategy.state.to_dict(), load)
 

@@ -21,6 +21,7 @@ of the update and the noised clipped-count released together (Andrew et al. 2021
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,8 @@ from fedslm.atomic import atomic_write
 from fedslm.config import ExperimentConfig, sampled_train_clients
 
 STATE_FILE = "server_privacy.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the file carries a sha256 of its own content
+DIGEST_KEY = "sha256"
 
 
 class PrivacyStateError(RuntimeError):
@@ -69,6 +71,10 @@ class ServerPrivacyState:
         data["epsilon"] = self.epsilon()
         return data
 
+    def digest(self) -> str:
+        """sha256 of the ledger's canonical JSON: what the file and the checkpoint compare."""
+        return content_digest(asdict(self))
+
     @classmethod
     def from_dict(cls, data: dict) -> "ServerPrivacyState":
         if data.get("version") != STATE_VERSION:
@@ -77,6 +83,10 @@ class ServerPrivacyState:
                                        "delta", "accountant", "rounds_done")}
         releases = [Release(**r) for r in data["releases"]]
         return cls(**fields, releases=releases)
+
+
+def content_digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def user_level_epsilon(releases: list[Release], *, delta: float) -> float:
@@ -137,16 +147,38 @@ def load_server_privacy(path: Path) -> ServerPrivacyState | None:
     if not path.exists():
         return None
     try:
-        return ServerPrivacyState.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        state = ServerPrivacyState.from_dict(data)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); refusing to reset "
                                 "the privacy ledger") from exc
+    if data.get(DIGEST_KEY) != state.digest():
+        raise PrivacyStateError(f"{path}: privacy state does not match its sha256 (edited or "
+                                "partly written); refusing to continue the ledger from it")
+    return state
 
 
 def save_server_privacy(state: ServerPrivacyState, path: Path) -> Path:
     """Atomic write (temp file, fsync, rename): a crash leaves the previous state intact."""
-    text = json.dumps(state.to_dict(), indent=1)
+    text = json.dumps({**state.to_dict(), DIGEST_KEY: state.digest()}, indent=1)
     return atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def resumed_state(current: ServerPrivacyState, saved: dict, *, path: Path) -> ServerPrivacyState:
+    """The ledger to continue when resuming: ``current`` was read from ``path`` (or is
+    fresh when there is none), ``saved`` is the one in the checkpoint.
+
+    The file is written at every release, the checkpoint after the round, so the file
+    holds the checkpoint's releases plus at most the one of the round that was cut
+    short. Anything else (a missing file, fewer releases, different ones) means the pair
+    was edited or copied from different moments: refused, never resumed.
+    """
+    have, had = current.releases, ServerPrivacyState.from_dict(saved).releases
+    if have[:len(had)] != had or len(have) > len(had) + 1:
+        raise PrivacyStateError(
+            f"{path}: holds {len(have)} releases that do not continue the checkpoint's "
+            f"{len(had)} (missing, edited, or from another moment of the run); refusing to resume")
+    return current
 
 
 def restore_or_new(cfg: ExperimentConfig, path: Path) -> ServerPrivacyState:

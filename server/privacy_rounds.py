@@ -7,6 +7,13 @@ kept out of aggregation (they are not failures). User-level DP (dp_fedavg) lives
 the per-round figures go to MLflow through the loop's ``log_metrics`` (only the server
 writes there), and the run stops cleanly, with a reason, when privacy leaves too few
 clients or the next release would exceed the budget.
+
+A client's DP-SGD ledger lives on the client, so the server cannot stop a client from
+deleting or lowering it; it can notice. It keeps, per client (partition in simulation,
+node in deployment), the highest cumulative epsilon and step count the client has
+reported, checkpoints them, and rejects (and logs) an update whose ledger went
+backwards: a lowered or deleted ``privacy.json`` costs that client its update, and
+the run's reported epsilon never drops.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedslm.config import ExperimentConfig, sampled_train_clients
 from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
+from fedslm.server.checkpoint import StateHook
 from fedslm.server.dp_fedavg import UserLevelDp
 from fedslm.server.privacy import expected_release, restore_or_new, server_privacy_path
 from fedslm.server.strategy import METRICS_KEY
@@ -42,6 +50,63 @@ class RoundPrivacy:
         self.refused_total = 0
         self.stopped: str | None = None
         self._population = cfg.federation.num_clients
+        self.ledgers: dict[str, tuple[float, int]] = {}  # client -> highest (epsilon, total steps)
+
+    def client_key(self, reply: Message) -> str:
+        """Whose ledger: the partition in simulation (a virtual node serves many), the
+        authenticated node in deployment (a device could claim any partition id)."""
+        metrics = reply.content.metric_records.get(METRICS_KEY, {})
+        if self.cfg.federation.engine == "simulation" and "partition-id" in metrics:
+            return f"partition {int(metrics['partition-id'])}"
+        return f"node {reply.metadata.src_node_id}"
+
+    def check_ledgers(self, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
+        """(replies whose DP-SGD ledger only grew, {node id: why rejected}); the highest
+        figures seen are kept. Only with dp_sgd; a no-op otherwise."""
+        if self.cfg.privacy.mode != "dp_sgd":
+            return replies, {}
+        kept, rejected = [], {}
+        for reply in replies:
+            metrics = reply.content.metric_records.get(METRICS_KEY, {})
+            key = self.client_key(reply)
+            if "dp-epsilon" not in metrics or "dp-steps-total" not in metrics:
+                why = "no DP-SGD ledger figures (dp-epsilon, dp-steps-total) in the reply"
+            else:
+                why = self._ledger_went_back(key, float(metrics["dp-epsilon"]),
+                                             int(metrics["dp-steps-total"]),
+                                             int(metrics.get("dp-steps", 0)))
+            if why is None:
+                kept.append(reply)
+            else:
+                rejected[reply.metadata.src_node_id] = f"privacy ledger: {why}"
+                log(WARNING, "%s: privacy ledger rejected: %s", key, why)
+        return kept, rejected
+
+    def _ledger_went_back(self, key: str, epsilon: float, total: int, this_round: int) -> str | None:
+        best_eps, best_total = self.ledgers.get(key, (0.0, 0))
+        if total < best_total + this_round or epsilon < best_eps * (1 - 1e-9):
+            return (f"went backwards: epsilon {epsilon:.4g} after {total} steps, but it had "
+                    f"reported epsilon {best_eps:.4g} after {best_total} steps (privacy.json "
+                    "deleted or lowered?)")
+        self.ledgers[key] = (max(best_eps, epsilon), max(best_total, total))
+        return None
+
+    def state_hook(self) -> StateHook:
+        """The highest ledgers and the reported epsilons, so a resumed server neither
+        forgets what a client spent nor reports a smaller epsilon than before."""
+        def save() -> dict:
+            return {"ledgers": {k: list(v) for k, v in self.ledgers.items()},
+                    "client_epsilon": {str(k): list(v) for k, v in self.client_epsilon.items()},
+                    "exhausted": sorted(self.exhausted), "refused_total": self.refused_total}
+
+        def load(data: dict) -> None:
+            self.ledgers = {k: (float(e), int(s)) for k, (e, s) in data["ledgers"].items()}
+            self.client_epsilon = {int(k): (float(e), float(d))
+                                   for k, (e, d) in data["client_epsilon"].items()}
+            self.exhausted = {int(p) for p in data["exhausted"]}
+            self.refused_total = int(data["refused_total"])
+
+        return StateHook("client_ledgers", save, load)
 
     def split_refusals(self, replies: list[Message]) -> tuple[list[Message], list[Message]]:
         """(replies to aggregate, budget-exhausted refusals)."""

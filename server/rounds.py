@@ -53,6 +53,10 @@ class RoundPlan:
     class_names: list[str] | None = None
 
 
+class NoTrainingError(RuntimeError):
+    """Not one client update arrived in time: the run must not end as a success."""
+
+
 @dataclass
 class History:
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -86,11 +90,13 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
     replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
+    replies, ledger_rejected = plan.privacy.check_ledgers(replies) if plan.privacy else (replies, {})
     wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
                   for m in replies if ARRAYS_KEY in m.content.array_records}
     decoded = decode_train_replies(replies, arrays)  # compressed deltas -> full adapters
     screened = screen_train_replies(decoded.accepted, arrays)
     screened.rejected.update(decoded.rejected)
+    screened.rejected.update(ledger_rejected)
     for node, why in screened.rejected.items():
         log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
     for node, why in got.failed.items():
@@ -124,6 +130,7 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
     when starting fresh (unless ``plan.initial_evaluation`` is off), so every curve has
     its starting point."""
     history = history or History()
+    trained = first_round > 1  # a resumed run trained before
     if first_round == 1 and plan.initial_evaluation:
         metrics, rows = evaluate_phase(grid, strategy, plan, 0, arrays)
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
@@ -133,6 +140,13 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
             break
         start = time.monotonic()
         arrays, train_metrics, train_rows = train_phase(grid, strategy, plan, rnd, arrays)
+        trained = trained or any(r.get("status") == "ok" for r in train_rows if r["phase"] == "train")
+        if not trained and train_metrics["clients_sampled"] > 0 and \
+                train_metrics["clients_timed_out"] == train_metrics["clients_sampled"]:
+            raise NoTrainingError(
+                f"federation.round_timeout: all {train_metrics['clients_sampled']:.0f} clients of "
+                f"round {rnd} missed the {plan.timeout:g}s deadline and none has trained yet; "
+                "no client can meet it, so the run stops instead of finishing untrained")
         eval_metrics, eval_rows = evaluate_phase(grid, strategy, plan, rnd, arrays)
         metrics = {**train_metrics, **eval_metrics, "round_seconds": time.monotonic() - start}
         metrics["bytes_down"] += metrics.pop("bytes_down_eval")

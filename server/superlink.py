@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedslm.config import is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.pki import PkiError, load_ca_certificate
 
@@ -53,6 +54,10 @@ class TlsFiles:
         server = _load(lambda: load_ca_certificate(self.server_cert), "--certs")
         if not self.server_key.is_file():
             raise SuperLinkError(f"--certs: no server key at {self.server_key}")
+        if (self.ca_cert.parent / "ca.key").exists():
+            raise SuperLinkError(f"--certs: {self.ca_cert.parent} holds ca.key, the CA's private "
+                                 "key; move it off the SuperLink's machine (a SuperLink never "
+                                 "needs it)")
         try:
             server.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as err:
@@ -67,9 +72,26 @@ def _load(fn, flag: str):
         raise SuperLinkError(f"{flag}: {err}") from None
 
 
+def insecure_settings(*, tls: TlsFiles | None, host: str, node_auth: bool) -> list[str]:
+    """The settings that leave the SuperLink open ("no TLS", "no node auth")."""
+    return [what for what, on in (("no TLS", tls is None), ("no SuperNode authentication",
+                                                             not node_auth)) if on]
+
+
 def superlink_command(*, tls: TlsFiles | None, database: Path, host: str = "127.0.0.1",
-                      port: int = DEFAULT_PORT, node_auth: bool = True) -> list[str]:
-    """``flower-superlink`` for a deployment; ``tls=None`` (insecure) only for local tests."""
+                      port: int = DEFAULT_PORT, node_auth: bool = True,
+                      i_know_this_is_insecure: bool = False) -> list[str]:
+    """``flower-superlink`` for a deployment; ``tls=None`` (insecure) only for local tests.
+
+    Without TLS or node authentication it serves loopback only, unless
+    ``i_know_this_is_insecure``: then anyone who reaches ``host`` can read the traffic
+    or join as a device."""
+    open_settings = insecure_settings(tls=tls, host=host, node_auth=node_auth)
+    if open_settings and not is_loopback(host) and not i_know_this_is_insecure:
+        flag = "--insecure" if tls is None else "--no-node-auth"
+        raise SuperLinkError(f"{flag}: refusing {' and '.join(open_settings)} on {host}, which "
+                             "is reachable from other machines; serve 127.0.0.1, or pass "
+                             "--i-know-this-is-insecure")
     cmd = [flower_bin("flower-superlink")]
     if tls is None:
         if node_auth:
@@ -146,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     start.add_argument("--no-node-auth", action="store_true",
                        help="accept any SuperNode (local tests only)")
+    start.add_argument("--i-know-this-is-insecure", action="store_true",
+                       help="allow --insecure / --no-node-auth on a non-loopback --host")
     reg = sub.add_parser("register", help="register SuperNode public keys")
     reg.add_argument("--address", required=True, help="SuperLink HOST:PORT")
     reg.add_argument("--ca", type=Path, help="CA certificate of the SuperLink (omit: insecure)")
@@ -157,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise SuperLinkError("--certs: required unless --insecure "
                                      "(make them with: python -m fedslm.pki init --out certs)")
             args.database.parent.mkdir(parents=True, exist_ok=True)
-            cmd = superlink_command(tls=None if args.insecure else TlsFiles.from_dir(args.certs),
-                                    database=args.database, host=args.host, port=args.port,
-                                    node_auth=not args.no_node_auth)
+            tls = None if args.insecure else TlsFiles.from_dir(args.certs)
+            cmd = superlink_command(tls=tls, database=args.database, host=args.host,
+                                    port=args.port, node_auth=not args.no_node_auth,
+                                    i_know_this_is_insecure=args.i_know_this_is_insecure)
+            open_settings = insecure_settings(tls=tls, host=args.host, node_auth=not args.no_node_auth)
+            if open_settings and not is_loopback(args.host):
+                print(f"WARNING: this SuperLink runs with {' and '.join(open_settings)} on "
+                      f"{args.host}: anyone who reaches it can read the traffic or join as a "
+                      "device (--i-know-this-is-insecure)", file=sys.stderr, flush=True)
             print(" ".join(cmd), flush=True)
             os.execvpe(cmd[0], cmd, superlink_env())  # becomes flower-superlink: signals go to it
         for key in args.public_keys:

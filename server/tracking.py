@@ -109,3 +109,20 @@ class NoTracker:
     def set_tag(self, key: str, value: str) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
+
+
+def mark_killed(uri: str, experiment: str, output_dir: str) -> list[str]:
+    """Set every RUNNING run of ``experiment`` that wrote to ``output_dir`` to KILLED:
+    a launcher that died leaves no run claiming to be in progress. Returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    quoted = output_dir.replace("'", "\\'")
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`fedslm.output_dir` = '{quoted}'"))
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]

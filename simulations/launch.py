@@ -4,6 +4,10 @@ Simulation: a private ``flower-superlink --simulation`` on a free 127.0.0.1 port
 own FLWR_HOME, so nothing depends on (or leaks into) ``~/.flwr`` or a SuperLink started
 earlier; it and everything it spawned (ServerApp, Ray) are stopped when the run ends.
 Remote: the same ``flwr run`` against a SuperLink the operator runs.
+
+Every process started here carries the run's environment mark, and a watchdog
+(``fedslm.simulations.watchdog``) ends all of them and removes the temp dir however the
+launcher ends, a SIGKILL of its process group included.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from fedslm.config import ExperimentConfig
+from fedslm.config import ExperimentConfig, is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
+from fedslm.simulations import watchdog
 from fedslm.simulations.app_dir import stage_app
 
 CONNECTION = "fedslm"
@@ -53,8 +60,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def engine_env(flwr_home: Path) -> dict[str, str]:
-    env = flower_env(QUIET_ENV, {"FLWR_HOME": str(flwr_home)})
+def engine_env(flwr_home: Path, mark: str = "") -> dict[str, str]:
+    env = flower_env(QUIET_ENV, {"FLWR_HOME": str(flwr_home)}, {watchdog.MARK_ENV: mark} if mark else {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -85,8 +92,17 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         process.wait(timeout=grace)
 
 
+def ray_auth_env() -> dict[str, str]:
+    """Ray's token authentication, with a fresh token per run. Ray 2.55's gRPC servers
+    bind every interface whatever node address is given (there is no loopback-only
+    switch), so without a token any host that reaches this machine could submit work
+    to the simulation's Ray; the token lives only in the environment of the run's own
+    processes (readable by the same user alone)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path) -> Iterator[str]:
+def simulation_superlink(flwr_home: Path, mark: str = "") -> Iterator[str]:
     """A SuperLink in simulation mode on a free local port; yields its address."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
@@ -94,7 +110,7 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=log,
+        process = subprocess.Popen(cmd, env={**engine_env(flwr_home, mark), **ray_auth_env()}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(address, process, log_file)
@@ -120,7 +136,8 @@ def write_run_config(cfg: ExperimentConfig, path: Path) -> Path:
     return path
 
 
-def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str | None) -> None:
+def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str | None,
+             mark: str = "") -> None:
     """``flwr run <project> fedslm --stream``, echoing the ServerApp's log lines."""
     run_config = write_run_config(cfg, flwr_home / "run_config.toml")
     app = stage_app(PROJECT_ROOT, flwr_home / "app")
@@ -128,7 +145,7 @@ def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str |
            "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
-    process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=subprocess.PIPE,
+    process = subprocess.Popen(cmd, env=engine_env(flwr_home, mark), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1,
                                start_new_session=True)
     try:
@@ -166,13 +183,31 @@ def simulation_federation_config(cfg: ExperimentConfig) -> str:
             f"client-resources-num-gpus={fed.client_num_gpus}")
 
 
+@contextlib.contextmanager
+def watched_tmp(cfg: ExperimentConfig, *, mark_run: bool) -> Iterator[tuple[Path, str]]:
+    """A temp dir and an environment mark, both swept by a watchdog when the launcher
+    ends by any means; with ``mark_run`` a launcher that dies marks the run killed."""
+    tmp, mark = Path(tempfile.mkdtemp(prefix="fedslm-flwr-")), uuid.uuid4().hex
+    uri = ""
+    if mark_run and cfg.tracking.enabled:
+        uri = cfg.tracking.uri or "sqlite:///" + str((Path(cfg.output_dir).parent / "mlflow.db").resolve())
+    proc, write_end = watchdog.start(mark=mark, tmp=tmp, output_dir=cfg.output_dir if mark_run else "",
+                                     tracking_uri=uri, experiment=cfg.tracking.experiment)
+    done = False
+    try:
+        yield tmp, mark
+        done = True
+    finally:
+        watchdog.finish(proc, write_end, done=done)
+
+
 def run_on_simulation(cfg: ExperimentConfig) -> dict:
     """Run the experiment on Flower's simulation engine and return its summary."""
-    with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
-        flwr_home = Path(tmp)
-        with simulation_superlink(flwr_home) as address:
+    with watched_tmp(cfg, mark_run=True) as (flwr_home, mark):
+        with simulation_superlink(flwr_home, mark) as address:
             write_connection(flwr_home, address)
-            flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg))
+            flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg),
+                     mark=mark)
         log_copy = Path(cfg.output_dir) / "superlink.log"
         with contextlib.suppress(OSError):
             log_copy.write_bytes((flwr_home / "superlink.log").read_bytes())
@@ -180,10 +215,15 @@ def run_on_simulation(cfg: ExperimentConfig) -> dict:
 
 
 def run_on_remote(cfg: ExperimentConfig) -> dict:
-    """Submit the experiment to a running SuperLink at ``federation.address``."""
-    with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
-        flwr_home = Path(tmp)
+    """Submit the experiment to a running SuperLink at ``federation.address`` (killing
+    the launcher ends the local ``flwr run``, not the run on the SuperLink)."""
+    fed = cfg.federation
+    if fed.insecure and not is_loopback(fed.address.rsplit(":", 1)[0]):
+        print(f"[fedslm] WARNING: submitting to {fed.address} without TLS "
+              "(federation.i_know_this_is_insecure): the config and every adapter cross the "
+              "network in clear text", file=sys.stderr, flush=True)
+    with watched_tmp(cfg, mark_run=False) as (flwr_home, mark):
         write_connection(flwr_home, cfg.federation.address,
                          root_certificates=cfg.federation.root_certificates)
-        flwr_run(cfg, flwr_home, federation_config=None)
+        flwr_run(cfg, flwr_home, federation_config=None, mark=mark)
     return read_outcome(Path(cfg.output_dir), None)

@@ -6,6 +6,10 @@ sequence length should not cost that, nor surface as a traceback from a Ray work
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data.core import check_client_split
@@ -101,12 +105,46 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
 
     ckpt = load_checkpoint(checkpoint_path(fed.resume_from))
     check_resumable(ckpt, cfg)
+    if "privacy_accountant" in ckpt.extra:  # the ledger file must continue the checkpoint's
+        from fedslm.server.privacy import (PrivacyStateError, load_server_privacy, new_server_state,
+                                    resumed_state, server_privacy_path)
+
+        path = server_privacy_path(fed.resume_from)
+        try:
+            resumed_state(load_server_privacy(path) or new_server_state(cfg),
+                          ckpt.extra["privacy_accountant"], path=path)
+        except PrivacyStateError as err:
+            raise ConfigError(f"federation.resume_from: {err}") from None
     return ckpt.round
+
+
+def check_machine(cfg: ExperimentConfig) -> None:
+    """What this machine must offer the run: GPUs it is told to give each simulated
+    client, and an output dir it can write (the run's log, checkpoints and tables)."""
+    fed = cfg.federation
+    if fed.engine == "simulation" and fed.client_num_gpus > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(f"federation.client_num_gpus: {fed.client_num_gpus:g} per client, "
+                              "but this machine has no GPU torch can use; set it to 0")
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            raise ConfigError(f"output_dir: cannot write to {out} ({why})") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: cannot write to {out} (permission denied)")
 
 
 def preflight(cfg: ExperimentConfig) -> str:
     """Validate data and model against the config; returns the resolved base model path.
     Prints what the partitioning dropped, if anything."""
+    check_machine(cfg)
     for note in check_data(cfg):
         print(f"[fedslm] {note}", flush=True)
     path = model_path(cfg.model, cfg.data.seed)

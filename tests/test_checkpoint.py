@@ -3,6 +3,8 @@ state; atomic replacement; and the rules that refuse a checkpoint of another exp
 
 from __future__ import annotations
 
+import io
+import json
 import random
 from pathlib import Path
 
@@ -190,3 +192,23 @@ def test_resume_restores_client_sampling_rng(tmp_path: Path) -> None:
     assert random.sample(range(100), 5) == expected
     set_random_state([])  # an empty state (older checkpoint) leaves the RNG alone
     assert resume_state(ExperimentConfig.from_dict({}), FedAvg(), []) is None
+
+
+def test_truncated_or_edited_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict({})
+    path = checkpoint_path(tmp_path)
+    save_checkpoint(path, full_checkpoint(2, cfg))
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ConfigError, match=r"is not a readable checkpoint \(BadZipFile\)$"):
+        load_checkpoint(path)
+    # a consistent npz with one value changed (the round) but the old digest kept
+    with np.load(io.BytesIO(good)) as data:
+        payload = {k: data[k] for k in data.files}
+    meta = json.loads(payload["meta"].tobytes())
+    meta["round"] = 1
+    payload["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as fh:
+        np.savez(fh, **payload)
+    with pytest.raises(ConfigError, match=r"does not match its sha256 \(corrupt or edited\)"):
+        load_checkpoint(path)

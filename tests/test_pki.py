@@ -54,8 +54,21 @@ def test_existing_identities_are_never_replaced(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="a key already exists; refusing to replace"):
         write_node_key(tmp_path / "node")
     init_dev_pki(tmp_path / "certs", ["127.0.0.1"])
-    with pytest.raises(PkiError, match=r"already holds a CA \(ca.key\)"):
+    with pytest.raises(PkiError, match=r"already holds a CA \(.*certs/ca.crt\)"):
         init_dev_pki(tmp_path / "certs", ["127.0.0.1"])
+
+
+def test_the_ca_key_lives_apart_from_what_the_superlink_reads(tmp_path: Path, capsys) -> None:
+    from fedslm.pki import main
+
+    assert main(["init", "--out", str(tmp_path / "certs")]) == 0
+    key = tmp_path / "certs-ca-key" / "ca.key"
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["ca.crt", "server.crt", "server.key"]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    out = capsys.readouterr().out
+    assert f"ca_key       {key}  (0600; keep it off the SuperLink's machine" in out
+    assert f"the SuperLink reads {tmp_path / 'certs'} (--certs); the CA key is not in it" in out
 
 
 def test_server_certificate_passes_a_real_tls_handshake_only_with_its_ca(tmp_path: Path) -> None:

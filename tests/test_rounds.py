@@ -73,3 +73,32 @@ def test_silent_node_is_dropped_each_round_and_every_round_is_checkpointed(in_a_
                 (2, "train", 3, "timed_out"), (2, "evaluate", 3, "timed_out")]
     assert dropped == ([(0, "evaluate", 3, "timed_out")] if initial else []) + expected
     assert history.rounds[-1]["train_clients"] == 2.0
+
+
+class SilentDevices(Devices):
+    """Three nodes, none of which ever answers (a deadline no client can meet)."""
+
+    def push_messages(self, messages):
+        return [f"silent-{i}" for i, _ in enumerate(messages)]
+
+
+def test_a_deadline_no_client_meets_fails_the_run_instead_of_finishing_untrained(
+        in_a_serverapp) -> None:
+    from fedslm.server.rounds import NoTrainingError
+
+    ended = []
+    plan = RoundPlan(num_rounds=3, timeout=0.05, initial_evaluation=False,
+                     on_round_end=lambda *args: ended.append(args[0]))
+    strategy = FedAvg(min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3)
+    with pytest.raises(NoTrainingError) as err:
+        run_rounds(SilentDevices(), strategy, plan, ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+                   log_metrics=lambda m, s: None)
+    assert str(err.value) == ("federation.round_timeout: all 3 clients of round 1 missed the "
+                              "0.05s deadline and none has trained yet; no client can meet it, "
+                              "so the run stops instead of finishing untrained")
+    assert ended == []
+    # a resumed run (clients trained before) tolerates a round where all are late
+    arrays, _ = run_rounds(SilentDevices(), strategy, plan,
+                           ArrayRecord({"w": Array(np.zeros(2, np.float32))}), first_round=3,
+                           log_metrics=lambda m, s: None)
+    assert ended == [3]

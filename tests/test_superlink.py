@@ -61,7 +61,15 @@ def test_remote_engine_needs_tls_unless_explicitly_insecure() -> None:
     with pytest.raises(ConfigError, match=r"^federation.root_certificates: is required for "
                                           r"federation.engine=remote \(TLS is on by default"):
         ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": "h:1"}})
-    ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": "h:1", "insecure": True}})
+    for local in ("127.0.0.1:1", "localhost:9093", "[::1]:9093"):
+        ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": local, "insecure": True}})
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": "h:1", "insecure": True}})
+    assert str(err.value) == ("federation.insecure: refusing to send a run without TLS to h:1, "
+                              "which is not this machine; use federation.root_certificates (or set "
+                              "federation.i_know_this_is_insecure=true)")
+    ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": "h:1", "insecure": True,
+                                               "i_know_this_is_insecure": True}})
     with pytest.raises(ConfigError, match=r"^federation.insecure: contradicts"):
         ExperimentConfig.from_dict({"federation": {"engine": "remote", "address": "h:1",
                                                    "insecure": True, "root_certificates": "/ca"}})
@@ -94,3 +102,47 @@ def test_submitted_paths_are_absolute_and_a_resume_writes_into_its_own_dir(tmp_p
     assert got.output_dir == got.federation.resume_from
     fresh = absolute_paths(ExperimentConfig.from_dict({"output_dir": "/new/hydra/dir"}))
     assert fresh.output_dir == "/new/hydra/dir"
+
+
+def test_an_open_superlink_on_a_public_address_needs_the_explicit_flag(tmp_path: Path) -> None:
+    with pytest.raises(SuperLinkError) as err:
+        superlink_command(tls=None, database=tmp_path / "db", host="0.0.0.0", node_auth=False)
+    assert str(err.value) == ("--insecure: refusing no TLS and no SuperNode authentication on "
+                              "0.0.0.0, which is reachable from other machines; serve 127.0.0.1, "
+                              "or pass --i-know-this-is-insecure")
+    init_dev_pki(tmp_path / "certs", ["127.0.0.1"])
+    with pytest.raises(SuperLinkError, match=r"^--no-node-auth: refusing no SuperNode "
+                                             r"authentication on 10.0.0.5, "):
+        superlink_command(tls=TlsFiles.from_dir(tmp_path / "certs"), database=tmp_path / "db",
+                          host="10.0.0.5", node_auth=False)
+    cmd = superlink_command(tls=None, database=tmp_path / "db", host="0.0.0.0", node_auth=False,
+                            i_know_this_is_insecure=True)
+    assert "--insecure" in cmd and flag(cmd, "--host") == "0.0.0.0"
+
+
+def test_start_warns_on_every_open_start_and_exits_2_when_refused(tmp_path: Path, capsys,
+                                                                   monkeypatch) -> None:
+    from fedslm.server import superlink
+
+    assert superlink.main(["start", "--insecure", "--no-node-auth", "--host", "0.0.0.0",
+                           "--database", str(tmp_path / "db")]) == 2
+    assert capsys.readouterr().err.startswith("error: --insecure: refusing no TLS")
+    def execvpe(*args):  # stop where it would become flower-superlink
+        raise SystemExit(0)
+
+    monkeypatch.setattr(superlink.os, "execvpe", execvpe)
+    with pytest.raises(SystemExit):
+        superlink.main(["start", "--insecure", "--no-node-auth", "--host", "0.0.0.0",
+                        "--i-know-this-is-insecure", "--database", str(tmp_path / "db")])
+    assert capsys.readouterr().err == (
+        "WARNING: this SuperLink runs with no TLS and no SuperNode authentication on 0.0.0.0: "
+        "anyone who reaches it can read the traffic or join as a device "
+        "(--i-know-this-is-insecure)\n")
+
+
+def test_a_certs_dir_holding_the_ca_key_is_refused(tmp_path: Path) -> None:
+    paths = init_dev_pki(tmp_path / "certs", ["127.0.0.1"])
+    TlsFiles.from_dir(tmp_path / "certs").check()
+    (tmp_path / "certs" / "ca.key").write_bytes(paths["ca_key"].read_bytes())
+    with pytest.raises(SuperLinkError, match=r"holds ca.key, the CA's private key; move it off"):
+        TlsFiles.from_dir(tmp_path / "certs").check()

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from fedslm.config import DataConfig
 from fedslm.data.core import DataError
+from fedslm.data.validate import check_text_file
 
 SUPPORTED = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FILE_COLUMN = "source_file"
@@ -81,6 +82,7 @@ def _task_records(dataset: datasets.Dataset, cfg: DataConfig, task: str, *, wher
 def _read_file(file: Path, text_key: str | None) -> pd.DataFrame:
     """One file as a frame; ``text_key`` (plain-text tasks) must be a column of it."""
     suffix = file.suffix.lower()
+    check_text_file(file)
     try:
         if suffix == ".txt":
             paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(file.read_text("utf-8"))]
