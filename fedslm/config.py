@@ -116,13 +116,19 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    """LoRA adapter: rank ``r``, scale ``alpha / r``, on ``target_modules``."""
+    """LoRA adapter: rank ``r``, scale ``alpha / r``, on ``target_modules``.
+
+    ``ranks`` gives clients their own ranks (<= ``r``, the global and model rank):
+    ``"30% r=4, 50% r=8, 20% r=16"`` or by partition id ``"0-2 r=4, * r=8"``;
+    "" = everyone at ``r`` (``fedslm.aggregation.ranks``).
+    """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"
+    ranks: str = ""
 
     def check(self, at: str) -> None:
         if self.r <= 0:
@@ -133,6 +139,14 @@ class PeftConfig:
         if not self.target_modules:
             _fail(f"{at}.target_modules", "must name at least one module")
         _one_of(f"{at}.bias", self.bias, ("none", "lora_only", "all"))
+        from fedslm.aggregation.ranks import RankSpecError, parse_ranks
+
+        try:
+            spec = parse_ranks(self.ranks)
+        except RankSpecError as err:
+            _fail(f"{at}.ranks", str(err))
+        if spec.ranks and max(spec.ranks) > self.r:
+            _fail(f"{at}.ranks", f"rank {max(spec.ranks)} exceeds {at}.r={self.r} (the global rank)")
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
@@ -384,6 +398,24 @@ class PersonalizationConfig:
         if self.finetune_steps < 1:
             _fail(f"{at}.finetune_steps", f"must be >= 1, got {self.finetune_steps}")
         _positive(f"{at}.finetune_learning_rate", self.finetune_learning_rate)
+@dataclass
+class AggregationConfig:
+    """How the server combines clients' LoRA factors (``fedslm.aggregation``).
+
+    ``fedavg``: A and B averaged separately (today's behaviour). ``ffa``: FFA-LoRA, A
+    fixed at its seeded init on every client, only B trains and travels. ``flora``:
+    stacked factors, the exact weighted mean of B @ A, re-factored at ``peft.r``.
+    ``flexlora``: dense mean of B @ A, SVD, each client gets its top-r components.
+    """
+
+    name: str = "fedavg"
+
+    def check(self, at: str) -> None:
+        from fedslm.aggregation import AGGREGATIONS
+
+        _one_of(f"{at}.name", self.name, tuple(AGGREGATIONS))
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -420,6 +452,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -441,6 +474,10 @@ class ExperimentConfig:
         if s.proximal_mu > 0 and s.name != "fedprox":
             _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
         check_privacy_combination(self)
+        from fedslm.aggregation import check_combination
+
+        if (problem := check_combination(self)) is not None:
+            raise ConfigError(problem)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")
