@@ -14,6 +14,8 @@ from dataclasses import astuple
 
 import torch
 
+from fedslm.adapters import apply_roles, reset_to_init
+from fedslm.aggregation import aggregation_rule
 from fedslm.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig
 from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
 from fedslm.model import build_peft_model, load_base_model, resolve_model_path
@@ -31,14 +33,19 @@ def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str):
+def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str,
+                fixed_lora_a: bool = False, seed: int = 0):
     base, tokenizer = load_base_model(path, dtype=dtype)
     peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
-    return build_peft_model(base, peft_cfg, personalization=personalization), tokenizer
+    model = build_peft_model(base, peft_cfg, personalization=personalization)
+    if fixed_lora_a:  # aggregation hook (FFA-LoRA): A fixed at the seeded init, see adapters
+        apply_roles(model, personalization, fixed_lora_a=True)
+        reset_to_init(model, "fixed", seed=seed)
+    return model, tokenizer
 
 
 def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0,
-               personalization: str = "none"):
+               personalization: str = "none", fixed_lora_a: bool = False, seed: int = 0):
     """The process's PEFT model and tokenizer for this (base, LoRA, personalization).
 
     One model per process whatever the number of clients: personal adapters are loaded
@@ -46,13 +53,16 @@ def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int =
     """
     key = astuple(peft_cfg)
     key = key[:3] + (tuple(key[3]),) + key[4:]
-    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization)
+    return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization,
+                       fixed_lora_a, seed if fixed_lora_a else 0)
 
 
 def experiment_model(cfg: ExperimentConfig):
     """``peft_model`` for an experiment config (base, LoRA and personalization from it)."""
     return peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed,
-                      personalization=cfg.personalization.method)
+                      personalization=cfg.personalization.method,
+                      fixed_lora_a=aggregation_rule(cfg.aggregation.name).fixed_lora_a,
+                      seed=cfg.training.seed)
 
 
 def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int) -> ClientSplit:

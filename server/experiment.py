@@ -40,6 +40,7 @@ from server.population import PopulationGrid
 from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
+from server.lora_aggregation import with_aggregation
 from server.strategy import build_strategy
 from server.tracking import NoTracker, Tracker
 
@@ -54,6 +55,13 @@ def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
             for adapter_name in module.lora_A.keys():
                 module.reset_lora_parameters(adapter_name, True)
     return adapter_arrays(model)
+
+
+def fixed_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """Adapter tensors that never travel but belong in the saved adapter (FFA-LoRA's A,
+    the same seeded init on every side); empty for other aggregation rules."""
+    model, _ = experiment_model(cfg)
+    return adapter_arrays(model, "fixed")
 
 
 def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...]) -> CentralEval | None:
@@ -103,7 +111,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     central_texts = central_test_texts(cfg.data, num_clients=cfg.federation.num_clients)
     # 4. strategy (wrapped for user-level DP), tracking, round plan; a resumed run
     # continues its checkpoint
-    strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
+    strategy, privacy = setup_privacy(cfg, with_aggregation(cfg, build_strategy(cfg)), output_dir)
     # Server state beyond the strategy that must survive a restart registers here.
     state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),) if h is not None]
     resumed = resume_state(cfg, strategy, state_hooks)
@@ -131,7 +139,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
             log_metrics=lambda metrics, step: tracker.log_metrics(metrics, step=step),
         )
         # 6. save: adapter (PEFT format), tables, plot, summary
-        adapter_dir = save_adapter({k: v.numpy() for k, v in arrays.items()}, cfg.peft,
+        adapter_dir = save_adapter({k: v.numpy() for k, v in arrays.items()} | fixed_adapter(cfg), cfg.peft,
                                    base_model=base_path, out_dir=output_dir / "adapter")
         write_tables(history, output_dir)
         plot_rounds(history.rounds, output_dir / "curves.png")

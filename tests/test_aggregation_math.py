@@ -121,3 +121,14 @@ def test_rank_spec_parses_shares_and_partition_ranges() -> None:
                      ("3-1 r=4", "empty")):
         with pytest.raises(RankSpecError, match=why):
             parse_ranks(bad)
+
+
+@pytest.mark.parametrize("rule", [flexlora, flora])
+def test_components_the_product_lacks_keep_b_zero_and_a_trainable(rule) -> None:
+    clients, counts = [_client(15, 1), _client(16, 1)], [1, 1]  # product rank 2 < global rank 4
+    glob, residual = rule.aggregate(clients, counts, rank=4)
+    assert residual < 1e-12
+    np.testing.assert_array_equal(glob[B][:, 2:], 0.0)
+    assert (np.linalg.norm(glob[A][2:], axis=1) > 0.1).all()  # not dead: B's gradient flows
+    np.testing.assert_allclose(glob[B].astype(np.float64) @ glob[A], _product_mean(clients, counts),
+                               atol=2e-5)

@@ -28,6 +28,8 @@ class AggregationRule:
     # not Flower's FedAvg on the factors
     product_space: bool = False
     incompatible: tuple[Incompatibility, ...] = ()
+    # (replies, num_examples, *, rank) -> (global arrays, truncation residual); product rules only
+    product_aggregate: Callable[..., Any] | None = None
 
 
 AGGREGATIONS: dict[str, AggregationRule] = {}
@@ -101,6 +103,8 @@ def _ranks_without_personalization(cfg: Any) -> str | None:
     return None
 
 
+from fedslm.aggregation import flexlora, flora  # noqa: E402  (the rules' math)
+
 register_aggregation(AggregationRule(
     "fedavg", "A and B averaged separately (HetLoRA zero-padding for mixed ranks)",
     incompatible=(_ranks_without_dp_fedavg, _ranks_without_personalization)))
@@ -109,7 +113,9 @@ register_aggregation(AggregationRule(
     fixed_lora_a=True, incompatible=(_no_personalization, _no_ranks)))
 register_aggregation(AggregationRule(
     "flora", "FLoRA: stacked factors, exact weighted mean of B @ A, re-factored by thin SVD",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization)))
+    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_aggregate=flora.aggregate))
 register_aggregation(AggregationRule(
     "flexlora", "FlexLoRA: dense mean of B @ A, SVD, each client its top-r components",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization)))
+    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_aggregate=flexlora.aggregate))

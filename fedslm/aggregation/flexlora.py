@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedslm.aggregation.lora_factors import Arrays, lora_pairs, product, weighted_mean, weights_of
+from fedslm.aggregation.lora_factors import (Arrays, lora_pairs, product, nonzero_components,
+                                             revive_empty_components,
+                                             weighted_mean, weights_of)
 
 
 def product_mean(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> np.ndarray:
@@ -31,6 +33,7 @@ def svd_factors(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float
     a = np.zeros((rank, m.shape[1]))
     b[:, :k] = u[:, :k] * root
     a[:k] = root[:, None] * vt[:k]
+    b, a = revive_empty_components(b, a, nonzero_components(s, k))
     total = float(np.sum(s ** 2))
     return b, a, float(np.sqrt(np.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
 

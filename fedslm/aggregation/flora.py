@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedslm.aggregation.lora_factors import Arrays, lora_pairs, weighted_mean, weights_of
+from fedslm.aggregation.lora_factors import (Arrays, lora_pairs, nonzero_components,
+                                             revive_empty_components,
+                                             weighted_mean, weights_of)
 
 
 def stack(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +29,8 @@ def stack(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray)
 
 def refactor(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Balanced factors ``(U_r sqrt(S_r), sqrt(S_r) V_r^T)`` of the best rank-``rank``
-    approximation of ``b @ a``, zero-padded to ``rank``; and the relative Frobenius
+    approximation of ``b @ a`` (components it lacks: B zero, A fresh, see
+    ``revive_empty_components``); and the relative Frobenius
     residual of that approximation (0 when the product's rank fits)."""
     qb, rb = np.linalg.qr(b)
     qa, ra = np.linalg.qr(a.T)
@@ -38,6 +41,7 @@ def refactor(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     new_a = np.zeros((rank, a.shape[1]))
     new_b[:, :k] = (qb @ u[:, :k]) * root
     new_a[:k] = root[:, None] * (vt[:k] @ qa.T)
+    new_b, new_a = revive_empty_components(new_b, new_a, nonzero_components(s, k))
     total = float(np.sum(s ** 2))
     residual = float(np.sqrt(np.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
     return new_b, new_a, residual

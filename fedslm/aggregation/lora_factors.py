@@ -109,3 +109,27 @@ def fit_to_shapes(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[i
 def float32_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes of the tensors as float32 (the wire format's payload, headers excluded)."""
     return sum(int(np.prod(np.shape(v))) * 4 for v in arrays.values())
+
+
+def revive_empty_components(b: np.ndarray, a: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray]:
+    """Components ``used:`` of re-factored factors (ones the product does not have, up
+    to rounding): B's columns set to zero and A's rows given fresh random values, so training can use them again;
+    ``B @ A`` is unchanged. Zero rows in both factors would get zero gradient forever.
+    The scale is the kept rows' mean norm (or ``1/sqrt(in)``); seeded by the shape."""
+    if used >= a.shape[0]:
+        return b, a
+    norms = np.linalg.norm(a[:used], axis=1) if used else np.array([])
+    scale = float(norms.mean()) if used and norms.mean() > 0 else 1.0 / np.sqrt(a.shape[1])
+    rng = np.random.default_rng(a.shape[0] * 1_000_003 + a.shape[1])
+    fresh = rng.standard_normal((a.shape[0] - used, a.shape[1]))
+    a, b = a.copy(), b.copy()
+    a[used:] = fresh / np.linalg.norm(fresh, axis=1, keepdims=True) * scale
+    b[:, used:] = 0.0
+    return b, a
+
+
+def nonzero_components(s: np.ndarray, k: int) -> int:
+    """How many of the first ``k`` singular values are not zero up to float rounding."""
+    if len(s) == 0 or s[0] <= 0:
+        return 0
+    return int(np.sum(s[:k] > s[0] * 1e-9))
