@@ -1,6 +1,6 @@
 """aggregation: what each LoRA aggregation rule costs the server and what it buys in quality.
 
-Server cost (in process, no engine): aggregating ``--clients`` replies of a SmolLM2-135M
+Server cost (in process, no engine, one BLAS thread): aggregating ``--clients`` replies of a SmolLM2-135M
 sized adapter (30 layers x q_proj, v_proj at 576 x 576, rank 8) with each rule: median
 wall time of 3 and peak numpy memory (tracemalloc) of one aggregation. FFA averages only
 B; fedavg averages A and B; flora stacks and re-factors with a thin QR/SVD; flexlora
@@ -40,6 +40,8 @@ RANK_RUNS = {  # name: overrides
 
 
 def server_cost_rows(clients: int, rank: int, layers: int = 60, dim: int = 576) -> list[dict[str, Any]]:
+    from threadpoolctl import threadpool_limits
+
     from fedslm.aggregation import fedavg, ffa, flexlora, flora
 
     rng = np.random.default_rng(0)
@@ -54,19 +56,24 @@ def server_cost_rows(clients: int, rank: int, layers: int = 60, dim: int = 576) 
              "flora": lambda: flora.aggregate(replies, counts, rank=rank),
              "flexlora": lambda: flexlora.aggregate(replies, counts, rank=rank)}
     rows = []
-    for name, call in calls.items():
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        tracemalloc.start()
-        call()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        rows.append({"rule": name, "clients": clients, "layers": layers, "rank": rank,
-                     "seconds": statistics.median(times), "peak_mib": peak / 2**20})
+    with threadpool_limits(1):  # one BLAS thread: a shared, loaded machine oversubscribes more
+        for name, call in calls.items():
+            rows.append(_cost(name, call) | {"clients": clients, "layers": layers, "rank": rank})
     return rows
+
+
+def _cost(name: str, call) -> dict[str, Any]:
+    """Median seconds of 3 calls, and the peak traced (numpy) memory of a 4th."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    tracemalloc.start()
+    call()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"rule": name, "seconds": statistics.median(times), "peak_mib": peak / 2**20}
 
 
 def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None) -> list[dict[str, Any]]:
