@@ -97,10 +97,10 @@ def _reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
     return reply
 
 
-def _wrapper(tmp_path, name: str, ranks: str) -> LoraAggregation:
+def _wrapper(tmp_path, name: str, ranks: str, nodes: int = 3) -> LoraAggregation:
     cfg = _cfg(tmp_path, aggregation={"name": name}, peft={"r": 4, "ranks": ranks})
-    strategy = with_aggregation(cfg, FedAvg(fraction_evaluate=1.0, min_available_nodes=3,
-                                            min_train_nodes=3))
+    strategy = with_aggregation(cfg, FedAvg(fraction_evaluate=1.0, min_available_nodes=nodes,
+                                            min_train_nodes=nodes))
     assert isinstance(strategy, LoraAggregation)
     return strategy
 
@@ -136,3 +136,25 @@ def test_each_node_gets_its_rank_and_a_reply_at_another_rank_is_rejected(tmp_pat
                                (u[:, :4] * s[:4]) @ vt[:4], atol=2e-5)
     assert strategy.aggregation_metrics["agg_rank_min"] == 1.0
     assert metrics["loss"] == pytest.approx((10 * 1 + 30 * 3) / 40)  # the wrapped FedAvg's weighting
+
+
+def test_a_compressed_reply_is_decoded_against_the_rank_its_node_was_sent(tmp_path, in_a_serverapp) -> None:
+    from fedslm.compression import update_records
+
+    strategy = _wrapper(tmp_path, "fedavg", "50% r=2, 50% r=4", nodes=2)
+    messages = list(strategy.configure_train(1, to_array_record(_factors(4, 0)), ConfigRecord(),
+                                             Grid([7, 8])))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    sent = from_array_record(by_node[7].content["arrays"])
+    assert rank_of(sent) == 2  # node 7 sorts first: the first 50% get rank 2
+    trained = {k: v + 0.5 for k, v in sent.items()}
+    records = update_records(trained, sent, method="int8", residual_path=None)
+    reply = Message(RecordDict({**records, "metrics": MetricRecord({"num-examples": 5})}),
+                    reply_to=by_node[7])
+    reply.metadata.__dict__["_src_node_id"] = 7
+    screened = screen_against_sent([reply], messages)
+    assert screened.rejected == {}
+    decoded = from_array_record(screened.accepted[0].content["arrays"])
+    assert {k: v.shape for k, v in decoded.items()} == {k: v.shape for k, v in sent.items()}
+    for name in sent:
+        np.testing.assert_allclose(decoded[name], trained[name], atol=0.02)
