@@ -8,7 +8,8 @@ forms each layer's dense ``576 x 576`` mean product and takes its SVD.
 
 Quality (simulation engine, built-in synthetic data): each rule at data heterogeneity 0
 and 1, then per-client ranks (a 4/8/16 mix, global rank 16) against everyone at r=4 and
-everyone at r=16, with ``peft.alpha = 2 r`` so the LoRA scale is the same everywhere.
+everyone at r=16, with ``peft.alpha = 2 r`` so the LoRA scale is the same everywhere;
+and fedavg against ffa under DP-FedAvg at noise 0.5 and 1.0 (same clipping, same ε).
 Reported: final eval and central perplexity, bytes up and down per round (train +
 evaluate), the server's aggregation time per round. One run per row: differences of a
 few hundredths of perplexity are within run-to-run noise (client sampling is seeded,
@@ -36,6 +37,11 @@ RANK_RUNS = {  # name: overrides
                             "aggregation.name": "flexlora"},
     "all r=4": {"peft.r": 4, "peft.alpha": 8.0},
     "all r=16": {"peft.r": 16, "peft.alpha": 32.0},
+}
+DP_RUNS = {  # DP-FedAvg (user level) is defined for fedavg and ffa (docs/aggregation.md)
+    f"{rule} dp z={z:g}": {"aggregation.name": rule, "privacy.mode": "dp_fedavg",
+                            "privacy.noise_multiplier": z}
+    for z in (0.5, 1.0) for rule in ("fedavg", "ffa")
 }
 
 
@@ -81,6 +87,7 @@ def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None) -> 
     for het in setting["heterogeneity"]:
         runs += [(rule, het, {"aggregation.name": rule}) for rule in RULES]
     runs += [(name, 1.0, overrides) for name, overrides in RANK_RUNS.items()]
+    runs += [(name, 1.0, overrides) for name, overrides in DP_RUNS.items()]
     if only:
         runs = [r for r in runs if r[0] in only]
     rows = []
@@ -102,6 +109,7 @@ def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None) -> 
             "down_bytes": statistics.fmean(r["bytes_down"] for r in trained),
             "server_agg_ms": 1e3 * statistics.fmean(r["server_aggregate_seconds"] for r in trained),
             "truncation": last.get("agg_truncation_error"),
+            "epsilon_user": last.get("dp_epsilon_user"),
             "output_dir": cfg.output_dir,
         })
     return rows
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if quality:
         print(f"\nAfter {args.rounds} rounds, {args.clients} clients x {args.steps} steps (tiny-llama, synthetic):")
         print(table(quality, ["run", "heterogeneity", "global_r", "eval_ppl_round0", "eval_ppl",
-                              "central_ppl", "up_bytes", "down_bytes", "server_agg_ms", "truncation"]))
+                              "central_ppl", "up_bytes", "down_bytes", "server_agg_ms", "truncation",
+                              "epsilon_user"]))
     result = {"benchmark": "aggregation", "server_cost": cost, "quality_setting": setting,
               "quality": quality, "machine": machine()}
     print(f"\nwrote {write_json('aggregation', result, args.out)}")
