@@ -20,7 +20,8 @@ from fedslm.aggregation.lora_factors import (Arrays, lora_pairs, nonzero_compone
                                              weighted_mean, weights_of)
 
 
-def stack(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def stack(factors: Sequence[tuple[np.ndarray, np.ndarray]],
+          weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(B_s, A_s)`` with ``B_s @ A_s == sum_i weights_i B_i @ A_i`` (float64)."""
     b = np.concatenate([w * np.asarray(b_i, np.float64) for w, (b_i, _) in zip(weights, factors)], axis=1)
     a = np.concatenate([np.asarray(a_i, np.float64) for _, a_i in factors], axis=0)

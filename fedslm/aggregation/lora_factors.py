@@ -88,9 +88,9 @@ def pad(arrays: Mapping[str, np.ndarray], rank: int) -> Arrays:
     for name, value in arrays.items():
         value = np.asarray(value)
         if is_lora_a(name) and value.shape[0] < rank:
-            out[name] = np.concatenate([value, np.zeros((rank - value.shape[0],) + value.shape[1:], value.dtype)], 0)
+            out[name] = np.pad(value, ((0, rank - value.shape[0]), (0, 0)))
         elif is_lora_b(name) and value.shape[1] < rank:
-            out[name] = np.concatenate([value, np.zeros((value.shape[0], rank - value.shape[1]), value.dtype)], 1)
+            out[name] = np.pad(value, ((0, 0), (0, rank - value.shape[1])))
         else:
             out[name] = value
     return out
@@ -113,7 +113,8 @@ def float32_bytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 def revive_empty_components(b: np.ndarray, a: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray]:
     """Components ``used:`` of re-factored factors (ones the product does not have, up
-    to rounding): B's columns set to zero and A's rows given fresh random values, so training can use them again;
+    to rounding): B's columns set to zero and A's rows given fresh random values, so
+    training can use them again;
     ``B @ A`` is unchanged. Zero rows in both factors would get zero gradient forever.
     The scale is the kept rows' mean norm (or ``1/sqrt(in)``); seeded by the shape."""
     if used >= a.shape[0]:

@@ -73,7 +73,8 @@ def ranks_by_share(node_ids: Sequence[int], shares: Sequence[tuple[float, int]])
     nodes = sorted(node_ids)
     exact = [f * len(nodes) for f, _ in shares]
     counts = [math.floor(x) for x in exact]
-    for i in sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)[:len(nodes) - sum(counts)]:
+    by_remainder = sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[:len(nodes) - sum(counts)]:
         counts[i] += 1
     out, start = {}, 0
     for count, (_, rank) in zip(counts, shares):

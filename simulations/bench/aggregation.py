@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     quality = [] if args.no_engine else quality_rows(
         setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None)
     if quality:
-        print(f"\nAfter {args.rounds} rounds, {args.clients} clients x {args.steps} steps (tiny-llama, synthetic):")
+        print(f"\nAfter {args.rounds} rounds, {args.clients} clients x {args.steps} steps "
+              "(tiny-llama, synthetic):")
         print(table(quality, ["run", "heterogeneity", "global_r", "eval_ppl_round0", "eval_ppl",
                               "central_ppl", "up_bytes", "down_bytes", "server_agg_ms", "truncation",
                               "epsilon_user"]))
