@@ -31,10 +31,15 @@ def test_flora_stacking_is_exactly_the_weighted_mean_of_products_and_fedavg_is_n
     b_s, a_s = flora.stack([(c[B], c[A]) for c in clients], w)
     assert b_s.shape == (6, 6) and a_s.shape == (6, 5)  # rank 2 + 2 + 2
     np.testing.assert_allclose(b_s @ a_s, _product_mean(clients, counts), rtol=0, atol=1e-12)
-    # FedAvg on the same factors: mean(B) @ mean(A) misses the cross terms
+    # FedAvg on the same factors: mean(B) @ mean(A) is off by exactly the cross terms
+    # sum_{i != j} w_i w_j B_i A_j - sum_i w_i (1 - w_i) B_i A_i
     avg = fedavg.aggregate(clients, counts, rank=2)
-    gap = np.abs(avg[B].astype(np.float64) @ avg[A] - _product_mean(clients, counts)).max()
-    assert gap > 0.5
+    gap = avg[B].astype(np.float64) @ avg[A] - _product_mean(clients, counts)
+    f = [(c[B].astype(np.float64), c[A].astype(np.float64)) for c in clients]
+    cross = sum(w[i] * w[j] * f[i][0] @ f[j][1] for i in range(3) for j in range(3) if i != j)
+    cross -= sum(w[i] * (1 - w[i]) * f[i][0] @ f[i][1] for i in range(3))
+    np.testing.assert_allclose(gap, cross, atol=1e-5)
+    assert np.abs(gap).max() > 0.5
     # re-factored at the stacked rank, the global adapter is the exact mean
     glob, residual = flora.aggregate(clients, counts, rank=6)
     assert residual < 1e-7
