@@ -23,6 +23,7 @@ from fedslm.client.personal_state import resolve_state_dir
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.task import evaluate, fit
 from fedslm.adapters import from_array_record
+from fedslm.aggregation.lora_factors import fit_to_shapes, pad, shapes_of
 from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
 from fedslm.keys import (ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, METRICS_KEY, PARTITION_ID,
@@ -54,7 +55,9 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
     server_round = int(config[SERVER_ROUND])
     received = from_array_record(msg.content[ARRAYS_KEY])
     try:
-        arrays, metrics = fit(cfg, received, partition_id=me.partition_id,
+        # per-client ranks (fedslm.aggregation.ranks): train the sent rank, zero-padded
+        # into the model's rank peft.r, and send back exactly the shapes received
+        arrays, metrics = fit(cfg, pad(received, cfg.peft.r), partition_id=me.partition_id,
                               server_round=server_round,
                               proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
                               client_dir=me.state_dir, data_path=me.data_path)
@@ -64,6 +67,7 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
         return Message(RecordDict({METRICS_KEY: MetricRecord(exc.metrics), STATUS_RECORD: status}),
                        reply_to=msg)
+    arrays = fit_to_shapes(arrays, shapes_of(received))
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
     residual = (me.state_dir / RESIDUAL_FILE

@@ -36,11 +36,12 @@ from safetensors.torch import save_file
 
 from fedslm.config import PeftConfig
 
-Role = Literal["frozen", "shared", "personal"]
+Role = Literal["frozen", "shared", "personal", "fixed"]
 
 GLOBAL_ADAPTER = "default"  # PEFT's name for the first adapter: the one that travels
 PERSONAL_ADAPTER = "personal"  # the second adapter of ``dual``; it never travels
 _PERSONALIZATION_ATTR = "fedslm_personalization"
+_FIXED_LORA_A_ATTR = "fedslm_fixed_lora_a"
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,7 +56,8 @@ class AdapterError(ValueError):
     """Adapter tensors do not fit the model or are unusable; the message names the tensor."""
 
 
-def parameter_role(name: str, *, bias: str = "none", personalization: str = "none") -> Role:
+def parameter_role(name: str, *, bias: str = "none", personalization: str = "none",
+                   fixed_lora_a: bool = False) -> Role:
     """Role of a parameter, from its name alone (parameter or checkpoint name).
 
     ``bias`` is ``PeftConfig.bias``: it cannot be read off a name, and it decides
@@ -67,9 +69,12 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
     ``personal`` (only parameter names carry the adapter name). ``none`` and
     ``finetune`` share the whole adapter (finetune's private copy is a separate value of
     the same tensors, made and kept on the client, see ``fedslm.client.personal``).
+    ``fixed_lora_a`` (aggregation hook below) makes LoRA A ``fixed``.
     """
     parts = name.split(".")
     lora = _LORA_PARTS.intersection(parts)
+    if fixed_lora_a and _is_fixed_after_init(lora):
+        return "fixed"
     if lora or HEAD_PART in parts:
         trainable: Role = "shared"
     elif parts[-1] == "bias" and (
@@ -85,6 +90,22 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
     if personalization == "dual" and (lora or HEAD_PART in parts) and PERSONAL_ADAPTER in parts:
         return "personal"
     return trainable
+
+
+# --- aggregation hook (issue 16, fedslm.aggregation): FFA-LoRA keeps LoRA A at its ----
+# seeded init. Role ``fixed``: part of the adapter (PEFT saves it), never trained, never
+# sent; every side rebuilds the same value with ``reset_to_init(model, "fixed", seed=...)``.
+_FIXED_AFTER_INIT = frozenset({"lora_A", "lora_embedding_A"})
+_TRAINED: tuple[Role, ...] = ("shared", "personal")
+
+
+def _is_fixed_after_init(lora_parts: set[str]) -> bool:
+    return bool(_FIXED_AFTER_INIT & lora_parts)
+
+
+def fixed_lora_a_of(model: PeftModel) -> bool:
+    return getattr(model, _FIXED_LORA_A_ATTR, False)
+# --- end of aggregation hook ------------------------------------------------------------
 
 
 def target_modules(peft_cfg: PeftConfig, model_type: str | None = None) -> list[str] | str | None:
@@ -121,7 +142,8 @@ def personalization_of(model: PeftModel) -> str:
     return getattr(model, _PERSONALIZATION_ATTR, "none")
 
 
-def apply_roles(model: PeftModel, personalization: str | None = None) -> None:
+def apply_roles(model: PeftModel, personalization: str | None = None, *,
+                fixed_lora_a: bool | None = None) -> None:
     """Set ``requires_grad`` on every parameter from ``parameter_role``.
 
     ``personalization`` (default: what the model was last set for) is remembered on
@@ -129,11 +151,15 @@ def apply_roles(model: PeftModel, personalization: str | None = None) -> None:
     """
     if personalization is None:
         personalization = personalization_of(model)
+    if fixed_lora_a is None:
+        fixed_lora_a = fixed_lora_a_of(model)
     setattr(model, _PERSONALIZATION_ATTR, personalization)
+    setattr(model, _FIXED_LORA_A_ATTR, fixed_lora_a)
     bias = model.peft_config[GLOBAL_ADAPTER].bias
     for name, param in model.named_parameters():
-        role = parameter_role(name, bias=bias, personalization=personalization)
-        param.requires_grad_(role != "frozen")
+        role = parameter_role(name, bias=bias, personalization=personalization,
+                              fixed_lora_a=fixed_lora_a)
+        param.requires_grad_(role in _TRAINED)
 
 
 def adapter_parameters(model: PeftModel, role: Role = "shared") -> dict[str, torch.nn.Parameter]:
@@ -143,10 +169,10 @@ def adapter_parameters(model: PeftModel, role: Role = "shared") -> dict[str, tor
     non-frozen set == the ``requires_grad`` set, and no checkpoint name means two
     different tensors of the asked role.
     """
-    personalization = personalization_of(model)
+    personalization, fixed = personalization_of(model), fixed_lora_a_of(model)
     bias = model.peft_config[GLOBAL_ADAPTER].bias
     params = dict(model.named_parameters())
-    roles = {id(p): parameter_role(n, bias=bias, personalization=personalization)
+    roles = {id(p): parameter_role(n, bias=bias, personalization=personalization, fixed_lora_a=fixed)
              for n, p in params.items()}
     by_adapter = {
         adapter: get_peft_model_state_dict(
@@ -156,8 +182,8 @@ def adapter_parameters(model: PeftModel, role: Role = "shared") -> dict[str, tor
     }
     saved_ids = {id(p) for saved in by_adapter.values() for p in saved.values()}
     for name, param in params.items():
-        trainable = roles[id(param)] != "frozen"
-        if trainable != (id(param) in saved_ids) or trainable != param.requires_grad:
+        in_adapter, trainable = roles[id(param)] != "frozen", roles[id(param)] in _TRAINED
+        if in_adapter != (id(param) in saved_ids) or trainable != param.requires_grad:
             raise AdapterError(
                 f"{name}: role={roles[id(param)]} but "
                 f"saved_by_peft={id(param) in saved_ids}, requires_grad={param.requires_grad}"
@@ -190,11 +216,14 @@ def reset_to_init(model: PeftModel, role: Role, *, seed: int) -> None:
     """
     if not adapter_parameters(model, role):
         return
-    keep = {name: p.detach().clone() for name, p in adapter_parameters(model, _other(role)).items()}
+    others = [r for r in ("shared", "personal", "fixed") if r != role]
+    keep = {(r, name): p.detach().clone() for r in others
+            for name, p in adapter_parameters(model, r).items()}
     reset_lora(model, seed=seed)
     with torch.no_grad():
-        for name, param in adapter_parameters(model, _other(role)).items():
-            param.copy_(keep[name])
+        for r in others:
+            for name, param in adapter_parameters(model, r).items():
+                param.copy_(keep[(r, name)])
 
 
 def reset_lora(model: PeftModel, *, seed: int) -> None:
@@ -213,10 +242,6 @@ def reset_lora(model: PeftModel, *, seed: int) -> None:
             if isinstance(copies, torch.nn.ModuleDict) and original is not None:
                 for copy in copies.values():
                     copy.load_state_dict(original.state_dict())
-
-
-def _other(role: Role) -> Role:
-    return "personal" if role == "shared" else "shared"
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:

@@ -135,6 +135,9 @@ class PeftConfig:
 
     ``target_modules`` ``auto`` (or empty) takes PEFT's own per-architecture defaults
     (Llama/Qwen: ``q_proj, v_proj``; GPT-2: ``c_attn``); ``all-linear`` every linear layer.
+    ``ranks`` gives clients their own ranks (<= ``r``, the global and model rank):
+    ``"30% r=4, 50% r=8, 20% r=16"`` or by partition id ``"0-2 r=4, * r=8"``;
+    "" = everyone at ``r`` (``fedslm.aggregation.ranks``).
     """
 
     r: int = 8
@@ -142,6 +145,7 @@ class PeftConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["auto"])
     bias: str = "none"
+    ranks: str = ""
 
     def check(self, at: str) -> None:
         if self.r <= 0:
@@ -152,6 +156,14 @@ class PeftConfig:
         if len(self.target_modules) > 1 and {"auto", "all-linear"} & set(self.target_modules):
             _fail(f"{at}.target_modules", "auto and all-linear stand alone, not in a list")
         _one_of(f"{at}.bias", self.bias, ("none", "lora_only", "all"))
+        from fedslm.aggregation.ranks import RankSpecError, parse_ranks
+
+        try:
+            spec = parse_ranks(self.ranks)
+        except RankSpecError as err:
+            _fail(f"{at}.ranks", str(err))
+        if spec.ranks and max(spec.ranks) > self.r:
+            _fail(f"{at}.ranks", f"rank {max(spec.ranks)} exceeds {at}.r={self.r} (the global rank)")
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
@@ -520,6 +532,24 @@ class AuditConfig:
         _non_negative(f"{at}.mia_records", self.mia_records)
 
 
+@dataclass
+class AggregationConfig:
+    """How the server combines clients' LoRA factors (``fedslm.aggregation``).
+
+    ``fedavg``: A and B averaged separately (today's behaviour). ``ffa``: FFA-LoRA, A
+    fixed at its seeded init on every client, only B trains and travels. ``flora``:
+    stacked factors, the exact weighted mean of B @ A, re-factored at ``peft.r``.
+    ``flexlora``: dense mean of B @ A, SVD, each client gets its top-r components.
+    """
+
+    name: str = "fedavg"
+
+    def check(self, at: str) -> None:
+        from fedslm.aggregation import AGGREGATIONS
+
+        _one_of(f"{at}.name", self.name, tuple(AGGREGATIONS))
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -558,6 +588,7 @@ class ExperimentConfig:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -588,6 +619,10 @@ class ExperimentConfig:
 
         get_task(self.task.name).check(self)
         check_audit_combination(self)
+        from fedslm.aggregation import check_combination
+
+        if (problem := check_combination(self)) is not None:
+            raise ConfigError(problem)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")

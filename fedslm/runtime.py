@@ -14,6 +14,8 @@ from dataclasses import astuple
 
 import torch
 
+from fedslm.adapters import apply_roles, reset_to_init
+from fedslm.aggregation import aggregation_rule
 from fedslm.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig
 from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
 from fedslm.model import build_peft_model, load_base_model, resolve_model_path
@@ -33,19 +35,22 @@ def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str, task: str,
-                model_kwargs: tuple):
+                model_kwargs: tuple, fixed_lora_a: bool = False, seed: int = 0):
     spec = get_task(task)
     base, tokenizer = load_base_model(path, dtype=dtype, auto_model=spec.auto_model(),
                                       **dict(model_kwargs))
     peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
     model = build_peft_model(base, peft_cfg, personalization=personalization,
                              task_type=spec.peft_task_type)
+    if fixed_lora_a:  # aggregation hook (FFA-LoRA): A fixed at the seeded init, see adapters
+        apply_roles(model, personalization, fixed_lora_a=True)
+        reset_to_init(model, "fixed", seed=seed)
     return model, tokenizer
 
 
 def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0,
                personalization: str = "none", task: str = "causal_lm",
-               model_kwargs: dict | None = None):
+               model_kwargs: dict | None = None, fixed_lora_a: bool = False, seed: int = 0):
     """The process's PEFT model and tokenizer for this (base, LoRA, personalization, task).
 
     One model per process whatever the number of clients: personal adapters are loaded
@@ -54,7 +59,8 @@ def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int =
     key = astuple(peft_cfg)
     key = key[:3] + (tuple(key[3]),) + key[4:]
     return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization,
-                       task, tuple(sorted((model_kwargs or {}).items())))
+                       task, tuple(sorted((model_kwargs or {}).items())),
+                       fixed_lora_a, seed if fixed_lora_a else 0)
 
 
 def experiment_model(cfg: ExperimentConfig):
@@ -62,7 +68,9 @@ def experiment_model(cfg: ExperimentConfig):
     spec = get_task(cfg.task.name)
     return peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed,
                       personalization=cfg.personalization.method, task=cfg.task.name,
-                      model_kwargs=spec.model_kwargs(cfg))
+                      model_kwargs=spec.model_kwargs(cfg),
+                      fixed_lora_a=aggregation_rule(cfg.aggregation.name).fixed_lora_a,
+                      seed=cfg.training.seed)
 
 
 def client_split(data_cfg: DataConfig, *, num_clients: int, partition_id: int,

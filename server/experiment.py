@@ -44,6 +44,7 @@ from fedslm.server.registry import best_round_hook, register_run, with_best_roun
 from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
+from fedslm.server.lora_aggregation import with_aggregation
 
 
 def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
@@ -52,6 +53,13 @@ def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     model, _ = experiment_model(cfg)
     reset_lora(model, seed=cfg.training.seed)
     return adapter_arrays(model)
+
+
+def fixed_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """Adapter tensors that never travel but belong in the saved adapter (FFA-LoRA's A,
+    the same seeded init on every side); empty for other aggregation rules."""
+    model, _ = experiment_model(cfg)
+    return adapter_arrays(model, "fixed")
 
 
 ExamplesSink = Callable[[int, list[dict[str, str]]], None]
@@ -142,7 +150,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                                        task=cfg.task.name)
     # 4. strategy (wrapped for user-level DP), tracking, round plan; a resumed run
     # continues its checkpoint
-    strategy, privacy = setup_privacy(cfg, build_strategy(cfg), output_dir)
+    strategy, privacy = setup_privacy(cfg, with_aggregation(cfg, build_strategy(cfg)), output_dir)
     # Server state beyond the strategy that must survive a restart registers here.
     state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),
                                                 privacy and privacy.state_hook()) if h]
@@ -177,8 +185,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
         # 6. save: adapter (PEFT format), tables, plot, summary
         task = get_task(cfg.task.name)
         model, _ = experiment_model(cfg)
-        adapter_dir = save_adapter({k: v.numpy() for k, v in arrays.items()}, cfg.peft,
-                                   base_model=base_path, out_dir=output_dir / "adapter",
+        adapter_dir = save_adapter({k: v.numpy() for k, v in arrays.items()} | fixed_adapter(cfg),
+                                   cfg.peft, base_model=base_path, out_dir=output_dir / "adapter",
                                    task_type=task.peft_task_type,
                                    model_type=getattr(model.config, "model_type", None))
         write_tables(history, output_dir)

@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
 from fedslm.keys import ARRAYS_KEY
-from fedslm.tasks.base import Task
 from fedslm.server.decompress import decode_train_replies
 from fedslm.server.messaging import send_and_collect
 from fedslm.server.metrics import client_rows, dropped_rows, summarize
-from fedslm.server.strategy import screen_train_replies
+from fedslm.server.strategy import Screened, screen_train_replies
+from fedslm.tasks.base import Task
 
 if TYPE_CHECKING:
     from fedslm.server.privacy_rounds import RoundPrivacy
@@ -74,7 +74,7 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     metrics = summarize(rows, "eval_", task=plan.task, class_names=plan.class_names)
     rows += dropped_rows("evaluate", server_round, failed=got.failed, timed_out=got.timed_out,
                          rejected={})
-    metrics["bytes_down_eval"] = float(payload_bytes(arrays) * len(messages))
+    metrics["bytes_down_eval"] = float(sum(_sent_bytes(m) for m in messages))
     metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
     if plan.central_eval is not None:
         metrics.update(plan.central_eval(server_round, arrays))
@@ -93,21 +93,23 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     replies, ledger_rejected = plan.privacy.check_ledgers(replies) if plan.privacy else (replies, {})
     wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
                   for m in replies if ARRAYS_KEY in m.content.array_records}
-    decoded = decode_train_replies(replies, arrays)  # compressed deltas -> full adapters
-    screened = screen_train_replies(decoded.accepted, arrays)
-    screened.rejected.update(decoded.rejected)
+    screened = screen_against_sent(replies, messages)
     screened.rejected.update(ledger_rejected)
     for node, why in screened.rejected.items():
         log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
     for node, why in got.failed.items():
         log(WARNING, "%s: node %s failed: %s", label, node, why.splitlines()[0] if why else "")
+    aggregate_start = time.perf_counter()
     new_arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
+    aggregate_seconds = time.perf_counter() - aggregate_start
     rows = client_rows("train", server_round, screened.accepted)
     metrics = summarize(rows, "train_")
     rows += dropped_rows("train", server_round, failed=got.failed, timed_out=got.timed_out,
                          rejected=screened.rejected)
     metrics.update(
-        bytes_down=float(payload_bytes(arrays) * len(messages)),
+        bytes_down=float(sum(_sent_bytes(m) for m in messages)),
+        server_aggregate_seconds=aggregate_seconds,
+        **getattr(strategy, "aggregation_metrics", {}),
         bytes_up=float(sum(wire_bytes[id(m)] for m in screened.accepted)),
         clients_sampled=float(len(messages)),
         clients_failed=float(len(got.failed)),
@@ -121,6 +123,30 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
         log(WARNING, "%s: no usable update; the global adapter is unchanged", label)
         new_arrays = arrays
     return new_arrays, metrics, rows
+
+
+def _sent_bytes(msg: Message) -> int:
+    records = msg.content.array_records
+    return payload_bytes(records[ARRAYS_KEY]) if ARRAYS_KEY in records else 0
+
+
+def screen_against_sent(replies: list[Message], messages: list[Message]) -> Screened:
+    """Decode (compressed deltas -> full adapters) and screen each reply against exactly
+    the adapter its node was sent (per-client ranks make that differ between clients)."""
+    sent = {m.metadata.dst_node_id: m.content.array_records[ARRAYS_KEY] for m in messages
+            if ARRAYS_KEY in m.content.array_records}
+    accepted, rejected = [], {}
+    for msg in replies:
+        reference = sent.get(msg.metadata.src_node_id)
+        if reference is None:
+            rejected[msg.metadata.src_node_id] = "reply from a node that was sent no adapter"
+            continue
+        decoded = decode_train_replies([msg], reference)
+        screened = screen_train_replies(decoded.accepted, reference)
+        accepted += screened.accepted
+        rejected.update(decoded.rejected)
+        rejected.update(screened.rejected)
+    return Screened(accepted, rejected)
 
 
 def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRecord,

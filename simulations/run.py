@@ -70,7 +70,8 @@ def run(cfg: ExperimentConfig) -> dict:
     if done_rounds:
         print(f"[fedslm] resuming {cfg.output_dir} after round {done_rounds}", flush=True)
     print(f"[fedslm] {cfg.federation.num_clients} clients x {cfg.federation.num_rounds} rounds, "
-          f"strategy {cfg.strategy.name}, LoRA r={cfg.peft.r}, engine {cfg.federation.engine}, "
+          f"strategy {cfg.strategy.name}, aggregation {cfg.aggregation.name}, LoRA r={cfg.peft.r}"
+          f"{' (clients ' + cfg.peft.ranks + ')' if cfg.peft.ranks else ''}, engine {cfg.federation.engine}, "
           f"personalization {cfg.personalization.method}",
           flush=True)
     engine = run_on_simulation if cfg.federation.engine == "simulation" else run_on_remote

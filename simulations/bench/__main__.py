@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scale": ("fedslm.simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
     "throughput": ("fedslm.simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
     "audit": ("fedslm.simulations.bench.audit", "canary exposure, MIA AUC, empirical epsilon: no DP vs DP-SGD"),
+    "aggregation": ("fedslm.simulations.bench.aggregation", "LoRA aggregation rules: server cost, quality, bytes"),
 }
 
 

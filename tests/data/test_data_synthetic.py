@@ -84,8 +84,8 @@ def topic_share(texts: FederatedTexts, num_topics: int) -> list[float]:
     """Per client: fraction of its topic words that come from its own topic i % num_topics."""
     topic_of = {w: k for k, t in enumerate(TOPICS) for w in t.nouns + t.verbs + t.adjectives}
     shares = []
-    for i, client in enumerate(texts.clients):
-        hits = [topic_of[w] for t in client.train for w in words(t) if w in topic_of]
+    for i, split in enumerate(texts.clients):
+        hits = [topic_of[w] for t in split.train for w in words(t) if w in topic_of]
         shares.append(sum(k == i % num_topics for k in hits) / len(hits))
     return shares
 

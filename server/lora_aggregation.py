@@ -1,0 +1,132 @@
+"""LoRA-aware aggregation around Flower's strategy: per-client ranks and product-space rules.
+
+``with_aggregation`` wraps the strategy ``build_strategy`` made, only when needed
+(``aggregation.name`` flora/flexlora, or ``peft.ranks`` set); fedavg and ffa at one rank
+are Flower's strategy unchanged (FFA's difference is the role rule: A never trains or
+travels, so the global and every message hold only B). The wrapper
+
+- sends each sampled client its own rank's slice of the global (its first r LoRA
+  components: for the SVD-ordered globals of flora/flexlora, the best rank-r
+  approximation), so the round loop screens each reply against exactly that;
+- zero-pads replies back to the global rank and lets Flower's strategy average them
+  (fedavg with mixed ranks, HetLoRA), or aggregates in product space itself (flora,
+  flexlora) and uses the wrapped strategy's metric aggregation.
+
+The wrapped strategy is ``.strategy`` (as in Flower's DP wrappers), so checkpoints find
+its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedslm.adapters import from_array_record, to_array_record
+from fedslm.aggregation import AggregationRule, aggregation_rule
+from fedslm.aggregation.lora_factors import pad, rank_of, truncate
+from fedslm.aggregation.ranks import RankSpec, assign_ranks, parse_ranks
+from fedslm.config import ExperimentConfig
+from fedslm.server.strategy import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+
+PARTITION_KEY = "partition-id"
+
+
+def with_aggregation(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
+    """``strategy`` wrapped for ``cfg.aggregation`` / ``cfg.peft.ranks``, or as it is."""
+    rule, spec = aggregation_rule(cfg.aggregation.name), parse_ranks(cfg.peft.ranks)
+    if not rule.product_space and not spec.ranks:
+        return strategy
+    return LoraAggregation(strategy, rule, global_rank=cfg.peft.r, spec=spec)
+
+
+class LoraAggregation(Strategy):
+    """See the module docstring."""
+
+    def __init__(self, strategy: Strategy, rule: AggregationRule, *, global_rank: int,
+                 spec: RankSpec) -> None:
+        self.strategy = strategy
+        self.rule = rule
+        self.global_rank = global_rank
+        self.spec = spec
+        self.node_rank: dict[int, int] = {}  # a device's rank, once decided, stays
+        self.partitions: dict[int, int] = {}  # node id -> partition id, from its replies
+        self.aggregation_metrics: dict[str, float] = {}  # the last round's, for rounds.csv
+
+    # -- who gets which rank -----------------------------------------------------------
+    def rank_of(self, node_id: int, grid: Grid | None = None) -> int:
+        if node_id not in self.node_rank:
+            nodes = sorted(set(grid.get_node_ids()) | {node_id} if grid is not None else {node_id})
+            decided = assign_ranks(self.spec, nodes, default_rank=self.global_rank,
+                                   partitions=self.partitions)
+            rank = decided[node_id]
+            if not self.spec.by_partition or node_id in self.partitions:
+                self.node_rank[node_id] = rank
+            return rank
+        return self.node_rank[node_id]
+
+    def _learn_partitions(self, replies: Iterable[Message]) -> None:
+        for msg in replies:
+            metrics = msg.content.metric_records.get(METRICS_KEY, {})
+            if PARTITION_KEY in metrics:
+                self.partitions[msg.metadata.src_node_id] = int(metrics[PARTITION_KEY])
+
+    # -- Flower's Strategy interface ---------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        full = from_array_record(arrays)
+        sliced: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            rank = self.rank_of(msg.metadata.dst_node_id, grid)
+            if rank != self.global_rank:
+                if rank not in sliced:
+                    sliced[rank] = to_array_record(truncate(full, rank))
+                content = RecordDict(dict(msg.content.items()))
+                content[ARRAYS_KEY] = sliced[rank]
+                msg.content = content
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._learn_partitions(replies)
+        if not replies:
+            return self.strategy.aggregate_train(server_round, replies)
+        updates = [from_array_record(m.content[ARRAYS_KEY]) for m in replies]
+        ranks = [rank_of(u) for u in updates]
+        self.aggregation_metrics = {"agg_rank_min": float(min(ranks)), "agg_rank_max": float(max(ranks))}
+        if self.rule.product_aggregate is None:  # fedavg with mixed ranks: pad, Flower averages
+            for msg, update in zip(replies, updates):
+                content = RecordDict(dict(msg.content.items()))
+                content[ARRAYS_KEY] = to_array_record(pad(update, self.global_rank))
+                msg.content = content
+            return self.strategy.aggregate_train(server_round, replies)
+        counts = [int(m.content[METRICS_KEY][WEIGHT_KEY]) for m in replies]
+        arrays, residual = self.rule.product_aggregate(updates, counts, rank=self.global_rank)
+        self.aggregation_metrics["agg_truncation_error"] = residual
+        if residual > 1e-6:
+            log(INFO, "[round %d] %s: global rank %d keeps all but %.2g of the mean product "
+                "(relative Frobenius)", server_round, self.rule.name, self.global_rank, residual)
+        aggregate_metrics = getattr(self.strategy, "train_metrics_aggr_fn", None)
+        metrics = (aggregate_metrics([m.content for m in replies], WEIGHT_KEY)
+                   if aggregate_metrics is not None else None)
+        return to_array_record(arrays), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._learn_partitions(replies)
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\t└──> LoRA aggregation: %s, global rank %d, client ranks %s", self.rule.name,
+            self.global_rank, sorted(set(self.node_rank.values())) or [self.global_rank])
+        self.strategy.summary()
