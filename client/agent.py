@@ -64,6 +64,7 @@ class AgentConfig:
     state_dir: Path
     runtime_port: int = 9094
     max_wait_time: float = 0.0  # 0: keep retrying the SuperLink forever
+    task: str = "causal_lm"  # the format --data-path is checked in (fedslm.tasks)
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                         help="CA certificate (PEM) that signed the SuperLink's certificate")
     parser.add_argument("--auth-key", required=True, type=Path,
                         help="this node's private key (python -m fedslm.pki node-key PATH)")
+    parser.add_argument("--task", default="causal_lm", choices=("causal_lm", "instruct", "classify"),
+                        help="the task whose record format --data-path holds (default: causal_lm: "
+                             "text; instruct: instruction/output or chat messages; classify: text "
+                             "and label columns)")
     parser.add_argument("--data-path", required=True, type=Path,
                         help="directory (or file) of .txt/.jsonl/.csv/.parquet texts to train on")
     parser.add_argument("--state-dir", required=True, type=Path,
@@ -87,18 +92,18 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     return AgentConfig(superlink=a.superlink, root_certificates=a.root_certificates.expanduser(),
                        auth_key=a.auth_key.expanduser(), data_path=a.data_path.expanduser(),
                        state_dir=a.state_dir.expanduser(), runtime_port=a.runtime_port,
-                       max_wait_time=a.max_wait_time)
+                       max_wait_time=a.max_wait_time, task=a.task)
 
 
 # ---------------------------------------------------------------- checks
 
-def check_data(path: Path) -> int:
+def check_data(path: Path, task: str = "causal_lm") -> int:
     """Number of texts under ``path``; AgentError if it is empty or unreadable.
 
     Runs the reader (fedslm.data.local, the ClientApp's own) in a child process, so the
     agent does not keep pandas and datasets in memory for the life of the device.
     """
-    done = subprocess.run([sys.executable, "-m", "fedslm.data.local", str(path)],
+    done = subprocess.run([sys.executable, "-m", "fedslm.data.local", str(path), "--task", task],
                           capture_output=True, text=True, env=flower_env(AGENT_ENV),
                           cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
@@ -160,7 +165,7 @@ def prepare_state_dir(state_dir: Path) -> None:
 
 def check_inputs(cfg: AgentConfig) -> dict:
     """Every check that can fail before connecting; returns what the agent reports."""
-    texts = check_data(cfg.data_path)
+    texts = check_data(cfg.data_path, cfg.task)
     public_key = check_key(cfg.auth_key)
     prepare_state_dir(cfg.state_dir)
     reachable = check_certificate(cfg.superlink, cfg.root_certificates)

@@ -133,3 +133,14 @@ def test_node_config_reaches_flower_intact_and_tls_is_never_off(tmp_path: Path) 
     assert cmd[cmd.index("--root-certificates") + 1] == str((tmp_path / "ca.crt").resolve())
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str((tmp_path / "key").resolve())
     assert cmd[cmd.index("--node-config") + 1] == str(path)
+
+
+def test_agent_checks_data_in_the_tasks_format(tmp_path):
+    (tmp_path / "labelled.csv").write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(6)))
+    assert check_data(tmp_path / "labelled.csv", "classify") == 6
+    (tmp_path / "chat.jsonl").write_text("".join(
+        f'{{"instruction": "say {i}", "output": "{i}"}}\n' for i in range(4)))
+    assert check_data(tmp_path / "chat.jsonl", "instruct") == 4
+    (tmp_path / "plain.txt").write_text("one paragraph\n\nanother one\n")
+    with pytest.raises(AgentError, match=r"^--data-path: .*plain.txt is plain text; task.name=classify"):
+        check_data(tmp_path / "plain.txt", "classify")

@@ -27,7 +27,7 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in BENCHMARKS)
-    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "audit", "aggregation"}
+    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "tasks", "audit", "aggregation"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
@@ -145,3 +145,15 @@ def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -
                   "epsilon_sample_level": 4.0}, "z=2")
     assert (row["epsilon"], row["exp@16"], row["auc_cal"], row["ppl"]) == (4.0, 3.0, 0.6, 8.0)
     assert row_of({"audit": audit, "utility": {}, "delta": 1e-5}, "none")["epsilon"] == math.inf
+
+
+def test_tasks_tiny_compares_federated_and_centralized_per_task(tmp_path: Path) -> None:
+    result = run("tasks", tmp_path, "--tiny")
+    rows = {r["setting"]: r for r in result["comparison"]}
+    assert set(rows) == {"synthetic-causal_lm-iid", "synthetic-classify-iid",
+                         "synthetic-classify-skew", "synthetic-instruct-iid"}
+    assert {rows[k]["metric"] for k in rows} == {"perplexity", "macro_f1"}
+    assert all(r["federated"] is not None and r["centralized"] is not None for r in rows.values())
+    assert "personal_gain_mean" in rows["synthetic-classify-skew"]
+    assert [c["task"] for c in result["step_cost"]] == ["causal_lm", "instruct", "classify"]
+    assert result["step_cost"][0]["vs_causal_lm"] == 1.0

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "comm": ("fedslm.simulations.bench.comm", "bytes per client per round; compression quality cost"),
     "scale": ("fedslm.simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
     "throughput": ("fedslm.simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
+    "tasks": ("fedslm.simulations.bench.tasks", "federated vs centralized per task; each task's step cost"),
     "audit": ("fedslm.simulations.bench.audit", "canary exposure, MIA AUC, empirical epsilon: no DP vs DP-SGD"),
     "aggregation": ("fedslm.simulations.bench.aggregation", "LoRA aggregation rules: server cost, quality, bytes"),
 }
