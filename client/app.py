@@ -60,3 +60,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers
 
     return handlers.evaluate_reply(experiment(context), msg, context)
+
+
+def _secagg(msg: Message, context: Context) -> Message:
+    from client import secagg_handler  # torch and the rest, like the handlers above
+
+    return secagg_handler.stage_reply(experiment(context), msg, context)
+
+
+# SecAgg+ stages (server.secagg_round): one Message-API round trip each, "train.secagg_<stage>"
+for _stage in ("keys", "shares", "masked", "unmask"):
+    app.train(f"secagg_{_stage}")(_secagg)

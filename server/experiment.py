@@ -40,6 +40,7 @@ from server.population import PopulationGrid
 from server.privacy import ServerPrivacyState
 from server.privacy_rounds import setup_privacy
 from server.rounds import CentralEval, History, RoundPlan, run_rounds
+from server.secagg_round import setup_secure
 from server.strategy import build_strategy
 from server.tracking import NoTracker, Tracker
 
@@ -121,6 +122,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
+                     secure=setup_secure(cfg, strategy),
                      on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
                                                   run_id=run_id, hooks=state_hooks))
     try:

@@ -27,6 +27,7 @@ from server.strategy import ARRAYS_KEY, screen_train_replies
 
 if TYPE_CHECKING:
     from server.privacy_rounds import RoundPrivacy
+    from server.secagg_round import SecureTrain
 
 CentralEval = Callable[[int, ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord, dict[str, float], list[dict]], None]
@@ -47,6 +48,7 @@ class RoundPlan:
     # personalized vs global quality); merged into the round's metrics before logging.
     round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None
     initial_evaluation: bool = True
+    secure: SecureTrain | None = None  # SecAgg+ replaces the train phase (server.secagg_round)
 
 
 @dataclass
@@ -78,6 +80,8 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
 def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: int,
                 arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float], list[dict]]:
     """One round of federated training; returns the new global adapter."""
+    if plan.secure is not None:
+        return plan.secure.train_phase(grid, strategy, plan, server_round, arrays)
     label = f"[round {server_round}/{plan.num_rounds}] train"
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
@@ -125,6 +129,9 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
         _record(history, 0, metrics, rows, log_metrics, plan.num_rounds)
     for rnd in range(first_round, plan.num_rounds + 1):
         if plan.privacy is not None and (why := plan.privacy.stop_reason(rnd)):
+            log(WARNING, "[round %d/%d] stopping: %s", rnd, plan.num_rounds, why)
+            break
+        if plan.secure is not None and (why := plan.secure.stop_reason()):
             log(WARNING, "[round %d/%d] stopping: %s", rnd, plan.num_rounds, why)
             break
         start = time.monotonic()
