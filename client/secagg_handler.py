@@ -91,9 +91,10 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     rec, sa, config = msg.content[P.RECORD], cfg.secure_aggregation, msg.content["config"]
     senders = [int(i) for i in rec.get(P.PEERS, [])]
     bad = secagg.receive_shares(state, dict(zip(senders, rec.get(P.CIPHERTEXTS, []), strict=True)))
-    _save(path, state)
     if secagg.simulated_dropout(sa.simulate_dropout, state.server_round, me.partition_id):
+        path.unlink(missing_ok=True)  # it leaves the round for good
         raise RuntimeError("simulated dropout (secure_aggregation.simulate_dropout)")
+    _save(path, state)
     received = from_array_record(msg.content["arrays"])
     train_started = time.thread_time()
     try:

@@ -209,3 +209,22 @@ def test_quantization_is_unbiased_and_dequantizes_a_sum() -> None:
                                [-2.0, -2.0, 0.0, 0.5, 2.0, 2.0])
     draws = ring.quantize(np.full(20000, 0.1), clipping_range=1.0, quantization_bits=3, rng=rng)
     assert abs(ring.dequantize_sum(draws, 1, clipping_range=1.0, quantization_bits=3).mean() - 0.1) < 0.01
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"compression": {"method": "int8"}}, "compression.method: must be none with secure_aggregation.method=secaggplus"),
+    ({"privacy": {"mode": "dp_fedavg", "clipping": "adaptive", "clipped_count_stddev": 1.0}},
+     "privacy.clipping: must be fixed with secure_aggregation.method=secaggplus"),
+    ({"secure_aggregation": {"quantization_bits": 30}}, "secure_aggregation.modulus_bits: 2^32 must exceed "
+     "federation.num_clients=10 x 2^secure_aggregation.quantization_bits=30"),
+    ({"secure_aggregation": {"num_neighbours": 3}}, "secure_aggregation.num_neighbours: must be an even number"),
+    ({"secure_aggregation": {"threshold": 1}}, "secure_aggregation.threshold: must be 0"),
+    ({"personalization": {"method": "dual"}}, "personalization.method: must be none with secure_aggregation"),
+])
+def test_config_refuses_what_secagg_cannot_combine_with(override, message) -> None:
+    from fedslm.config import ConfigError, ExperimentConfig
+    data = {"secure_aggregation": {"method": "secaggplus"}}
+    for group, values in override.items():
+        data.setdefault(group, {}).update(values)
+    with pytest.raises(ConfigError, match="^" + message.replace("^", "\\^").replace("(", "\\(")):
+        ExperimentConfig.from_dict(data)
