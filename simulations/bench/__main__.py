@@ -14,6 +14,7 @@ BENCHMARKS = {
     "comm": ("simulations.bench.comm", "bytes per client per round; compression quality cost"),
     "scale": ("simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
     "throughput": ("simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
+    "secagg": ("simulations.bench.secagg", "SecAgg+ CPU, memory, bytes vs plain aggregation; quality"),
 }
 
 
