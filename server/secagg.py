@@ -172,7 +172,8 @@ class SecAggRound:
 
     def _rebuild(self, owner: int, shares: dict[int, bytes], valid: Callable[[bytes], bool]) -> bytes:
         """The secret of ``owner`` from ``threshold`` of ``shares`` (holder -> share) that
-        reconstruct a value ``valid`` accepts; holders whose share disagrees are liars."""
+        reconstruct a value ``valid`` accepts. When the first subset fails, the holders
+        whose share disagrees with the secret found are named liars (and not asked again)."""
         t = self.threshold
         honest = {h: s for h, s in shares.items() if h not in self.liars}
         if len(honest) < t:
@@ -181,13 +182,14 @@ class SecAggRound:
             raise Abandoned(f"unmasking: {len(honest)} share(s) of client {owner}'s secret, "
                             f"threshold {t}{blame}")
         holders = sorted(honest)
-        for subset in itertools.islice(itertools.combinations(holders, t), MAX_COMBINATIONS):
+        for tries, subset in enumerate(itertools.islice(itertools.combinations(holders, t), MAX_COMBINATIONS)):
             secret = _combine([honest[h] for h in subset])
             if secret is not None and valid(secret):
-                base = [honest[h] for h in subset[:t - 1]]
-                for h in holders:
-                    if h not in subset and _combine([*base, honest[h]]) != secret:
-                        self.liars[h] = f"sent a wrong share of client {owner}'s secret"
+                if tries:  # a forged share got in the way: name whoever disagrees
+                    base = [honest[h] for h in subset[:t - 1]]
+                    for h in holders:
+                        if h not in subset and _combine([*base, honest[h]]) != secret:
+                            self.liars[h] = f"sent a wrong share of client {owner}'s secret"
                 return secret
         raise Abandoned(f"unmasking: no {t} shares of client {owner}'s secret agree with its commitment")
 
