@@ -26,7 +26,7 @@ import numpy as np
 from client import secagg as client
 from fedslm.config import SecureAggregationConfig
 from fedslm.secagg.protocol import threshold
-from server.secagg import SecAggRound, mean_update
+from server.secagg import Abandoned, SecAggRound, mean_update
 from simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 TINY_ADAPTER = 4096  # LoRA r=8 on q,v of the built-in tiny Llama (values per update)
@@ -51,7 +51,7 @@ def protocol_row(n: int, drop: float, *, size: int, neighbours: int, sa_kwargs: 
     updates = {node: rng.normal(0, 0.01, size).astype(np.float32) for node in range(1, n + 1)}
     dropped = set(random.Random(n).sample(sorted(updates), int(round(drop * n))))
     wire = np.uint32 if sa.modulus_bits <= 32 else np.uint64
-    client_cpu, server_cpu, down = 0.0, 0.0, 0
+    client_cpu, server_cpu, down, refused, abandoned = 0.0, 0.0, 0, 0, ""
     held, transient = 0, 0
     tracemalloc.start()
 
@@ -95,15 +95,23 @@ def protocol_row(n: int, drop: float, *, size: int, neighbours: int, sa_kwargs: 
         masked[node] = on_client(client.mask, states[node], values, modulus_bits=sa.modulus_bits).astype(wire)
     plan = on_server(server.on_masked, masked)
     down += size_of(plan)
-    reveals = {node: on_client(client.reveal, states[node], *lists) for node, lists in plan.items()}
-    total = on_server(server.on_unmask, reveals)
+    reveals = {}
+    for node, lists in plan.items():
+        try:  # a client whose neighbourhood kept fewer than threshold refuses to reveal
+            reveals[node] = on_client(client.reveal, states[node], *lists)
+        except client.ProtocolAbort:
+            refused += 1
+    try:
+        total = on_server(server.on_unmask, reveals)
+    except Abandoned as why:
+        total, abandoned = None, str(why)
     survivors = len(masked)
     up_survivor = (size_of(keys) + size_of(shares)) / n + (
         sum(v.nbytes for v in masked.values()) + size_of(reveals)) / survivors
     held = size_of(keys) + size_of(shares) + sum(v.nbytes for v in masked.values()) + size_of(reveals)
     tracemalloc.stop()
-    mean = mean_update(total, len(masked), sa=sa)
     exact = np.mean([updates[i].astype(np.float64) for i in masked], axis=0)
+    mean = exact + np.inf if total is None else mean_update(total, len(masked), sa=sa)
     # plain: the server holds n float32 updates and sums them
     start = time.process_time()
     for _ in range(5):
@@ -111,7 +119,7 @@ def protocol_row(n: int, drop: float, *, size: int, neighbours: int, sa_kwargs: 
     plain_cpu = (time.process_time() - start) / 5
     update_bytes = size * 4
     return {
-        "clients": n, "dropout": drop, "neighbours": neighbours or n - 1, "threshold": t,
+        "clients": n, "dropout": drop, "neighbours": min(neighbours or n - 1, n - 1), "threshold": t,
         "server_cpu_s": server_cpu, "plain_server_cpu_s": plain_cpu,
         "client_cpu_s": client_cpu / n,
         "server_mib": (held + transient) / 2**20, "plain_server_mib": (len(masked) * update_bytes + size * 8) / 2**20,
@@ -119,6 +127,7 @@ def protocol_row(n: int, drop: float, *, size: int, neighbours: int, sa_kwargs: 
         "plain_up_bytes": update_bytes, "plain_down_bytes": update_bytes,
         "up_overhead": up_survivor / update_bytes - 1,
         "max_abs_error": float(np.abs(mean - exact).max()),
+        "refused_to_reveal": refused, "abandoned": abandoned[:80] or "no",
         "plain_vs_exact": float(np.abs(plain - exact).max()),
     }
 
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="10,50,100", help="comma-separated client counts")
     parser.add_argument("--dropouts", default="0,0.1,0.3", help="comma-separated dropout fractions")
     parser.add_argument("--neighbours", type=int, default=0, help="0: every other client (SecAgg)")
+    parser.add_argument("--threshold-fraction", type=float, default=0.6)
     parser.add_argument("--size", type=int, default=TINY_ADAPTER, help="values per update")
     parser.add_argument("--quality-clients", type=int, default=10)
     parser.add_argument("--quality-rounds", type=int, default=3)
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--clients/--dropouts/--quality-dropouts: {err}")
     if any(n < 3 for n in counts) or any(not 0 <= d < 0.5 for d in dropouts + quality_dropouts):
         parser.error("--clients must be >= 3 and dropout fractions in [0, 0.5) (threshold 0.6)")
-    sa_kwargs = {"threshold_fraction": 0.6}
+    sa_kwargs = {"threshold_fraction": args.threshold_fraction}
     rows = []
     for n in counts:
         for drop in dropouts:
@@ -182,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(protocol_row(n, drop, size=args.size, neighbours=args.neighbours, sa_kwargs=sa_kwargs))
     print(f"\nProtocol cost per round, {args.size} values per update (in process; plain = the server "
           "holds and averages float32 updates):")
-    print(table(rows, ["clients", "dropout", "threshold", "server_cpu_s", "plain_server_cpu_s", "client_cpu_s",
+    print(table(rows, ["clients", "dropout", "neighbours", "threshold", "server_cpu_s", "plain_server_cpu_s", "client_cpu_s",
                        "server_mib", "plain_server_mib", "up_bytes_per_survivor", "down_bytes_per_client",
-                       "plain_up_bytes", "up_overhead", "max_abs_error"]))
+                       "plain_up_bytes", "up_overhead", "max_abs_error", "abandoned"]))
     setting = {"clients": args.quality_clients, "rounds": args.quality_rounds, "steps": args.quality_steps}
     quality = quality_runs(setting, quality_dropouts, args.echo) if quality_dropouts else []
     if quality:
