@@ -61,3 +61,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedslm.client import handlers
 
     return handlers.evaluate_reply(experiment(context), msg, context)
+
+
+def _secagg(msg: Message, context: Context) -> Message:
+    from fedslm.client import secagg_handler  # torch and the rest, like the handlers above
+
+    return secagg_handler.stage_reply(experiment(context), msg, context)
+
+
+# SecAgg+ stages (fedslm.server.secagg_round): one Message-API round trip each, "train.secagg_<stage>"
+for _stage in ("keys", "shares", "masked", "unmask"):
+    app.train(f"secagg_{_stage}")(_secagg)

@@ -550,6 +550,56 @@ class AggregationConfig:
         _one_of(f"{at}.name", self.name, tuple(AGGREGATIONS))
 
 
+SECURE_AGGREGATION_METHODS = ("none", "secaggplus")
+
+
+@dataclass
+class SecureAggregationConfig:
+    """Secure aggregation of client updates (SecAgg+, Bell et al. 2020; ``fedslm.client.secagg``,
+    ``fedslm.server.secagg``): the server learns only the sum of the round's updates.
+
+    ``secaggplus``: each client clips its update to [-``clipping_range``,
+    ``clipping_range``] per value, quantizes it to ``quantization_bits`` bits in the ring
+    Z_(2^``modulus_bits``) and masks it; the server unmasks only the sum and applies the
+    equal-weight mean. Secrets are Shamir-shared with ``num_neighbours`` neighbours (even;
+    0 = every other sampled client); ``threshold`` shares (0 = ``threshold_fraction`` of
+    the neighbourhood, owner included) rebuild a secret, and a round needs at least that
+    many masked inputs, else it is abandoned (global adapter unchanged) and the run goes
+    on or stops (``on_abandon``). With ``privacy.mode=dp_fedavg`` every client clips its
+    update to ``privacy.clipping_norm`` and adds Gaussian noise of variance
+    (z C)^2 / threshold, so the unmasked sum carries at least DP-FedAvg's noise.
+    ``simulate_dropout``: for benchmarks and tests, that fraction of the sampled clients
+    (chosen per round by a hash) fails after sharing its keys.
+    """
+
+    method: str = "none"
+    num_neighbours: int = 0
+    threshold: int = 0
+    threshold_fraction: float = 0.6
+    clipping_range: float = 1.0
+    quantization_bits: int = 20
+    modulus_bits: int = 32
+    on_abandon: str = "continue"
+    simulate_dropout: float = 0.0
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.method", self.method, SECURE_AGGREGATION_METHODS)
+        if self.num_neighbours < 0 or self.num_neighbours % 2:
+            _fail(f"{at}.num_neighbours", f"must be an even number >= 0, got {self.num_neighbours}")
+        if self.threshold == 1 or self.threshold < 0:
+            _fail(f"{at}.threshold", f"must be 0 (use threshold_fraction) or >= 2, got {self.threshold}")
+        _fraction(f"{at}.threshold_fraction", self.threshold_fraction)
+        _positive(f"{at}.clipping_range", self.clipping_range)
+        if not 1 <= self.quantization_bits <= 48:
+            _fail(f"{at}.quantization_bits", f"must be in 1..48, got {self.quantization_bits}")
+        if not self.quantization_bits < self.modulus_bits <= 62:
+            _fail(f"{at}.modulus_bits", f"must be in {self.quantization_bits + 1}..62 "
+                  f"(above quantization_bits), got {self.modulus_bits}")
+        _one_of(f"{at}.on_abandon", self.on_abandon, ("continue", "stop"))
+        if not 0 <= self.simulate_dropout < 1:
+            _fail(f"{at}.simulate_dropout", f"must be in [0, 1), got {self.simulate_dropout}")
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -589,6 +639,7 @@ class ExperimentConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -623,6 +674,7 @@ class ExperimentConfig:
 
         if (problem := check_combination(self)) is not None:
             raise ConfigError(problem)
+        check_secure_aggregation_combination(self)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")
@@ -682,6 +734,33 @@ def check_audit_combination(cfg: ExperimentConfig) -> None:
     if outside:
         _fail("audit.canary_clients", f"client {outside[0]} is outside 0..{n - 1} "
               f"(federation.num_clients={n})")
+
+
+def check_secure_aggregation_combination(cfg: ExperimentConfig) -> None:
+    """What SecAgg+ cannot be combined with: the server never sees a single update."""
+    sa, p = cfg.secure_aggregation, cfg.privacy
+    if sa.method == "none":
+        return
+    if cfg.compression.method != "none":
+        _fail("compression.method", f"must be none with secure_aggregation.method={sa.method}: "
+              "updates are quantized into the ring (secure_aggregation.quantization_bits)")
+    if cfg.personalization.method != "none":
+        _fail("personalization.method", f"must be none with secure_aggregation.method={sa.method} "
+              "(not supported yet)")
+    if cfg.aggregation.name in ("flora", "flexlora") or cfg.peft.ranks:
+        key = "aggregation.name" if cfg.aggregation.name in ("flora", "flexlora") else "peft.ranks"
+        _fail(key, f"cannot run with secure_aggregation.method={sa.method}: the server sees only "
+              "the sum of the clients' factors, not each client's factors or rank")
+    if p.mode == "dp_fedavg" and p.clipping != "fixed":
+        _fail("privacy.clipping", f"must be fixed with secure_aggregation.method={sa.method}: "
+              "adaptive clipping needs each client's clipped bit, which SecAgg hides")
+    if (cfg.federation.num_clients << sa.quantization_bits) >= (1 << sa.modulus_bits):
+        _fail("secure_aggregation.modulus_bits", f"2^{sa.modulus_bits} must exceed "
+              f"federation.num_clients={cfg.federation.num_clients} x "
+              f"2^secure_aggregation.quantization_bits={sa.quantization_bits} (the sum would wrap)")
+    if cfg.federation.num_clients < 2 or cfg.strategy.min_train_clients < 2:
+        _fail("strategy.min_train_clients", "must be >= 2 with secure aggregation (a sum of one "
+              "update is that update)")
 
 
 def _build(cls: type, data: Any, at: str) -> Any:

@@ -45,6 +45,7 @@ from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
 from fedslm.server.lora_aggregation import with_aggregation
+from fedslm.server.secagg_round import setup_secure
 
 
 def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
@@ -171,6 +172,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      privacy=privacy, task=get_task(cfg.task.name), class_names=class_names(cfg),
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
+                     secure=setup_secure(cfg, strategy),
                      on_round_end=with_best_round(
                          round_end_saver(cfg, output_dir, strategy, history, tracker,
                                          run_id=run_id, hooks=state_hooks),

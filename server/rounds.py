@@ -29,6 +29,7 @@ from fedslm.tasks.base import Task
 
 if TYPE_CHECKING:
     from fedslm.server.privacy_rounds import RoundPrivacy
+    from fedslm.server.secagg_round import SecureTrain
 
 CentralEval = Callable[[int, ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord, dict[str, float], list[dict]], None]
@@ -51,6 +52,7 @@ class RoundPlan:
     initial_evaluation: bool = True
     task: Task | None = None  # pools the task's statistics exactly (e.g. summed confusion)
     class_names: list[str] | None = None
+    secure: SecureTrain | None = None  # SecAgg+ replaces the train phase (fedslm.server.secagg_round)
 
 
 class NoTrainingError(RuntimeError):
@@ -86,6 +88,8 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
 def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: int,
                 arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float], list[dict]]:
     """One round of federated training; returns the new global adapter."""
+    if plan.secure is not None:
+        return plan.secure.train_phase(grid, strategy, plan, server_round, arrays)
     label = f"[round {server_round}/{plan.num_rounds}] train"
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
@@ -164,11 +168,14 @@ def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRec
         if plan.privacy is not None and (why := plan.privacy.stop_reason(rnd)):
             log(WARNING, "[round %d/%d] stopping: %s", rnd, plan.num_rounds, why)
             break
+        if plan.secure is not None and (why := plan.secure.stop_reason()):
+            log(WARNING, "[round %d/%d] stopping: %s", rnd, plan.num_rounds, why)
+            break
         start = time.monotonic()
         arrays, train_metrics, train_rows = train_phase(grid, strategy, plan, rnd, arrays)
         trained = trained or any(r.get("status") == "ok" for r in train_rows if r["phase"] == "train")
-        if not trained and train_metrics["clients_sampled"] > 0 and \
-                train_metrics["clients_timed_out"] == train_metrics["clients_sampled"]:
+        sampled = train_metrics.get("clients_sampled", 0)
+        if not trained and sampled > 0 and train_metrics.get("clients_timed_out", 0) == sampled:
             raise NoTrainingError(
                 f"federation.round_timeout: all {train_metrics['clients_sampled']:.0f} clients of "
                 f"round {rnd} missed the {plan.timeout:g}s deadline and none has trained yet; "

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "tasks": ("fedslm.simulations.bench.tasks", "federated vs centralized per task; each task's step cost"),
     "audit": ("fedslm.simulations.bench.audit", "canary exposure, MIA AUC, empirical epsilon: no DP vs DP-SGD"),
     "aggregation": ("fedslm.simulations.bench.aggregation", "LoRA aggregation rules: server cost, quality, bytes"),
+    "secagg": ("fedslm.simulations.bench.secagg", "SecAgg+ CPU, memory, bytes vs plain aggregation; quality"),
 }
 
 
