@@ -66,8 +66,10 @@ def federated(cfg) -> dict[str, np.ndarray]:
     return arrays
 
 
-def centralized(cfg) -> dict[str, np.ndarray]:
-    """One adapter, the same total steps, on all clients' train splits pooled."""
+def centralized(cfg, *, same_updates: bool = False) -> dict[str, np.ndarray]:
+    """One adapter on all clients' train splits pooled: the same total steps (N x R x S
+    steps of batch B), or with ``same_updates`` the same number of sequential updates and
+    examples as FedAvg (R x S steps of batch N x B)."""
     from fedslm.adapters import adapter_arrays, load_adapter_arrays
     from fedslm.client.records import client_texts
     from fedslm.client.train import train_local
@@ -78,8 +80,9 @@ def centralized(cfg) -> dict[str, np.ndarray]:
     model, tokenizer = experiment_model(cfg)
     load_adapter_arrays(model, initial_adapter(cfg))
     pooled = tuple(r for pid in range(cfg.federation.num_clients) for r in client_texts(cfg, pid, "train"))
-    steps = cfg.federation.num_rounds * cfg.federation.num_clients * cfg.training.local_steps
-    training = dataclasses.replace(cfg.training, local_steps=steps)
+    n, r, steps = cfg.federation.num_clients, cfg.federation.num_rounds, cfg.training.local_steps
+    training = (dataclasses.replace(cfg.training, local_steps=r * steps, batch_size=n * cfg.training.batch_size)
+                if same_updates else dataclasses.replace(cfg.training, local_steps=n * r * steps))
     train_local(model, encoded(cfg, pooled, tokenizer), training, generator_seed=cfg.training.seed,
                 loss_fn=get_task(cfg.task.name).loss)
     return adapter_arrays(model)
@@ -93,12 +96,16 @@ def compare(name: str, overrides: dict[str, Any], *, personalize: bool = False) 
     headline = get_task(cfg.task.name).headline
     fed = pooled_scores(cfg, federated(cfg))
     cen = pooled_scores(cfg, centralized(cfg))
+    same = pooled_scores(cfg, centralized(cfg, same_updates=True))
     row = {"setting": name, "task": cfg.task.name, "metric": headline,
-           "federated": fed.get(headline), "centralized": cen.get(headline)}
+           "federated": fed.get(headline), "centralized": cen.get(headline),
+           "centralized_same_updates": same.get(headline)}
     if headline == "perplexity":
         row["gap"] = f"{100 * (fed[headline] / cen[headline] - 1):+.2f}%"
+        row["gap_same_updates"] = f"{100 * (fed[headline] / same[headline] - 1):+.2f}%"
     else:
         row["gap"] = f"{100 * (fed[headline] - cen[headline]):+.2f} pts"
+        row["gap_same_updates"] = f"{100 * (fed[headline] - same[headline]):+.2f} pts"
         row["federated_accuracy"], row["centralized_accuracy"] = fed["accuracy"], cen["accuracy"]
     if "rouge_l" in fed:
         row["federated_rouge_l"], row["centralized_rouge_l"] = fed["rouge_l"], cen["rouge_l"]
@@ -161,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate (all settings)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     clients, rounds, steps = (2, 1, 2) if args.tiny else (args.clients, args.rounds, args.steps)
     common = {"federation.num_clients": clients, "federation.num_rounds": rounds,
-              "training.local_steps": steps, "training.learning_rate": 0.01}
+              "training.local_steps": steps, "training.learning_rate": args.lr}
     synthetic_docs = 12 if args.tiny else 48
     settings = {
         "synthetic-causal_lm-iid": {"task.name": "causal_lm", "data.heterogeneity": 0.0},
@@ -184,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = [compare(name, {**common, **s}, personalize="skew" in name or "dirichlet" in name)
                 for name, s in settings.items()]
         cost = step_cost(3 if args.tiny else 20)
-    print(table(rows, ["setting", "metric", "federated", "centralized", "gap", "federated_accuracy",
+    print(table(rows, ["setting", "metric", "federated", "centralized", "gap", "centralized_same_updates",
+                       "gap_same_updates", "federated_accuracy",
                        "centralized_accuracy", "federated_rouge_l", "centralized_rouge_l",
                        "personal_gain_mean", "clients_improved", "seconds"]))
     print()
     print(table(cost, ["task", "cpu_ms_per_step", "vs_causal_lm", "tokens_per_example"]))
     path = write_json("tasks", {"machine": machine(), "settings": {"clients": clients, "rounds": rounds,
-                                "local_steps": steps}, "comparison": rows, "step_cost": cost}, args.out)
+                                "local_steps": steps, "learning_rate": args.lr},
+                                "comparison": rows, "step_cost": cost}, args.out)
     print(f"\nwrote {path}")
     return 0
 
