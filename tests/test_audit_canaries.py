@@ -86,7 +86,7 @@ def test_audit_config_refuses_what_cannot_work():
         _cfg(canary_clients=[3])
     with pytest.raises(ConfigError, match=r"^privacy.audit: needs federation.engine=simulation"):
         ExperimentConfig.from_dict({"privacy": {"audit": True}, "federation": {
-            "engine": "remote", "address": "x:1", "insecure": True}})
+            "engine": "remote", "address": "127.0.0.1:1", "insecure": True}})
     with pytest.raises(ConfigError, match=r"^audit.candidates: must be in 1..100000"):
         _cfg(secret_length=1, candidates=9)
     cfg = ExperimentConfig.from_dict({"audit": {"repetitions": "1,4,16"}})  # Flower's flat form
