@@ -23,9 +23,7 @@ from pathlib import Path
 LEDGER_FILE = "privacy.json"
 LEDGER_VERSION = 1
 # A reply that carries this record instead of arrays is a refusal, not a failure.
-STATUS_RECORD = "status"
-STATUS_KEY = "status"
-BUDGET_EXHAUSTED = "budget-exhausted"
+from fedslm.replies import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD  # noqa: E402,F401
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 

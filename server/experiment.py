@@ -121,6 +121,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      central_eval=make_central_eval(cfg, central_texts), privacy=privacy,
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
+                     robust=cfg.robust, compression=cfg.compression.method,
                      on_round_end=round_end_saver(cfg, output_dir, strategy, history, tracker,
                                                   run_id=run_id, hooks=state_hooks))
     try:

@@ -14,16 +14,21 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
+from fedslm.config import RobustConfig
 from server.decompress import decode_train_replies
 from server.messaging import send_and_collect
 from server.metrics import client_rows, dropped_rows, summarize
-from server.strategy import ARRAYS_KEY, screen_train_replies
+from server.screening import (bound_influence, cap_evaluate_weights, for_flower_evaluate,
+                              screen_evaluate_replies, screen_status_replies,
+                              screen_train_replies)
+from server.strategy import ARRAYS_KEY
 
 if TYPE_CHECKING:
     from server.privacy_rounds import RoundPrivacy
@@ -47,6 +52,8 @@ class RoundPlan:
     # personalized vs global quality); merged into the round's metrics before logging.
     round_metrics: Callable[[int, list[dict]], dict[str, float]] | None = None
     initial_evaluation: bool = True
+    robust: RobustConfig = field(default_factory=RobustConfig)  # bounded influence (on)
+    compression: str | None = None  # the configured method; None accepts any (tests)
 
 
 @dataclass
@@ -61,11 +68,17 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     label = f"[round {server_round}/{plan.num_rounds}] evaluate"
     messages = list(strategy.configure_evaluate(server_round, arrays, plan.evaluate_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
-    strategy.aggregate_evaluate(server_round, got.ok)
-    rows = client_rows("evaluate", server_round, got.ok)
+    screened = screen_evaluate_replies(got.ok)
+    _log_rejected(label, screened.rejected)
+    rows = client_rows("evaluate", server_round, screened.accepted)
+    cap = cap_evaluate_weights(rows, plan.robust.weight_cap)
+    strategy.aggregate_evaluate(server_round, for_flower_evaluate(screened.accepted, rows))
     metrics = summarize(rows, "eval_")
+    if cap is not None:
+        metrics["robust_eval_weight_cap"] = float(cap)
     rows += dropped_rows("evaluate", server_round, failed=got.failed, timed_out=got.timed_out,
-                         rejected={})
+                         rejected=screened.rejected)
+    metrics["eval_clients_rejected"] = float(len(screened.rejected))
     metrics["bytes_down_eval"] = float(payload_bytes(arrays) * len(messages))
     metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
     if plan.central_eval is not None:
@@ -81,19 +94,24 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     label = f"[round {server_round}/{plan.num_rounds}] train"
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
-    replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
-    wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
-                  for m in replies if ARRAYS_KEY in m.content.array_records}
-    decoded = decode_train_replies(replies, arrays)  # compressed deltas -> full adapters
+    status = screen_status_replies(got.ok)  # refusals must be well-formed too
+    replies, refused = (plan.privacy.split_refusals(status.accepted) if plan.privacy
+                        else (status.accepted, []))
+    wire_bytes = {id(m): _wire_bytes(m) for m in replies}
+    decoded = decode_train_replies(replies, arrays, plan.compression)  # deltas -> adapters
     screened = screen_train_replies(decoded.accepted, arrays)
     screened.rejected.update(decoded.rejected)
-    for node, why in screened.rejected.items():
-        log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
+    screened.rejected.update(status.rejected)
+    _log_rejected(label, screened.rejected)
     for node, why in got.failed.items():
         log(WARNING, "%s: node %s failed: %s", label, node, why.splitlines()[0] if why else "")
-    new_arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
     rows = client_rows("train", server_round, screened.accepted)
+    bounded = bound_influence(screened.accepted, arrays, plan.robust)
+    for row in rows:
+        row.update(bounded.notes.get(row["node_id"], {}))
+    new_arrays, _ = strategy.aggregate_train(server_round, bounded.replies)
     metrics = summarize(rows, "train_")
+    metrics.update(bounded.metrics)
     rows += dropped_rows("train", server_round, failed=got.failed, timed_out=got.timed_out,
                          rejected=screened.rejected)
     metrics.update(
@@ -110,7 +128,22 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     if new_arrays is None:
         log(WARNING, "%s: no usable update; the global adapter is unchanged", label)
         new_arrays = arrays
+    # the global adapter keeps the server's names and dtypes, whatever the strategy did
+    new_arrays = ArrayRecord({k: Array(np.asarray(new_arrays[k].numpy(), dtype=arrays[k].numpy().dtype))
+                              for k in arrays.keys()})
     return new_arrays, metrics, rows
+
+
+def _wire_bytes(msg) -> int:
+    try:
+        return payload_bytes(msg.content.array_records[ARRAYS_KEY])
+    except Exception:  # noqa: BLE001 - a malformed reply is rejected by screening
+        return 0
+
+
+def _log_rejected(label: str, rejected: dict[int, str]) -> None:
+    for node, why in rejected.items():
+        log(WARNING, "%s: rejected reply from node %s: %s", label, node, why)
 
 
 def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRecord,

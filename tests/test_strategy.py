@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian,
+                                     FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum)
 
 from fedslm.config import STRATEGIES, ExperimentConfig
 from server.strategy import build_strategy, screen_train_replies
 
 EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
-            "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+            "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
+            "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan}
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
