@@ -18,6 +18,7 @@ import functools
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client import attack
 from client.node import NodeSetup, node_setup, record_participation
 from client.personal_state import resolve_state_dir
 from client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
@@ -64,6 +65,9 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
                        reply_to=msg)
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
+    arrays, metrics = attack.apply(cfg.attack, context.node_config, arrays, received, metrics,
+                                   partition_id=me.partition_id, server_round=server_round,
+                                   num_clients=cfg.federation.num_clients)  # simulation only
     residual = (me.state_dir / RESIDUAL_FILE
                 if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
     update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual,
