@@ -14,6 +14,8 @@ BENCHMARKS = {
     "comm": ("simulations.bench.comm", "bytes per client per round; compression quality cost"),
     "scale": ("simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
     "throughput": ("simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
+    "fuzz": ("simulations.bench.fuzz", "random and mutated replies through screening: unexpected errors"),
+    "robustness": ("simulations.bench.robustness", "final perplexity under each attack x defence"),
 }
 
 
