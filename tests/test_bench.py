@@ -27,7 +27,7 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in BENCHMARKS)
-    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput"}
+    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "fuzz", "robustness"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
@@ -123,3 +123,11 @@ def test_steady_window_is_never_shorter_than_the_servers_own_round_timings() -> 
 def test_no_steady_window_when_a_round_timing_is_missing() -> None:
     run = _engine_run({0: 8.0, 1: 10.0, 2: 12.5, 3: 15.0}, {1: 1.8, 3: 2.1})
     assert run.steady_window() == (0.0, 0.0, 0)
+
+
+def test_fuzz_bench_runs_a_few_cases_and_finds_nothing_unexpected(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fuzz.json"
+    assert main(["fuzz", "--cases", "60", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cases"] == 60 and result["unexpected"] == 0 and result["replies"] >= 180
+    assert main(["fuzz", "--cases", "0"]) == 2

@@ -110,8 +110,22 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
         clipped.append(metrics.get("robust_clipped_fraction", 0.0))
     server = (time.perf_counter() - start - grid.client_seconds) / cfg.federation.num_rounds
     loss = central(cfg.federation.num_rounds, arrays)["central_loss"]
-    return {"perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf,
-            "server_seconds_per_round": server, "clipped_fraction_mean": float(np.mean(clipped))}
+    out = {"perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf,
+           "server_seconds_per_round": server, "clipped_fraction_mean": float(np.mean(clipped))}
+    print(f"  {name}: perplexity {out['perplexity']:.4g}, server {server:.3f} s/round, "
+          f"clipped {out['clipped_fraction_mean']:.2f}", flush=True)
+    return out
+
+
+def initial_perplexity(overrides: dict[str, Any]) -> float:
+    from fedslm.adapters import to_array_record
+    from fedslm.data import central_test_texts
+    from server.experiment import initial_adapter, make_central_eval
+    from simulations.bench.common import experiment
+
+    cfg = experiment(overrides, run_name="robustness-initial")
+    central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
+    return math.exp(central(0, to_array_record(initial_adapter(cfg)))["central_loss"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--defences", default=",".join(DEFENCES))
@@ -133,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown attack or defence {bad[0]!r}", file=sys.stderr)
         return 2
     fractions = [float(f) for f in args.fractions.split(",") if f]
+    import logging
+
     from simulations.bench.common import machine, table, write_json
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # per-round progress and rejections
 
     base = {"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
             "training.local_steps": args.local_steps}
+    start = initial_perplexity(base)
+    print(f"initial adapter: central perplexity {start:.4g}", flush=True)
     honest = {d: run_one({**base, **defence_overrides(d, 0)}, name=f"honest-{d}") for d in defences}
     reference = honest[defences[0]]["perplexity"]
     rows = [{"attack": "honest", "fraction": 0.0,
@@ -158,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append({"attack": attack, "fraction": fraction, "defence": d, **res})
                 row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})"
             rows.append(row)
-            print(table([row], ["attack", "fraction", *defences]), flush=True)
     print("\nfinal central perplexity (ratio to the honest no-bounds run)")
     print(table(rows, ["attack", "fraction", *defences]))
     print("\nhonest-run server seconds per round: " + ", ".join(
         f"{d} {honest[d]['server_seconds_per_round']:.3f}" for d in defences))
     result = {"machine": machine(), "settings": {**base, "fractions": fractions,
                                                  "attack_scales": ATTACKS},
+              "initial_perplexity": start,
               "honest": honest, "cells": cells, "reference_perplexity": reference}
     print(f"wrote {write_json('robustness', result, args.out)}")
     return 0
