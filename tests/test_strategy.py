@@ -180,3 +180,12 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, messag
     with pytest.raises(ConfigError) as err:
         ExperimentConfig.from_dict(overrides)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_robust_rules_have_no_round_to_round_state_so_resume_is_exact(name: str) -> None:
+    from server.checkpoint import restore_strategy_state, strategy_state
+
+    strategy = build_strategy(ExperimentConfig.from_dict({"strategy": {"name": name}}))
+    assert strategy_state(strategy) == {}
+    restore_strategy_state(strategy, {})  # what a resumed run does with an empty state
