@@ -35,8 +35,9 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "partition-id": (0, 2**31 - 1),
     "dp-epsilon": (0.0, math.inf),
     "dp-delta": (0.0, 1.0),
+    "norm_bit": (0, 1),  # Flower's adaptiveclipping_mod: 1 if the client clipped
 }
-INT_METRICS = frozenset({WEIGHT_KEY, "partition-id"})
+INT_METRICS = frozenset({WEIGHT_KEY, "partition-id", "norm_bit"})
 
 
 def metric_problem(key: object, value: object) -> str | None:
