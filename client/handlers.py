@@ -18,6 +18,7 @@ import functools
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedslm.client import attack
 from fedslm.client.node import NodeSetup, node_setup, record_participation
 from fedslm.client.personal_state import resolve_state_dir
 from fedslm.client.privacy import BudgetExhausted
@@ -70,6 +71,9 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
     arrays = fit_to_shapes(arrays, shapes_of(received))
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
+    arrays, metrics = attack.apply(cfg.attack, context.node_config, arrays, received, metrics,
+                                   partition_id=me.partition_id, server_round=server_round,
+                                   num_clients=cfg.federation.num_clients)  # simulation only
     residual = (me.state_dir / RESIDUAL_FILE
                 if cfg.compression.method != "none" and cfg.compression.error_feedback else None)
     update = update_records(arrays, received, method=cfg.compression.method, residual_path=residual,

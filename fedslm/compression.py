@@ -47,6 +47,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedslm.atomic import atomic_write
 from fedslm.adapters import to_array_record
 from fedslm.keys import ARRAYS_KEY
+from fedslm.replies import MAX_PARAM_ABS
 from fedslm.wire import WireError, decode_array
 
 INFO_KEY = "compression"
@@ -224,18 +225,37 @@ def update_records(trained: Mapping[str, np.ndarray], received: Mapping[str, np.
 
 def decode_update(content: RecordDict, reference: ArrayRecord) -> ArrayRecord | None:
     """The full float32 adapter ``reference + delta`` of a compressed reply; None when the
-    reply is not compressed. Raises CompressionError for a malformed one."""
+    reply is not compressed. Raises CompressionError for a malformed one.
+
+    Every wire array is read against the shape the reference implies (never the shape
+    the reply declares: a hostile one declares 10^19 elements), and scales and decoded
+    values are bounded by ``MAX_PARAM_ABS``.
+    """
     if INFO_KEY not in content.config_records:
         return None
-    method = content.config_records[INFO_KEY].get("method")
+    method = str(content.config_records[INFO_KEY].get("method"))
+    if method not in _WIRE_DTYPE:
+        raise CompressionError(f"unknown compression method {method!r}")
     if ARRAYS_KEY not in content.array_records:
         raise CompressionError("compressed reply lacks its arrays")
+    base = {n: a.numpy() for n, a in reference.items()}
+    count = sum(int(v.size) for v in base.values())
+    shapes = {DELTA_KEY: (_wire_size(method, count),)}
+    if method in _LEVELS:
+        shapes[SCALES_KEY] = (len(base),)
+    record = content.array_records[ARRAYS_KEY]
+    if set(record.keys()) != set(shapes):
+        raise CompressionError(f"{method}: expected arrays {sorted(shapes)}, got {sorted(record.keys())[:4]}")
     wire = {}
-    for key, array in content.array_records[ARRAYS_KEY].items():
+    for key, array in record.items():
         try:
-            wire[key] = decode_array(array)
+            wire[key] = decode_array(array, shape=shapes[key])
         except WireError as err:
             raise CompressionError(f"{key}: {err}") from None
-    base = {n: a.numpy() for n, a in reference.items()}
-    delta = decode(wire, str(method), {n: v.shape for n, v in base.items()})
+    if method in _LEVELS and wire[SCALES_KEY].dtype == np.float32 and \
+            not (np.abs(wire[SCALES_KEY]) <= MAX_PARAM_ABS / _LEVELS[method]).all():
+        raise CompressionError(f"{method}: a scale exceeds {MAX_PARAM_ABS / _LEVELS[method]:g} "
+                               f"(decoded values are bounded by {MAX_PARAM_ABS:g})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = decode(wire, method, {n: v.shape for n, v in base.items()})
     return to_array_record({n: base[n].astype(np.float32) + delta[n] for n in base})

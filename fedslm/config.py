@@ -166,7 +166,12 @@ class PeftConfig:
             _fail(f"{at}.ranks", f"rank {max(spec.ranks)} exceeds {at}.r={self.r} (the global rank)")
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# Byzantine-robust rules (Flower's own): each replaces the weighted mean by an order
+# statistic or a selection, so neither DP-FedAvg's noise calibration nor an empty
+# (local_only) update means anything to them.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
 @dataclass
@@ -175,7 +180,12 @@ class StrategyConfig:
 
     ``proximal_mu`` is sent to clients by FedProx; ``server_learning_rate`` and
     ``server_momentum`` drive FedAvgM; ``eta``, ``beta_1``, ``beta_2``, ``tau`` drive the
-    adaptive FedOpt family (FedAdam, FedYogi, FedAdagrad).
+    adaptive FedOpt family (FedAdam, FedYogi, FedAdagrad). The robust rules:
+    ``fedmedian`` (coordinate-wise median), ``fedtrimmedavg`` (mean after cutting
+    ``trim_beta`` of the values at each end), ``krum``/``multikrum``/``bulyan`` (tolerate
+    ``num_malicious`` hostile clients per round; multikrum averages ``num_selected``
+    updates, 0 = the sampled clients minus ``num_malicious``; bulyan needs at least
+    4 * num_malicious + 3 sampled clients).
     """
 
     name: str = "fedavg"
@@ -190,9 +200,18 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 0.001
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+    num_selected: int = 0
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.name", self.name, STRATEGIES)
+        if not 0 <= self.trim_beta < 0.5:
+            _fail(f"{at}.trim_beta", f"must be in [0, 0.5), got {self.trim_beta}")
+        if self.num_malicious < 0:
+            _fail(f"{at}.num_malicious", f"must be >= 0, got {self.num_malicious}")
+        if self.num_selected < 0:
+            _fail(f"{at}.num_selected", f"must be >= 0, got {self.num_selected}")
         _fraction(f"{at}.fraction_train", self.fraction_train)
         _fraction(f"{at}.fraction_evaluate", self.fraction_evaluate)
         if self.min_train_clients < 1:
@@ -600,6 +619,65 @@ class SecureAggregationConfig:
             _fail(f"{at}.simulate_dropout", f"must be in [0, 1), got {self.simulate_dropout}")
 
 
+@dataclass
+class RobustConfig:
+    """Bounded influence of any one client, on by default (``fedslm.server.screening``).
+
+    Each accepted update's delta (what it adds to the global adapter the server sent) is
+    scaled down to L2 norm at most the round's bound: ``clip`` ``adaptive`` (default)
+    takes ``clip_multiple`` times the median delta norm of the round's accepted updates
+    (honest updates are rarely clipped; a scaled one is brought back to honest size
+    whatever its factor, as long as most clients are honest); ``fixed`` takes
+    ``clip_norm``; ``none`` clips nothing. A client's averaging weight, train and
+    evaluate, is capped at ``weight_cap`` times the round's median claimed example
+    count (0: no cap). Both are logged per round (rounds.csv) and per client
+    (clients.csv).
+    """
+
+    clip: str = "adaptive"
+    clip_norm: float = 1.0
+    clip_multiple: float = 2.0
+    weight_cap: float = 4.0
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.clip", self.clip, ("adaptive", "fixed", "none"))
+        _positive(f"{at}.clip_norm", self.clip_norm)
+        if not self.clip_multiple >= 1:
+            _fail(f"{at}.clip_multiple", f"must be >= 1, got {self.clip_multiple}")
+        if self.weight_cap != 0 and not self.weight_cap >= 1:
+            _fail(f"{at}.weight_cap", f"must be 0 (off) or >= 1, got {self.weight_cap}")
+
+
+ATTACK_KINDS = ("none", "scale", "sign_flip", "gaussian", "same_value", "num_examples")
+
+
+@dataclass
+class AttackConfig:
+    """Simulated hostile clients, to measure defences (``fedslm.client.attack``; simulation only).
+
+    The first ``round(fraction * federation.num_clients)`` partitions are malicious from
+    round ``start_round`` on. With ``delta`` their honest update minus the global:
+    ``scale`` sends global + scale * delta; ``sign_flip`` global - scale * delta;
+    ``gaussian`` global + N(0, scale^2) noise instead of its update; ``same_value`` every
+    adapter value = scale; ``num_examples`` its honest update claiming scale times its
+    example count.
+    """
+
+    kind: str = "none"
+    fraction: float = 0.2
+    start_round: int = 1
+    scale: float = 10.0
+
+    def check(self, at: str) -> None:
+        _one_of(f"{at}.kind", self.kind, ATTACK_KINDS)
+        if not 0 <= self.fraction <= 1:
+            _fail(f"{at}.fraction", f"must be in [0, 1], got {self.fraction}")
+        if self.start_round < 1:
+            _fail(f"{at}.start_round", f"must be >= 1, got {self.start_round}")
+        if not -1e12 <= self.scale <= 1e12:
+            _fail(f"{at}.scale", f"must be within +-1e12, got {self.scale}")
+
+
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
 
 
@@ -640,6 +718,8 @@ class ExperimentConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     output_dir: str = ""
 
     def check(self, at: str = "") -> None:
@@ -675,6 +755,7 @@ class ExperimentConfig:
         if (problem := check_combination(self)) is not None:
             raise ConfigError(problem)
         check_secure_aggregation_combination(self)
+        check_robust_combination(self)
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")
@@ -761,6 +842,37 @@ def check_secure_aggregation_combination(cfg: ExperimentConfig) -> None:
     if cfg.federation.num_clients < 2 or cfg.strategy.min_train_clients < 2:
         _fail("strategy.min_train_clients", "must be >= 2 with secure aggregation (a sum of one "
               "update is that update)")
+
+
+def check_robust_combination(cfg: ExperimentConfig) -> None:
+    """Robust rules, compression and attacks where another setting makes them meaningless."""
+    s, fed, method = cfg.strategy, cfg.federation, cfg.personalization.method
+    sampled = sampled_train_clients(s, fed.num_clients)
+    if method == "local_only" and s.name in ROBUST_STRATEGIES:
+        _fail("strategy.name", f"{s.name} aggregates updates, but personalization.method="
+              "local_only sends none; use fedavg")
+    if method == "local_only" and cfg.compression.method != "none":
+        _fail("compression.method", f"{cfg.compression.method} compresses an update, but "
+              "personalization.method=local_only sends none; use compression=none")
+    p = cfg.privacy
+    if p.mode == "dp_fedavg" and p.clip_side == "client" and cfg.compression.method != "none":
+        _fail("compression.method", f"{cfg.compression.method} cannot be combined with "
+              "privacy.clip_side=client (Flower's clipping mod needs the plain adapter); "
+              "use privacy.clip_side=server")
+    f = s.num_malicious
+    if s.name == "bulyan" and sampled < 4 * f + 3:
+        _fail("strategy.num_malicious", f"bulyan needs >= 4 * {f} + 3 = {4 * f + 3} sampled "
+              f"clients, federation.num_clients={fed.num_clients} samples {sampled}")
+    if s.name in ("krum", "multikrum") and sampled < 2 * f + 3:
+        _fail("strategy.num_malicious", f"{s.name} needs >= 2 * {f} + 3 = {2 * f + 3} sampled "
+              f"clients, federation.num_clients={fed.num_clients} samples {sampled}")
+    if s.num_selected > 0 and s.name != "multikrum":
+        _fail("strategy.num_selected", f"is only used by multikrum, not {s.name}")
+    if s.name == "multikrum" and s.num_selected > sampled:
+        _fail("strategy.num_selected", f"{s.num_selected} exceeds the {sampled} sampled clients")
+    if cfg.attack.kind != "none" and fed.engine != "simulation":
+        _fail("attack.kind", f"{cfg.attack.kind} is for simulation only, not "
+              f"federation.engine={fed.engine}")
 
 
 def _build(cls: type, data: Any, at: str) -> Any:

@@ -11,6 +11,8 @@ numpy reads anything, and reports every problem as one ``WireError`` line.
 from __future__ import annotations
 
 import io
+import math
+import operator
 
 import numpy as np
 from flwr.app import Array
@@ -29,20 +31,29 @@ def decode_array(array: Array, *, shape: tuple[int, ...] | None = None) -> np.nd
     the shape the Array declares) and exactly that many bytes."""
     if array.stype != NUMPY_STYPE:
         raise WireError(f"serialized as {array.stype!r}, expected {NUMPY_STYPE!r}")
-    want = tuple(array.shape) if shape is None else tuple(shape)
+    try:
+        want = tuple(operator.index(d) for d in (array.shape if shape is None else shape))
+    except TypeError:
+        raise WireError(f"declared shape {array.shape!r} is not a shape") from None
+    if any(d < 0 for d in want):
+        raise WireError(f"declared shape {want} is not a shape")
     buffer = io.BytesIO(array.data)
     try:
         version = npy.read_magic(buffer)
         if version not in HEADER_READERS:
             raise WireError(f"npy format version {version} is not accepted")
         held_shape, _, dtype = HEADER_READERS[version](buffer)
-    except (ValueError, EOFError) as err:
-        raise WireError(f"payload is not an npy array ({err})") from None
+    except WireError:
+        raise
+    except Exception as err:  # numpy's header parser raises ValueError, SyntaxError,
+        # tokenize.TokenError, ... on bytes it did not write; all mean the same here
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WireError(f"payload is not an npy array ({reason[:120]})") from None
     if dtype.hasobject or dtype.kind not in "biuf":
         raise WireError(f"payload dtype {dtype} is not a plain number type")
     if tuple(held_shape) != want:
         raise WireError(f"payload holds shape {tuple(held_shape)}, expected {want}")
-    size = int(np.prod(want, dtype=np.int64)) * dtype.itemsize
+    size = math.prod(int(d) for d in want) * dtype.itemsize  # Python ints: no overflow
     if len(array.data) - buffer.tell() != size:
         raise WireError(f"payload has {len(array.data) - buffer.tell()} data bytes, "
                         f"expected {size}")

@@ -172,6 +172,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      privacy=privacy, task=get_task(cfg.task.name), class_names=class_names(cfg),
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
+                     robust=cfg.robust, compression=cfg.compression.method,
                      secure=setup_secure(cfg, strategy),
                      on_round_end=with_best_round(
                          round_end_saver(cfg, output_dir, strategy, history, tracker,

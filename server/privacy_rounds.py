@@ -45,8 +45,10 @@ class RoundPrivacy:
     def __init__(self, cfg: ExperimentConfig, user_level: UserLevelDp | None = None) -> None:
         self.cfg = cfg
         self.user_level = user_level
-        self.client_epsilon: dict[int, tuple[float, float]] = {}  # partition -> (epsilon, delta)
-        self.exhausted: set[int] = set()
+        # Keyed by the node id Flower stamps on a reply, never by what a reply says it is:
+        # a client reporting another partition's epsilon overwrites nothing but its own.
+        self.client_epsilon: dict[int, tuple[float, float]] = {}  # node -> (epsilon, delta)
+        self.exhausted: set[int] = set()  # nodes
         self.refused_total = 0
         self.stopped: str | None = None
         self._population = cfg.federation.num_clients
@@ -114,12 +116,13 @@ class RoundPrivacy:
         for reply in replies:
             (refused if is_refusal(reply) else kept).append(reply)
         for reply in refused:
+            # screened already (fedslm.server.screening.screen_status_replies): values are valid
             metrics = reply.content.metric_records.get(METRICS_KEY, {})
-            pid = int(metrics.get("partition-id", -reply.metadata.src_node_id))
-            self.exhausted.add(pid)
+            node = reply.metadata.src_node_id
+            self.exhausted.add(node)
             if "dp-epsilon" in metrics:
-                self.client_epsilon[pid] = (float(metrics["dp-epsilon"]), float(metrics.get("dp-delta", 0.0)))
-            log(WARNING, "client %s refused to train: %s", pid,
+                self.client_epsilon[node] = (float(metrics["dp-epsilon"]), float(metrics.get("dp-delta", 0.0)))
+            log(WARNING, "client %s (node %s) refused to train: %s", metrics.get("partition-id", "?"), node,
                 reply.content.config_records[STATUS_RECORD].get("message", BUDGET_EXHAUSTED))
         self.refused_total += len(refused)
         return kept, refused
@@ -133,8 +136,8 @@ class RoundPrivacy:
             return {"dp_epsilon_user": state.epsilon(), "dp_delta": state.delta,
                     **self.user_level.last_round}
         for row in rows:
-            if "dp-epsilon" in row and "partition-id" in row:
-                self.client_epsilon[int(row["partition-id"])] = (float(row["dp-epsilon"]), float(row["dp-delta"]))
+            if "dp-epsilon" in row and row.get("status", "ok") == "ok":
+                self.client_epsilon[row["node_id"]] = (float(row["dp-epsilon"]), float(row.get("dp-delta", 0.0)))
         out: dict[str, float] = {"dp_clients_refused": float(len(refused)),
                                  "dp_clients_exhausted": float(len(self.exhausted)),
                                  "dp_clip_norm": self.cfg.privacy.max_grad_norm}

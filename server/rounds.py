@@ -14,17 +14,21 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslm.adapters import payload_bytes
+from fedslm.config import RobustConfig
 from fedslm.keys import ARRAYS_KEY
 from fedslm.server.decompress import decode_train_replies
 from fedslm.server.messaging import send_and_collect
 from fedslm.server.metrics import client_rows, dropped_rows, summarize
-from fedslm.server.strategy import Screened, screen_train_replies
+from fedslm.server.screening import (Screened, bound_influence, cap_evaluate_weights,
+                                     for_flower_evaluate, screen_evaluate_replies,
+                                     screen_status_replies, screen_train_replies)
 from fedslm.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -53,6 +57,8 @@ class RoundPlan:
     task: Task | None = None  # pools the task's statistics exactly (e.g. summed confusion)
     class_names: list[str] | None = None
     secure: SecureTrain | None = None  # SecAgg+ replaces the train phase (fedslm.server.secagg_round)
+    robust: RobustConfig = field(default_factory=RobustConfig)  # bounded influence (on)
+    compression: str | None = None  # the configured method; None accepts any (tests)
 
 
 class NoTrainingError(RuntimeError):
@@ -71,11 +77,17 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     label = f"[round {server_round}/{plan.num_rounds}] evaluate"
     messages = list(strategy.configure_evaluate(server_round, arrays, plan.evaluate_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
-    strategy.aggregate_evaluate(server_round, got.ok)
-    rows = client_rows("evaluate", server_round, got.ok)
+    screened = screen_evaluate_replies(got.ok)
+    _log_rejected(label, screened.rejected)
+    rows = client_rows("evaluate", server_round, screened.accepted)
+    cap = cap_evaluate_weights(rows, plan.robust.weight_cap)
+    strategy.aggregate_evaluate(server_round, for_flower_evaluate(screened.accepted, rows))
     metrics = summarize(rows, "eval_", task=plan.task, class_names=plan.class_names)
+    if cap is not None:
+        metrics["robust_eval_weight_cap"] = float(cap)
     rows += dropped_rows("evaluate", server_round, failed=got.failed, timed_out=got.timed_out,
-                         rejected={})
+                         rejected=screened.rejected)
+    metrics["eval_clients_rejected"] = float(len(screened.rejected))
     metrics["bytes_down_eval"] = float(sum(_sent_bytes(m) for m in messages))
     metrics["eval_clients_dropped"] = float(len(got.failed) + len(got.timed_out))
     if plan.central_eval is not None:
@@ -93,21 +105,27 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     label = f"[round {server_round}/{plan.num_rounds}] train"
     messages = list(strategy.configure_train(server_round, arrays, plan.train_config, grid))
     got = send_and_collect(grid, messages, timeout=plan.timeout, label=label)
-    replies, refused = plan.privacy.split_refusals(got.ok) if plan.privacy else (got.ok, [])
+    status = screen_status_replies(got.ok)  # refusals must be well-formed too
+    replies, refused = (plan.privacy.split_refusals(status.accepted) if plan.privacy
+                        else (status.accepted, []))
     replies, ledger_rejected = plan.privacy.check_ledgers(replies) if plan.privacy else (replies, {})
-    wire_bytes = {id(m): payload_bytes(m.content.array_records[ARRAYS_KEY])
-                  for m in replies if ARRAYS_KEY in m.content.array_records}
-    screened = screen_against_sent(replies, messages)
+    wire_bytes = {id(m): _wire_bytes(m) for m in replies}
+    sent = sent_adapters(messages)
+    screened = screen_against_sent(replies, sent, plan.compression)
+    screened.rejected.update(status.rejected)
     screened.rejected.update(ledger_rejected)
-    for node, why in screened.rejected.items():
-        log(WARNING, "%s: rejected update from node %s: %s", label, node, why)
+    _log_rejected(label, screened.rejected)
     for node, why in got.failed.items():
         log(WARNING, "%s: node %s failed: %s", label, node, why.splitlines()[0] if why else "")
-    aggregate_start = time.perf_counter()
-    new_arrays, _ = strategy.aggregate_train(server_round, screened.accepted)
-    aggregate_seconds = time.perf_counter() - aggregate_start
     rows = client_rows("train", server_round, screened.accepted)
+    bounded = bound_influence(screened.accepted, sent, plan.robust)
+    for row in rows:
+        row.update(bounded.notes.get(row["node_id"], {}))
+    aggregate_start = time.perf_counter()
+    new_arrays, _ = strategy.aggregate_train(server_round, bounded.replies)
+    aggregate_seconds = time.perf_counter() - aggregate_start
     metrics = summarize(rows, "train_")
+    metrics.update(bounded.metrics)
     rows += dropped_rows("train", server_round, failed=got.failed, timed_out=got.timed_out,
                          rejected=screened.rejected)
     metrics.update(
@@ -126,6 +144,9 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     if new_arrays is None:
         log(WARNING, "%s: no usable update; the global adapter is unchanged", label)
         new_arrays = arrays
+    # the global adapter keeps the server's names and dtypes, whatever the strategy did
+    new_arrays = ArrayRecord({k: Array(np.asarray(new_arrays[k].numpy(), dtype=arrays[k].numpy().dtype))
+                              for k in arrays.keys()})
     return new_arrays, metrics, rows
 
 
@@ -134,23 +155,40 @@ def _sent_bytes(msg: Message) -> int:
     return payload_bytes(records[ARRAYS_KEY]) if ARRAYS_KEY in records else 0
 
 
-def screen_against_sent(replies: list[Message], messages: list[Message]) -> Screened:
-    """Decode (compressed deltas -> full adapters) and screen each reply against exactly
-    the adapter its node was sent (per-client ranks make that differ between clients)."""
-    sent = {m.metadata.dst_node_id: m.content.array_records[ARRAYS_KEY] for m in messages
+def sent_adapters(messages: list[Message]) -> dict[int, ArrayRecord]:
+    """The adapter each node was sent (per-client ranks make them differ between clients)."""
+    return {m.metadata.dst_node_id: m.content.array_records[ARRAYS_KEY] for m in messages
             if ARRAYS_KEY in m.content.array_records}
+
+
+def screen_against_sent(replies: list[Message], sent: dict[int, ArrayRecord],
+                        compression: str | None = None) -> Screened:
+    """Decode (compressed deltas -> full adapters; only the configured ``compression``)
+    and screen each reply against exactly the adapter its node was sent."""
     accepted, rejected = [], {}
     for msg in replies:
         reference = sent.get(msg.metadata.src_node_id)
         if reference is None:
             rejected[msg.metadata.src_node_id] = "reply from a node that was sent no adapter"
             continue
-        decoded = decode_train_replies([msg], reference)
+        decoded = decode_train_replies([msg], reference, compression)
         screened = screen_train_replies(decoded.accepted, reference)
         accepted += screened.accepted
         rejected.update(decoded.rejected)
         rejected.update(screened.rejected)
     return Screened(accepted, rejected)
+
+
+def _wire_bytes(msg) -> int:
+    try:
+        return payload_bytes(msg.content.array_records[ARRAYS_KEY])
+    except Exception:  # noqa: BLE001 - a malformed reply is rejected by screening
+        return 0
+
+
+def _log_rejected(label: str, rejected: dict[int, str]) -> None:
+    for node, why in rejected.items():
+        log(WARNING, "%s: rejected reply from node %s: %s", label, node, why)
 
 
 def run_rounds(grid: Grid, strategy: Strategy, plan: RoundPlan, arrays: ArrayRecord,

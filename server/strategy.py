@@ -1,31 +1,33 @@
-"""Flower strategies selected by name, and the screening of client updates before them.
+"""Flower strategies selected by name.
 
 We wrap Flower's strategies rather than copy them: the round loop calls their
-``configure_*``/``aggregate_*`` methods; this module only maps config to constructors
-and keeps malformed or hostile updates away from the aggregation.
+``configure_*``/``aggregate_*`` methods; this module only maps config to constructors.
+What keeps malformed or hostile replies away from them is ``fedslm.server.screening``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import numpy as np
-from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
-from fedslm.config import ExperimentConfig
+from fedslm.config import ExperimentConfig, sampled_train_clients
 from fedslm.keys import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
-from fedslm.wire import WireError, decode_array
+from fedslm.server.screening import Screened, screen_train_replies
 
+__all__ = ["ARRAYS_KEY", "METRICS_KEY", "WEIGHT_KEY", "Screened", "build_strategy",
+           "screen_train_replies"]
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
@@ -54,57 +56,16 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         return FedYogi(**common, **fedopt, beta_1=s.beta_1, beta_2=s.beta_2)
     if s.name == "fedadagrad":
         return FedAdagrad(**common, **fedopt)
+    if s.name == "fedmedian":
+        return FedMedian(**common)
+    if s.name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=s.trim_beta)
+    if s.name == "krum":
+        return Krum(**common, num_malicious_nodes=s.num_malicious)
+    if s.name == "multikrum":
+        selected = s.num_selected or sampled_train_clients(s, fed.num_clients) - s.num_malicious
+        return MultiKrum(**common, num_malicious_nodes=s.num_malicious,
+                         num_nodes_to_select=max(1, selected))
+    if s.name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=s.num_malicious)
     raise ValueError(f"strategy.name: unknown strategy {s.name!r}")  # config already checked
-
-
-@dataclass
-class Screened:
-    accepted: list[Message]
-    rejected: dict[int, str]  # node id -> why
-
-
-def screen_train_replies(replies: list[Message], reference: ArrayRecord) -> Screened:
-    """Keep only replies whose update could have come from an honest client.
-
-    An update must carry exactly the adapter tensors the server sent, with the same
-    shapes, all finite, and a positive integer example count; anything else is dropped
-    and reported instead of crashing the aggregation or poisoning the global adapter.
-    """
-    expected = {name: tuple(arr.shape) for name, arr in reference.items()}
-    accepted, rejected = [], {}
-    for msg in replies:
-        why = _problem(msg, expected)
-        if why is None:
-            accepted.append(msg)
-        else:
-            rejected[msg.metadata.src_node_id] = why
-    return Screened(accepted, rejected)
-
-
-def _problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
-    content = msg.content
-    if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
-        return "reply lacks adapter arrays or metrics"
-    weight = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
-    if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
-        return f"bad {WEIGHT_KEY}: {weight!r}"
-    arrays = content.array_records[ARRAYS_KEY]
-    names = set(arrays.keys())
-    if names != set(expected):
-        extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
-        return f"unexpected tensors {extra[:3]} / missing {missing[:3]}"
-    for name, arr in arrays.items():
-        if tuple(arr.shape) != expected[name]:
-            return f"tensor {name} has shape {tuple(arr.shape)}, expected {expected[name]}"
-        try:
-            values = decode_array(arr, shape=expected[name])
-        except WireError as err:
-            return f"tensor {name}: {err}"
-        if values.dtype.kind != "f":
-            return f"tensor {name} has dtype {values.dtype}, expected floating point"
-        if not np.isfinite(values).all():
-            return f"tensor {name} has non-finite values"
-    for key, value in content.metric_records[METRICS_KEY].items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"metric {key} is not finite"
-    return None

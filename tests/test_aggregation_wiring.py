@@ -18,7 +18,7 @@ from fedslm.runconfig import to_run_config
 from fedslm.runtime import experiment_model
 from fedslm.server.experiment import fixed_adapter, initial_adapter
 from fedslm.server.lora_aggregation import LoraAggregation, with_aggregation
-from fedslm.server.rounds import screen_against_sent
+from fedslm.server.rounds import screen_against_sent, sent_adapters
 
 NUM_CLIENTS = 3
 
@@ -123,7 +123,7 @@ def test_each_node_gets_its_rank_and_a_reply_at_another_rank_is_rejected(tmp_pat
     by_node = {m.metadata.dst_node_id: m for m in messages}
     replies = [_reply(by_node[101], _factors(4, 1), 10), _reply(by_node[102], _factors(1, 2), 30),
                _reply(by_node[103], _factors(1, 3), 60)]  # node 103 answers at node 102's rank
-    screened = screen_against_sent(replies, messages)
+    screened = screen_against_sent(replies, sent_adapters(messages))
     assert [m.metadata.src_node_id for m in screened.accepted] == [101, 102]
     assert screened.rejected == {103: "tensor m.q.lora_A.weight has shape (1, 5), expected (4, 5)"}
     arrays, metrics = strategy.aggregate_train(1, screened.accepted)
@@ -152,7 +152,7 @@ def test_a_compressed_reply_is_decoded_against_the_rank_its_node_was_sent(tmp_pa
     reply = Message(RecordDict({**records, "metrics": MetricRecord({"num-examples": 5})}),
                     reply_to=by_node[7])
     reply.metadata.__dict__["_src_node_id"] = 7
-    screened = screen_against_sent([reply], messages)
+    screened = screen_against_sent([reply], sent_adapters(messages))
     assert screened.rejected == {}
     decoded = from_array_record(screened.accepted[0].content["arrays"])
     assert {k: v.shape for k, v in decoded.items()} == {k: v.shape for k, v in sent.items()}

@@ -27,7 +27,7 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in BENCHMARKS)
-    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "tasks", "audit", "aggregation", "secagg"}
+    assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "tasks", "audit", "aggregation", "secagg", "fuzz", "robustness"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
@@ -157,3 +157,11 @@ def test_tasks_tiny_compares_federated_and_centralized_per_task(tmp_path: Path) 
     assert "personal_gain_mean" in rows["synthetic-classify-skew"]
     assert [c["task"] for c in result["step_cost"]] == ["causal_lm", "instruct", "classify"]
     assert result["step_cost"][0]["vs_causal_lm"] == 1.0
+
+
+def test_fuzz_bench_runs_a_few_cases_and_finds_nothing_unexpected(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fuzz.json"
+    assert main(["fuzz", "--cases", "60", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cases"] == 60 and result["unexpected"] == 0 and result["replies"] >= 180
+    assert main(["fuzz", "--cases", "0"]) == 2

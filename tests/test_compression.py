@@ -228,7 +228,7 @@ def test_server_decodes_to_global_plus_delta_then_screens_and_averages() -> None
     replies.append(reply(9, garbled))
     plain = reply(4, {"arrays": to_array_record(updates[1])})
     decoded = decode_train_replies([*replies, plain], reference)
-    assert decoded.rejected == {9: "compressed update: int8: delta is int8[5], expected int8[128]"}
+    assert decoded.rejected == {9: "compressed update: delta: payload holds shape (5,), expected (128,)"}
     screened = screen_train_replies(decoded.accepted, reference)
     assert [m.metadata.src_node_id for m in screened.accepted] == [1, 2, 4]
     assert "compression" not in screened.accepted[0].content.config_records
@@ -312,8 +312,8 @@ def test_a_compressed_reply_whose_payload_header_lies_is_rejected_before_allocat
     records["arrays"] = ArrayRecord({"delta": huge, "scales": records["arrays"]["scales"]})
     decoded = decode_train_replies([reply(3, records)], reference)
     assert decoded.accepted == []
-    assert decoded.rejected == {3: "compressed update: delta: payload has 16 data bytes, "
-                                   "expected 100000000000"}
+    assert decoded.rejected == {3: "compressed update: delta: payload holds shape "
+                                   "(100000000000,), expected (128,)"}
 
 
 def test_error_feedback_without_a_run_id_is_refused(tmp_path: Path) -> None:

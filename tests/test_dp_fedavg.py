@@ -280,7 +280,7 @@ def test_dp_sgd_refusals_are_counted_and_the_run_stops_when_too_few_remain():
           for i, e in ((0, 1.0), (1, 2.0))]
     kept, refused = privacy.split_refusals([ok[0], _refusal(9, 2, 2.9), ok[1]])
     assert kept == [ok[0], ok[1]] and len(refused) == 1
-    rows = [dict(m.content["metrics"]) for m in kept]
+    rows = [{"node_id": m.metadata.src_node_id, **m.content["metrics"]} for m in kept]
     metrics = privacy.round_metrics(1, rows, refused)
     assert metrics["dp_clients_refused"] == 1.0 and metrics["dp_clients_exhausted"] == 1.0
     assert metrics["dp_epsilon_sample_max"] == 2.9  # the refusing client's epsilon counts too

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian,
+                                     FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum)
 
 from fedslm.config import STRATEGIES, ExperimentConfig
 from fedslm.server.strategy import build_strategy, screen_train_replies
 
 EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
-            "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+            "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
+            "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan}
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -126,3 +128,64 @@ def test_hostile_payloads_are_rejected_before_numpy_reads_them() -> None:
         5: f"tensor {name}: payload dtype object is not a plain number type",
         6: f"tensor {name}: payload has 20 data bytes, expected 24",
     }
+
+
+def _scalar_replies(values: list[float]) -> list[Message]:
+    """One reply per value: every adapter entry equals it, 10 examples each."""
+    return [_reply(i + 1, {"a.lora_A.weight": np.full((2, 3), v, np.float32),
+                           "a.lora_B.weight": np.full((3, 2), v, np.float32)})
+            for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize(("name", "extra", "values", "expected"), [
+    ("fedmedian", {}, [1, 2, 3, 4, 100], 3.0),
+    ("fedtrimmedavg", {"trim_beta": 0.2}, [1, 2, 3, 4, 100], 3.0),  # mean of 2, 3, 4
+    # Krum: the update with the least summed squared distance to its n - f - 2 = 2 nearest:
+    # 2 and 3 tie (1 + 1 per entry); Flower takes the first
+    ("krum", {"num_malicious": 1}, [1, 2, 3, 4, 100], 2.0),
+    ("multikrum", {"num_malicious": 1, "num_selected": 2}, [1, 2, 3, 4, 100], 2.5),
+    # Bulyan, f = 1, n = 7: Krum selects theta = 5 (1..5, never 100), then the mean of the
+    # beta = 3 values nearest their median 3: 2, 3, 4
+    ("bulyan", {"num_malicious": 1}, [1, 2, 3, 4, 5, 6, 100], 3.0),
+])
+def test_each_robust_rule_gives_the_known_result_on_screened_replies(name, extra, values, expected):
+    cfg = ExperimentConfig.from_dict({"strategy": {"name": name, **extra},
+                                      "federation": {"num_clients": len(values)}})
+    screened = screen_train_replies(_scalar_replies(values), REFERENCE)
+    arrays, _ = build_strategy(cfg).aggregate_train(1, screened.accepted)
+    np.testing.assert_allclose(arrays["a.lora_A.weight"].numpy(), np.full((2, 3), expected))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"privacy": {"mode": "dp_fedavg"}, "strategy": {"name": "fedmedian"}},
+     "strategy.name: privacy.mode=dp_fedavg cannot wrap fedmedian"),
+    ({"personalization": {"method": "local_only"}, "strategy": {"name": "krum", "num_malicious": 1}},
+     "strategy.name: krum aggregates updates, but personalization.method=local_only sends none"),
+    ({"personalization": {"method": "local_only"}, "compression": {"method": "int8"}},
+     "compression.method: int8 compresses an update, but personalization.method=local_only"),
+    ({"privacy": {"mode": "dp_fedavg", "clip_side": "client"}, "compression": {"method": "int4"}},
+     "compression.method: int4 cannot be combined with privacy.clip_side=client"),
+    ({"strategy": {"name": "bulyan", "num_malicious": 2}},
+     "strategy.num_malicious: bulyan needs >= 4 * 2 + 3 = 11 sampled clients"),
+    ({"strategy": {"name": "fedavg", "num_selected": 3}},
+     "strategy.num_selected: is only used by multikrum, not fedavg"),
+    ({"attack": {"kind": "scale"}, "federation": {"engine": "remote", "address": "127.0.0.1:1", "insecure": True}},
+     "attack.kind: scale is for simulation only, not federation.engine=remote"),
+    ({"robust": {"clip": "sometimes"}}, "robust.clip: unknown value 'sometimes'"),
+    ({"robust": {"weight_cap": 0.5}}, "robust.weight_cap: must be 0 (off) or >= 1, got 0.5"),
+])
+def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, message):
+    from fedslm.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_robust_rules_have_no_round_to_round_state_so_resume_is_exact(name: str) -> None:
+    from fedslm.server.checkpoint import restore_strategy_state, strategy_state
+
+    strategy = build_strategy(ExperimentConfig.from_dict({"strategy": {"name": name}}))
+    assert strategy_state(strategy) == {}
+    restore_strategy_state(strategy, {})  # what a resumed run does with an empty state

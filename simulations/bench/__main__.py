@@ -18,6 +18,8 @@ BENCHMARKS = {
     "audit": ("fedslm.simulations.bench.audit", "canary exposure, MIA AUC, empirical epsilon: no DP vs DP-SGD"),
     "aggregation": ("fedslm.simulations.bench.aggregation", "LoRA aggregation rules: server cost, quality, bytes"),
     "secagg": ("fedslm.simulations.bench.secagg", "SecAgg+ CPU, memory, bytes vs plain aggregation; quality"),
+    "fuzz": ("fedslm.simulations.bench.fuzz", "random and mutated replies through screening: unexpected errors"),
+    "robustness": ("fedslm.simulations.bench.robustness", "final perplexity under each attack x defence"),
 }
 
 
