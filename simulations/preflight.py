@@ -7,6 +7,7 @@ sequence length should not cost that, nor surface as a traceback from a Ray work
 from __future__ import annotations
 
 from fedslm.config import ConfigError, ExperimentConfig
+from fedslm.device import check_machine
 from fedslm.data import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data.core import check_client_split
 from fedslm.model import ModelError, check_target_modules, max_sequence_length
@@ -107,6 +108,8 @@ def preflight_deployment(cfg: ExperimentConfig) -> int:
 def preflight(cfg: ExperimentConfig) -> str:
     """Validate data and model against the config; returns the resolved base model path.
     Prints what the partitioning dropped, if anything."""
+    if cfg.federation.engine == "simulation":  # remote clients are checked by their agents
+        check_machine(cfg)
     for note in check_data(cfg):
         print(f"[fedslm] {note}", flush=True)
     path = model_path(cfg.model, cfg.data.seed)
