@@ -14,6 +14,8 @@ BENCHMARKS = {
     "comm": ("fedslm.simulations.bench.comm", "bytes per client per round; compression quality cost"),
     "scale": ("fedslm.simulations.bench.scale", "seconds per round and peak RSS at 100..10,000 clients"),
     "throughput": ("fedslm.simulations.bench.throughput", "tokens/s of train_local vs a hand-written loop"),
+    "realsize": ("fedslm.simulations.bench.realsize", "a 135M-shape SLM per client: step time, RSS, DP, "
+                 "checkpointing, uplink (--device cuda: 135M/0.5B fp32/bf16/4bit)"),
 }
 
 
