@@ -2,7 +2,7 @@
 the real shape), LoRA r=8 on q/v and on all linear layers.
 
 CPU (default): each in-process variant runs in its own child process, so its peak RSS
-is its own (``ru_maxrss``): FedSLM's ``train_local`` on the model the runtime builds,
+is its own (VmHWM): FedSLM's ``train_local`` on the model the runtime builds,
 a bare Hugging Face + PEFT loop over the same batches, DP-SGD, gradient checkpointing.
 Then a real federated run per target set (2 clients x 1 round on the simulation
 engine) with each process's peak RSS read from ``/proc/<pid>/status`` (VmHWM): Ray
@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -149,6 +148,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def own_peak_rss() -> int:
+    """This process's peak RSS since its exec (VmHWM; ``ru_maxrss`` would carry the
+    forking parent's peak over exec)."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One CPU variant in this process; its peak RSS is this process's."""
     import torch
@@ -157,7 +163,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     bs, seq = spec["batch_size"], spec["seq_len"]
     blocks = batches(bs * spec["steps"], seq)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = own_peak_rss()
     out: dict[str, Any] = {"variant": spec["variant"], "targets": spec["targets"]}
     targets = TARGETS[spec["targets"]]
     if spec["variant"] == "bare":
@@ -173,7 +179,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             out.update(uplink_payload_bytes=payload, uplink_message_bytes=proto)
     base = model.get_base_model()
     out.update(seconds_per_step=seconds, tokens_per_s=bs * seq / seconds,
-               peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               peak_rss=own_peak_rss(),
                rss_before_model=rss0, model_bytes=model_bytes(base),
                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                base_parameters=sum(p.numel() for p in base.parameters()))
