@@ -65,6 +65,7 @@ class AgentConfig:
     runtime_port: int = 9094
     max_wait_time: float = 0.0  # 0: keep retrying the SuperLink forever
     task: str = "causal_lm"  # the format --data-path is checked in (fedslm.tasks)
+    device: str = "auto"  # training.device for this node's ClientApps
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -88,11 +89,14 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--max-wait-time", type=float, default=0.0,
                         help="give up after this many seconds without being accepted by the "
                              "SuperLink (0: keep trying)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where this device trains and evaluates (overrides the run's "
+                             "training.device; auto: cuda when available, else cpu)")
     a = parser.parse_args(argv)
     return AgentConfig(superlink=a.superlink, root_certificates=a.root_certificates.expanduser(),
                        auth_key=a.auth_key.expanduser(), data_path=a.data_path.expanduser(),
                        state_dir=a.state_dir.expanduser(), runtime_port=a.runtime_port,
-                       max_wait_time=a.max_wait_time, task=a.task)
+                       max_wait_time=a.max_wait_time, task=a.task, device=a.device)
 
 
 # ---------------------------------------------------------------- checks
@@ -110,6 +114,18 @@ def check_data(path: Path, task: str = "causal_lm") -> int:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         raise AgentError(f"--data-path: {lines[-1].removeprefix('data-path: ')}")
     return int(done.stdout.strip())
+
+
+def check_device(name: str) -> str:
+    """The torch device ``--device`` resolves to here (in a child process, like
+    ``check_data``: the agent itself never imports torch)."""
+    done = subprocess.run([sys.executable, "-m", "fedslm.device", name], capture_output=True,
+                          text=True, env=flower_env(AGENT_ENV),
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise AgentError(f"--device: {lines[-1].removeprefix('training.device: ')}")
+    return done.stdout.strip()
 
 
 def check_key(path: Path) -> bytes:
@@ -166,10 +182,12 @@ def prepare_state_dir(state_dir: Path) -> None:
 def check_inputs(cfg: AgentConfig) -> dict:
     """Every check that can fail before connecting; returns what the agent reports."""
     texts = check_data(cfg.data_path, cfg.task)
+    device = check_device(cfg.device)
     public_key = check_key(cfg.auth_key)
     prepare_state_dir(cfg.state_dir)
     reachable = check_certificate(cfg.superlink, cfg.root_certificates)
-    return {"texts": texts, "public_key": public_key.decode(), "superlink_reachable": reachable}
+    return {"texts": texts, "device": device, "public_key": public_key.decode(),
+            "superlink_reachable": reachable}
 
 
 # ---------------------------------------------------------------- the SuperNode
@@ -182,7 +200,8 @@ def write_node_config(cfg: AgentConfig) -> Path:
     """The node config every ClientApp of this node receives (a file: any path works)."""
     path = cfg.state_dir / "node-config.toml"
     path.write_text(f'"data-path" = {toml_string(str(cfg.data_path.resolve()))}\n'
-                    f'"state-dir" = {toml_string(str(cfg.state_dir.resolve()))}\n')
+                    f'"state-dir" = {toml_string(str(cfg.state_dir.resolve()))}\n'
+                    f'"device" = {toml_string(cfg.device)}\n')
     return path
 
 
@@ -332,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         facts = check_inputs(cfg)
         print(f"[fedslm-agent] data: {facts['texts']} texts under {cfg.data_path}", flush=True)
+        print(f"[fedslm-agent] device: {facts['device']} (--device {cfg.device})", flush=True)
         print(f"[fedslm-agent] node public key: {facts['public_key']}", flush=True)
         if not facts["superlink_reachable"]:
             print(f"[fedslm-agent] SuperLink {cfg.superlink} not reachable yet; "

@@ -11,6 +11,7 @@ is left of that import (see ``fedslm.server.app`` too).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
@@ -36,7 +37,13 @@ def _config(items: tuple) -> ExperimentConfig:
 
 
 def experiment(context: Context) -> ExperimentConfig:
-    return _config(tuple(sorted(context.run_config.items())))
+    """The run's config; a device agent's ``--device`` (node config) overrides
+    ``training.device`` on that node."""
+    cfg = _config(tuple(sorted(context.run_config.items())))
+    device = str(context.node_config.get("device", "") or "")
+    if device and device != cfg.training.device:
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, device=device))
+    return cfg
 
 
 def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Message:

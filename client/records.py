@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fedslm.audit.canaries import with_canaries
 from fedslm.config import ExperimentConfig
+from fedslm.device import autocast, model_device
 from fedslm.data.local import local_split
 from fedslm.runtime import client_split, encoded, experiment_model
 from fedslm.tasks import get_task
@@ -45,10 +46,11 @@ def task_metrics(cfg: ExperimentConfig, model, tensors, records) -> dict:
     """Evaluation statistics and, for generating tasks, scores of a bounded sample of
     generations (their texts stay here: only numbers leave the client)."""
     task = get_task(cfg.task.name)
-    metrics = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
-                            max_batches=cfg.training.eval_max_batches)
-    if cfg.task.eval_generations > 0:
-        _, tokenizer = experiment_model(cfg)
-        generated, _examples = task.generation_metrics(model, records, tokenizer, cfg)
-        metrics.update(generated)
+    with autocast(model_device(model), cfg.training.precision):  # as it was trained
+        metrics = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
+                                max_batches=cfg.training.eval_max_batches)
+        if cfg.task.eval_generations > 0:
+            _, tokenizer = experiment_model(cfg)
+            generated, _examples = task.generation_metrics(model, records, tokenizer, cfg)
+            metrics.update(generated)
     return metrics

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedslm.adapters import adapter_parameters
 from fedslm.config import TrainingConfig
+from fedslm.device import autocast, grad_scaler, model_device
 from fedslm.tasks import get_task
 from fedslm.tasks.causal_lm import IGNORE_INDEX, labels_for, pack_texts, pad_id, token_statistics
 
@@ -101,6 +102,8 @@ class TrainingSetup:
     # (model, batch) -> scalar loss: the task's. A DP engine sets a mean of per-example
     # losses here (one record's gradient must not depend on the others).
     loss_fn: LossFn = causal_lm_loss
+    # ``training.precision``: forward and loss under autocast; fp16 with a gradient scaler
+    precision: str = "fp32"
 
     def total_steps(self) -> int:
         return self.local_steps if self.local_steps > 0 else self.local_epochs * len(self.loader)
@@ -161,6 +164,7 @@ def make_training_setup(
         proximal_mu=proximal_mu,
         proximal=proximal,
         loss_fn=loss_fn,
+        precision=cfg.precision,
     )
 
 
@@ -190,9 +194,16 @@ def _batches(setup: TrainingSetup) -> Iterator[Batch]:
 
 
 def run_steps(setup: TrainingSetup) -> TrainResult:
-    """The training loop proper: schedule, forward, FedProx, backward, clip, step."""
+    """The training loop proper: schedule, forward, FedProx, backward, clip, step.
+
+    Batches move to the model's device here; forward and loss run under
+    ``setup.precision``'s autocast (weights, gradients and the optimizer stay as they are:
+    float32 LoRA); fp16 scales the loss and unscales before clipping.
+    """
     start = time.perf_counter()
     model, optimizer = setup.model, setup.optimizer
+    device = model_device(model)
+    scaler = grad_scaler(device, setup.precision)
     total = setup.total_steps()
     warmup = warmup_steps_for(total, setup.warmup_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -209,12 +220,22 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
             if setup.on_empty_batch is not None:
                 setup.on_empty_batch(setup)
             continue
-        loss = setup.loss_fn(model, batch)
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        with autocast(device, setup.precision):
+            loss = setup.loss_fn(model, batch)
         objective = loss + proximal_term(setup.proximal, setup.proximal_mu) if setup.proximal else loss
-        objective.backward()
+        if scaler is not None:
+            scaler.scale(objective).backward()
+            scaler.unscale_(optimizer)
+        else:
+            objective.backward()
         if setup.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skips a step whose gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         losses.append(float(loss.detach()))
         examples += len(batch[0])
     model.train(was_training)

@@ -43,6 +43,11 @@ def _fraction(key: str, value: float) -> None:
 
 
 BUILTIN_MODEL = "builtin:tiny-llama"
+SHAPE_PREFIX = "builtin:shape:"
+BUILTIN_SHAPES = ("smollm2-135m", "qwen2.5-0.5b")  # fedslm.model.SHAPE_CONFIGS
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 @dataclass
@@ -50,18 +55,28 @@ class ModelConfig:
     """The frozen base model.
 
     ``name_or_path`` is a Hugging Face hub name, a local directory written by
-    ``save_pretrained``, or ``builtin:tiny-llama``: a 2-layer Llama the project trains
-    once from the synthetic corpus and caches under ``cache_dir``.
+    ``save_pretrained``, ``builtin:tiny-llama``: a 2-layer Llama the project trains
+    once from the synthetic corpus and caches under ``cache_dir``, or
+    ``builtin:shape:<name>`` (``BUILTIN_SHAPES``): a randomly initialised model with a
+    real SLM's shape, for measuring cost only (its outputs mean nothing).
+    ``dtype`` is how the base weights are stored (``bfloat16`` halves their memory;
+    LoRA weights stay float32). ``quantization`` ``8bit``/``4bit`` loads the base
+    quantized with bitsandbytes (QLoRA; CUDA only).
     """
 
     name_or_path: str = BUILTIN_MODEL
     dtype: str = "float32"
     cache_dir: str = ""  # "" -> ~/.cache/fedslm
+    quantization: str = "none"
 
     def check(self, at: str) -> None:
         if not self.name_or_path.strip():
             _fail(f"{at}.name_or_path", "must not be empty")
         _one_of(f"{at}.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _one_of(f"{at}.quantization", self.quantization, QUANTIZATIONS)
+        if self.name_or_path.startswith(SHAPE_PREFIX):
+            _one_of(f"{at}.name_or_path", self.name_or_path,
+                    tuple(SHAPE_PREFIX + name for name in BUILTIN_SHAPES))
 
 
 @dataclass
@@ -314,6 +329,12 @@ class TrainingConfig:
     ``local_steps`` > 0 fixes the optimizer steps per round; 0 trains ``local_epochs``
     passes over the client's train split instead. Learning rate warms up linearly over
     ``warmup_ratio`` of the steps, then decays linearly to zero.
+
+    ``device`` ``auto`` is cuda when this machine has it, else cpu (``fedslm.device``);
+    a device agent's ``--device`` overrides it for that device. ``precision`` ``bf16``
+    or ``fp16`` runs forward and loss under ``torch.autocast`` (fp16 with a gradient
+    scaler; LoRA weights and the optimizer stay float32). ``gradient_checkpointing``
+    recomputes activations in the backward pass: less memory, more time.
     """
 
     learning_rate: float = 0.01
@@ -327,8 +348,13 @@ class TrainingConfig:
     seed: int = 42
     eval_max_batches: int = 0
     central_eval: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def check(self, at: str) -> None:
+        _one_of(f"{at}.device", self.device, DEVICES)
+        _one_of(f"{at}.precision", self.precision, PRECISIONS)
         _positive(f"{at}.learning_rate", self.learning_rate)
         if self.local_steps < 0:
             _fail(f"{at}.local_steps", f"must be >= 0, got {self.local_steps}")
@@ -784,6 +810,17 @@ def sampled_train_clients(strategy: StrategyConfig, num_clients: int) -> int:
 def check_privacy_combination(cfg: ExperimentConfig) -> None:
     """Options that are each valid but silently weaken or break DP together."""
     p, s = cfg.privacy, cfg.strategy
+    if p.mode == "dp_sgd" and cfg.model.quantization != "none":
+        _fail("model.quantization", f"{cfg.model.quantization} cannot be used with "
+              "privacy.mode=dp_sgd: Opacus computes per-example gradients only for float "
+              "layers it knows, not for bitsandbytes' quantized ones")
+    if p.mode == "dp_sgd" and cfg.training.precision == "fp16":
+        _fail("training.precision", "fp16 cannot be used with privacy.mode=dp_sgd: the "
+              "gradient scaler rescales gradients after Opacus has clipped and noised them "
+              "per example (use bf16 or fp32)")
+    if p.mode == "dp_sgd" and cfg.training.gradient_checkpointing:
+        _fail("training.gradient_checkpointing", "cannot be used with privacy.mode=dp_sgd: "
+              "recomputing the forward pass records every activation twice in Opacus's hooks")
     if p.mode == "dp_sgd" and s.proximal_mu > 0:
         _fail("strategy.proximal_mu", "must be 0 with privacy.mode=dp_sgd: Opacus rebuilds "
               "gradients from per-example ones and would silently drop the proximal term")

@@ -35,7 +35,7 @@ from transformers import (
 
 from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
                              target_modules)
-from fedslm.config import BUILTIN_MODEL, ModelConfig, PeftConfig
+from fedslm.config import BUILTIN_MODEL, SHAPE_PREFIX, ModelConfig, PeftConfig
 
 
 class ModelError(ValueError):
@@ -235,7 +235,85 @@ def resolve_model_path(cfg: ModelConfig, *, public_texts: Callable[[], Sequence[
     """Builtin name -> its built dir (texts fetched only then); anything else unchanged."""
     if cfg.name_or_path == BUILTIN_MODEL:
         return str(ensure_builtin_model(default_cache_dir(cfg), public_texts=public_texts()))
+    if cfg.name_or_path.startswith(SHAPE_PREFIX):
+        tiny = ensure_builtin_model(default_cache_dir(cfg), public_texts=public_texts())
+        return str(ensure_shape_model(default_cache_dir(cfg), cfg.name_or_path[len(SHAPE_PREFIX):],
+                                      tokenizer_dir=tiny))
     return cfg.name_or_path
+
+
+# --- builtin shapes: real SLM sizes, random weights (benchmarks only) -------------------
+
+# The published configs of SmolLM2-135M and Qwen2.5-0.5B: same parameter count, layer
+# shapes and vocabulary size, random weights. Token ids come from the builtin tokenizer
+# (its 1,024 ids are a subset of the vocabulary), so the embedding and output layers
+# have their real size and cost.
+SHAPE_CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "tie_word_embeddings": True,
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    },
+}
+SHAPE_MARKER = "fedslm-shape.json"
+SHAPE_SEED = 0
+
+
+def shape_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Any:
+    """The transformers config of builtin shape ``name`` (special ids from ``tokenizer``)."""
+    if name not in SHAPE_CONFIGS:
+        raise ModelError(f"model.name_or_path: unknown builtin shape {name!r}; expected one of "
+                         f"{', '.join(SHAPE_PREFIX + n for n in SHAPE_CONFIGS)}")
+    spec = dict(SHAPE_CONFIGS[name])
+    ids = {}
+    if tokenizer is not None:
+        ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    return AutoConfig.for_model(spec.pop("model_type"), **spec, **ids)
+
+
+def ensure_shape_model(cache_dir: Path, name: str, *, tokenizer_dir: Path) -> Path:
+    """The dir of builtin shape ``name``: its config, random weights (seed ``SHAPE_SEED``,
+    float32) and the builtin tokenizer, written once like the tiny model (lock, temp
+    dir, rename), so every process loads the same base through ``from_pretrained``."""
+    cache_dir = Path(cache_dir).expanduser()
+    final = cache_dir / f"shape-{name}-{Path(tokenizer_dir).name.rsplit('-', 1)[-1]}"
+    if (final / SHAPE_MARKER).is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".shape-{name}.lock"):
+        if (final / SHAPE_MARKER).is_file():
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = cache_dir / f".shape-{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            start = time.perf_counter()
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SHAPE_SEED)
+                model = AutoModelForCausalLM.from_config(shape_config(name, tokenizer),
+                                                         dtype=torch.float32)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / SHAPE_MARKER).write_text(json.dumps({
+                "shape": name, "seed": SHAPE_SEED, "parameters": sum(p.numel() for p in model.parameters()),
+                "note": "random weights: for measuring cost only",
+                "build_seconds": round(time.perf_counter() - start, 3)}, indent=2))
+            del model
+            sync_tree(tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _from_pretrained(loader: Callable[..., Any], path: str, **kwargs: Any) -> Any:
@@ -302,6 +380,26 @@ def max_sequence_length(path: str) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ModelError(f"model.name_or_path: {path!r} config states no maximum sequence length")
+
+
+def prepare_for_training(base: PreTrainedModel, *, gradient_checkpointing: bool,
+                         quantized: bool) -> PreTrainedModel:
+    """Before LoRA wraps it: a quantized base goes through PEFT's
+    ``prepare_model_for_kbit_training`` (norms in float32, input gradients on); gradient
+    checkpointing (non-reentrant) needs the embeddings' output to require grad, or a
+    frozen base would give the checkpointed blocks no gradient path to LoRA."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    if gradient_checkpointing:
+        base.config.use_cache = False  # a cache is useless and warned about while checkpointing
+    return base
 
 
 def check_target_modules(base: torch.nn.Module, peft_cfg: PeftConfig) -> None:
@@ -374,6 +472,8 @@ __all__ = [
     "ensure_builtin_model",
     "load_base_model",
     "max_sequence_length",
+    "prepare_for_training",
     "resolve_model_path",
+    "shape_config",
     "train_tokenizer",
 ]

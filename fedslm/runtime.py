@@ -18,7 +18,8 @@ from fedslm.adapters import apply_roles, reset_to_init
 from fedslm.aggregation import aggregation_rule
 from fedslm.config import DataConfig, ExperimentConfig, ModelConfig, PeftConfig
 from fedslm.data import ClientSplit, load_client_split, synthetic_public_corpus
-from fedslm.model import build_peft_model, load_base_model, resolve_model_path
+from fedslm.device import quantization_kwargs, resolve_device
+from fedslm.model import build_peft_model, load_base_model, prepare_for_training, resolve_model_path
 from fedslm.tasks import get_task
 
 
@@ -35,13 +36,19 @@ def _model_path(name_or_path: str, cache_dir: str, data_seed: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str, task: str,
-                model_kwargs: tuple, fixed_lora_a: bool = False, seed: int = 0):
+                model_kwargs: tuple, device: str, quantization: str, gradient_checkpointing: bool,
+                fixed_lora_a: bool = False, seed: int = 0):
     spec = get_task(task)
+    where = torch.device(device)
     base, tokenizer = load_base_model(path, dtype=dtype, auto_model=spec.auto_model(),
-                                      **dict(model_kwargs))
+                                      **dict(model_kwargs), **quantization_kwargs(quantization, where))
+    base = prepare_for_training(base, gradient_checkpointing=gradient_checkpointing,
+                                quantized=quantization != "none")
     peft_cfg = PeftConfig(*peft_key[:3], list(peft_key[3]), peft_key[4])
     model = build_peft_model(base, peft_cfg, personalization=personalization,
                              task_type=spec.peft_task_type)
+    if quantization == "none":  # a quantized base was placed by from_pretrained's device_map
+        model.to(where)
     if fixed_lora_a:  # aggregation hook (FFA-LoRA): A fixed at the seeded init, see adapters
         apply_roles(model, personalization, fixed_lora_a=True)
         reset_to_init(model, "fixed", seed=seed)
@@ -50,25 +57,32 @@ def _peft_model(path: str, dtype: str, peft_key: tuple, personalization: str, ta
 
 def peft_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, *, data_seed: int = 0,
                personalization: str = "none", task: str = "causal_lm",
-               model_kwargs: dict | None = None, fixed_lora_a: bool = False, seed: int = 0):
-    """The process's PEFT model and tokenizer for this (base, LoRA, personalization, task).
+               model_kwargs: dict | None = None, device: str = "cpu",
+               gradient_checkpointing: bool = False, fixed_lora_a: bool = False, seed: int = 0):
+    """The process's PEFT model and tokenizer for this (base, LoRA, personalization, task,
+    device, quantization, checkpointing, aggregation rule).
 
     One model per process whatever the number of clients: personal adapters are loaded
-    into it per call from each client's state dir, never kept here.
+    into it per call from each client's state dir, never kept here. Asking for another
+    key replaces it (``maxsize=1``): never two bases in one process.
     """
     key = astuple(peft_cfg)
     key = key[:3] + (tuple(key[3]),) + key[4:]
     return _peft_model(model_path(model_cfg, data_seed), model_cfg.dtype, key, personalization,
-                       task, tuple(sorted((model_kwargs or {}).items())),
+                       task, tuple(sorted((model_kwargs or {}).items())), str(device),
+                       model_cfg.quantization, bool(gradient_checkpointing),
                        fixed_lora_a, seed if fixed_lora_a else 0)
 
 
 def experiment_model(cfg: ExperimentConfig):
-    """``peft_model`` for an experiment config (base, LoRA, personalization and task from it)."""
+    """``peft_model`` for an experiment config (base, LoRA, personalization, task, and
+    ``training.device`` / ``gradient_checkpointing`` from it)."""
     spec = get_task(cfg.task.name)
     return peft_model(cfg.model, cfg.peft, data_seed=cfg.data.seed,
                       personalization=cfg.personalization.method, task=cfg.task.name,
                       model_kwargs=spec.model_kwargs(cfg),
+                      device=str(resolve_device(cfg.training.device)),
+                      gradient_checkpointing=cfg.training.gradient_checkpointing,
                       fixed_lora_a=aggregation_rule(cfg.aggregation.name).fixed_lora_a,
                       seed=cfg.training.seed)
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_lora, reset_to_init,
                              save_adapter, to_array_record)
 from fedslm.config import ExperimentConfig
+from fedslm.device import autocast, model_device
 from fedslm.data import central_test_texts
 from fedslm.data.federated import data_notes
 from fedslm.runconfig import to_run_config
@@ -81,13 +82,14 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
     def central_eval(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         load_adapter_arrays(model, {k: v.numpy() for k, v in arrays.items()})
         reset_to_init(model, "personal", seed=cfg.training.seed)  # the global model alone
-        stats = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
-                              max_batches=cfg.training.eval_max_batches)
-        if cfg.task.eval_generations > 0:
-            generated, shown = task.generation_metrics(model, texts, tokenizer, cfg)
-            stats.update(generated)
-            if examples is not None and shown:
-                examples(server_round, shown[: cfg.task.logged_examples])
+        with autocast(model_device(model), cfg.training.precision):
+            stats = task.evaluate(model, tensors, batch_size=cfg.training.batch_size,
+                                  max_batches=cfg.training.eval_max_batches)
+            if cfg.task.eval_generations > 0:
+                generated, shown = task.generation_metrics(model, texts, tokenizer, cfg)
+                stats.update(generated)
+        if cfg.task.eval_generations > 0 and examples is not None and shown:
+            examples(server_round, shown[: cfg.task.logged_examples])
         metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))
                    and k not in ("num-examples", "num-tokens", "generated", "rouge_l_sum",
                                  "exact_match_sum")}

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from fedslm.config import ConfigError, ExperimentConfig
+from fedslm.device import check_machine as check_device_support
 from fedslm.data import build_federated_texts, central_test_texts, load_client_split
 from fedslm.data.core import check_client_split
 from fedslm.model import ModelError, check_target_modules, max_sequence_length
@@ -145,6 +146,8 @@ def preflight(cfg: ExperimentConfig) -> str:
     """Validate data and model against the config; returns the resolved base model path.
     Prints what the partitioning dropped, if anything."""
     check_machine(cfg)
+    if cfg.federation.engine == "simulation":  # remote clients are checked by their agents
+        check_device_support(cfg)
     for note in check_data(cfg):
         print(f"[fedslm] {note}", flush=True)
     path = model_path(cfg.model, cfg.data.seed)

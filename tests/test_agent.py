@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.common.config import parse_config_args
 
 from fedslm.client.agent import (
@@ -117,6 +118,11 @@ def test_main_refuses_to_start_with_one_line_and_exit_2(pki: dict[str, Path], tm
     assert main([*common, "--auth-key", str(tmp_path / "none"), "--data-path", str(data)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --auth-key: {tmp_path / 'none'}: no such")
     assert not (tmp_path / "state").exists()  # nothing written before the checks pass
+    if not torch.cuda.is_available():
+        assert main([*common, "--auth-key", str(pki["node-1"]), "--data-path", str(data),
+                     "--device", "cuda"]) == 2
+        assert capsys.readouterr().err == ("error: --device: cuda was requested but torch sees no "
+                                           "CUDA GPU on this machine (use training.device=auto or cpu)\n")
 
 
 def test_node_config_reaches_flower_intact_and_tls_is_never_off(tmp_path: Path) -> None:
@@ -125,7 +131,8 @@ def test_node_config_reaches_flower_intact_and_tls_is_never_off(tmp_path: Path) 
                       auth_key=tmp_path / "key", data_path=odd, state_dir=tmp_path / "st ate")
     cfg.state_dir.mkdir()
     path = write_node_config(cfg)
-    expected = {"data-path": str(odd.resolve()), "state-dir": str(cfg.state_dir.resolve())}
+    expected = {"data-path": str(odd.resolve()), "state-dir": str(cfg.state_dir.resolve()),
+                "device": "auto"}
     assert tomllib.loads(path.read_text()) == expected
     assert parse_config_args([str(path)]) == expected  # what flower-supernode does with it
     cmd = supernode_command(cfg, path)

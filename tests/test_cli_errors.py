@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.proc_util import run_cli, survivors
 
@@ -24,6 +25,10 @@ def _one_line_error(proc) -> str:
     (["training.seq_len=4096"], "error: training.seq_len: 4096 exceeds the maximum sequence length 256"),
     (["model.name_or_path=/no/such/model"], "error: model.name_or_path: cannot load '/no/such/model'"),
     (["strategy.name=fedbogus"], "error: strategy.name: unknown value 'fedbogus'"),
+    pytest.param(["training.device=cuda"], "error: training.device: cuda was requested but torch "
+                 "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    pytest.param(["model.quantization=4bit"], "error: model.quantization: 4bit needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
 def test_bad_values_fail_fast_with_one_line(args: list[str], expected: str) -> None:
     proc, marker = run_cli(args, timeout=120)

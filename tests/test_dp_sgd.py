@@ -166,16 +166,19 @@ def _grads_at_step(setup) -> list[list[torch.Tensor]]:
 
 
 def _private(model, blocks, *, noise, clip, mode="hooks", steps=1, batch_size=None, lr=0.0,
-             sample_generator=None):
-    cfg = _training(local_steps=steps, batch_size=batch_size or len(blocks), learning_rate=lr or 1e-9)
+             sample_generator=None, precision="fp32"):
+    cfg = _training(local_steps=steps, batch_size=batch_size or len(blocks), learning_rate=lr or 1e-9,
+                    precision=precision)
     setup = make_training_setup(model, blocks, cfg, generator_seed=0)
     private = make_private(setup, noise_multiplier=noise, max_grad_norm=clip, grad_sample_mode=mode,
                            accountant="prv", sample_generator=sample_generator)
     return private
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_per_example_clipping_bounds_an_outlier(make_peft, tiny_base, sentences, mode):
+@pytest.mark.parametrize(("mode", "precision"), [("hooks", "fp32"), ("ghost", "fp32"),
+                                               ("hooks", "bf16"), ("ghost", "bf16")])
+def test_per_example_clipping_bounds_an_outlier(make_peft, tiny_base, sentences, mode, precision):
+    """Also under bf16 autocast (training.precision=bf16 is allowed with dp_sgd)."""
     tok = tiny_base[1]
     normal = _blocks(tok, sentences, 5)
     torch.manual_seed(0)
@@ -183,7 +186,7 @@ def test_per_example_clipping_bounds_an_outlier(make_peft, tiny_base, sentences,
     clip = 0.01
 
     def summed_clipped_gradient(blocks):  # q = 1: every record in the one batch
-        private = _private(make_peft(), blocks, noise=0.0, clip=clip, mode=mode)
+        private = _private(make_peft(), blocks, noise=0.0, clip=clip, mode=mode, precision=precision)
         grads = _grads_at_step(private.setup)
         run_steps(private.setup)
         private.hooks.cleanup()

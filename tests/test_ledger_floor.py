@@ -73,7 +73,7 @@ def test_ledger_floor_and_reported_epsilon_survive_a_checkpoint(tmp_path: Path) 
     cfg = _cfg()
     rp = RoundPrivacy(cfg)
     rp.check_ledgers([_reply(7, 0, 3.24, 30)])
-    rp.round_metrics(3, [{"partition-id": 0, "dp-epsilon": 3.24, "dp-delta": 1e-3}], [])
+    rp.round_metrics(3, [{"node_id": 7, "partition-id": 0, "dp-epsilon": 3.24, "dp-delta": 1e-3}], [])
     rp.exhausted.add(1)
     save_checkpoint(checkpoint_path(tmp_path), make_checkpoint(
         3, {"w": np.zeros(2, np.float32)}, None, History(), mlflow_run_id="r", cfg=cfg,
@@ -83,7 +83,7 @@ def test_ledger_floor_and_reported_epsilon_survive_a_checkpoint(tmp_path: Path) 
     assert resumed.ledgers == {"partition 0": (3.24, 30)}
     assert resumed.exhausted == {1}
     # the next round's figure from a client not seen since does not lower the max
-    metrics = resumed.round_metrics(4, [{"partition-id": 2, "dp-epsilon": 2.81, "dp-delta": 1e-3}], [])
+    metrics = resumed.round_metrics(4, [{"node_id": 9, "partition-id": 2, "dp-epsilon": 2.81, "dp-delta": 1e-3}], [])
     assert metrics["dp_epsilon_sample_max"] == 3.24
     assert resumed.check_ledgers([_reply(7, 0, 2.81, 20)])[0] == []
 

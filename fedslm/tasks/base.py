@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedslm.device import model_device  # noqa: F401 - tasks move batches to the model's device
+
 if TYPE_CHECKING:  # torch and datasets load lazily: the config check imports tasks
     import datasets
     import torch
@@ -111,13 +113,15 @@ class Task(ABC):
         return 100.0 * (p - g) if self.higher_is_better else 100.0 * (1.0 - p / g)
 
 
-def batches(tensors: Batch, batch_size: int, max_batches: int = 0):
-    """Consecutive batches in order (``max_batches`` 0 = all)."""
+def batches(tensors: Batch, batch_size: int, max_batches: int = 0, *, device: Any = None):
+    """Consecutive batches in order (``max_batches`` 0 = all), on ``device`` if given
+    (the model's: a client's tensors stay on CPU, one batch at a time moves)."""
     n = len(tensors[0])
     for index, start in enumerate(range(0, n, batch_size)):
         if max_batches and index >= max_batches:
             return
-        yield tuple(t[start : start + batch_size] for t in tensors)
+        batch = tuple(t[start : start + batch_size] for t in tensors)
+        yield batch if device is None else tuple(t.to(device) for t in batch)
 
 
 def pad_right(rows: Sequence[Sequence[int]], *, pad: int, length: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedslm.tasks.base import IGNORE_INDEX, Batch, Metrics, Record, Task, batches
+from fedslm.tasks.base import IGNORE_INDEX, Batch, Metrics, Record, Task, batches, model_device
 from fedslm.tasks.registry import register_task
 
 if TYPE_CHECKING:  # loaded lazily: the config check imports every task module
@@ -106,7 +106,8 @@ def token_statistics(model: torch.nn.Module, input_ids: torch.Tensor, labels: to
     was_training = model.training
     model.eval()
     loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
-    for ids, labs in batches((input_ids, labels), batch_size, max_batches):
+    for ids, labs in batches((input_ids, labels), batch_size, max_batches,
+                             device=model_device(model)):
         with torch.no_grad():
             logits = model(input_ids=ids).logits[:, :-1].float()
         targets = labs[:, 1:]

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from fedslm.tasks.base import Batch, Metrics, Record, Task, batches, pad_right
+from fedslm.tasks.base import Batch, Metrics, Record, Task, batches, model_device, pad_right
 from fedslm.tasks.registry import register_task
 
 CONFUSION = "confusion"  # metric key: flattened [true, predicted] counts, row-major
@@ -158,11 +158,12 @@ class Classify(Task):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for ids, mask, labels in batches(tensors, batch_size, max_batches):
+            for ids, mask, labels in batches(tensors, batch_size, max_batches,
+                                             device=model_device(model)):
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 pred = logits.argmax(-1)
-                cm += torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+                cm += torch.bincount(labels * k + pred, minlength=k * k).view(k, k).cpu()
                 n += len(ids)
         model.train(was_training)
         own = scores_from_confusion(cm.tolist(), [str(i) for i in range(k)])

@@ -178,7 +178,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_length: 
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids[:, -max(1, max_length - max_new_tokens):]
+    ids = ids[:, -max(1, max_length - max_new_tokens):].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -186,7 +186,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int, max_length: 
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1]:].cpu(), skip_special_tokens=True).strip()
 
 
 def _from_alpaca(instruction: Any, inputs: Any, output: Any) -> str | None:
