@@ -15,9 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedslm.aggregation.lora_factors import (Arrays, lora_pairs, nonzero_components,
-                                             revive_empty_components,
-                                             weighted_mean, weights_of)
+from fedslm.aggregation.lora_factors import (Arrays, aggregate_pairs, nonzero_components, revive_empty_components)
 
 
 def stack(factors: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -51,14 +49,5 @@ def refactor(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
 def aggregate(replies: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], *,
               rank: int) -> tuple[Arrays, float]:
     """The global adapter at ``rank`` and the largest per-layer truncation residual."""
-    w = weights_of(num_examples)
-    pairs = lora_pairs(list(replies[0]))
-    paired = set(pairs) | set(pairs.values())
-    out: Arrays = {n: weighted_mean([r[n] for r in replies], w) for n in replies[0] if n not in paired}
-    worst = 0.0
-    for a_name, b_name in pairs.items():
-        b_s, a_s = stack([(r[b_name], r[a_name]) for r in replies], w)
-        new_b, new_a, residual = refactor(b_s, a_s, rank)
-        out[a_name], out[b_name] = new_a.astype(np.float32), new_b.astype(np.float32)
-        worst = max(worst, residual)
-    return {n: out[n] for n in replies[0]}, worst
+    return aggregate_pairs(replies, num_examples,
+                           lambda factors, w: refactor(*stack(factors, w), rank))

@@ -134,3 +134,20 @@ def nonzero_components(s: np.ndarray, k: int) -> int:
     if len(s) == 0 or s[0] <= 0:
         return 0
     return int(np.sum(s[:k] > s[0] * 1e-9))
+
+
+def aggregate_pairs(replies: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int],
+                    factorize) -> tuple[Arrays, float]:
+    """The shared loop of the product-exact rules: each (A, B) pair of the replies becomes
+    new factors by ``factorize(pairs, weights) -> (B, A, residual)``; any other tensor (a
+    task head, biases) is the weighted mean. Returns the adapter and the largest residual."""
+    w = weights_of(num_examples)
+    pairs = lora_pairs(list(replies[0]))
+    paired = set(pairs) | set(pairs.values())
+    out: Arrays = {n: weighted_mean([r[n] for r in replies], w) for n in replies[0] if n not in paired}
+    worst = 0.0
+    for a_name, b_name in pairs.items():
+        b, a, residual = factorize([(r[b_name], r[a_name]) for r in replies], w)
+        out[a_name], out[b_name] = a.astype(np.float32), b.astype(np.float32)
+        worst = max(worst, residual)
+    return {n: out[n] for n in replies[0]}, worst
