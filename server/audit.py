@@ -28,6 +28,8 @@ UNITS = {
     "none": "none (no differential privacy)",
     "dp_sgd": "record = one packed block of training.seq_len tokens of a client's train texts",
     "dp_fedavg": "client = everything one client contributes, over all rounds",
+    "dp_sgd+dp_fedavg": "both: record (a packed block; each client's DP-SGD ledger) and client "
+                        "(everything it contributes; the server's DP-FedAvg ledger)",
 }
 # Mean exposure of a canary the model did not memorise (uniform rank over N): ~log2(e)
 CHANCE_EXPOSURE = 1 / math.log(2)
