@@ -152,6 +152,19 @@ class RoundPrivacy:
             sample = {(f"{k}_sample" if k in SHARED_NAMES else k): v for k, v in sample.items()}
         return {**sample, **user}
 
+    def evaluate_metrics(self, rows: list[dict]) -> dict[str, float]:
+        """The sample-level epsilon after evaluation: ``finetune`` clients under DP-SGD
+        fine-tune on their records there, and report their ledger. {} when none did."""
+        seen = [r for r in rows if "dp-epsilon" in r and r.get("status", "ok") == "ok"]
+        if not self.cfg.privacy.sample_level or not seen:
+            return {}
+        for row in seen:  # a ledger only grows: keep the larger of train's and evaluate's
+            old = self.client_epsilon.get(row["node_id"], (0.0, 0.0))
+            self.client_epsilon[row["node_id"]] = max(old, (float(row["dp-epsilon"]), float(row.get("dp-delta", 0.0))))
+        eps = [e for e, _ in self.client_epsilon.values()]
+        return {"dp_epsilon_sample_max": max(eps), "dp_epsilon_sample_mean": statistics.fmean(eps),
+                "dp_finetunes_refused": float(sum(int(r.get("dp-finetune-refused", 0)) for r in seen))}
+
     def _sample_metrics(self, rows: list[dict], refused: list[Message]) -> dict[str, float]:
         for row in rows:
             if "dp-epsilon" in row and row.get("status", "ok") == "ok":

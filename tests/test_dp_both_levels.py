@@ -110,3 +110,22 @@ def test_the_servers_noise_is_its_own_setting(tmp_path):
     assert cfg.privacy.accountant_name() == "prv"  # the clients'; the server's is rdp
     strategy, _ = setup_privacy(cfg, build_strategy(cfg), tmp_path)
     assert (strategy.state.noise_multiplier, strategy.state.accountant) == (0.5, "rdp")
+
+
+def test_epsilon_spent_at_evaluation_is_reported(tmp_path):
+    """finetune under DP-SGD fine-tunes at evaluation: the evaluate replies' ledgers raise
+    the run's sample-level epsilon (the final summary included), never lower it."""
+    cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 4},
+                                      "personalization": {"method": "finetune"},
+                                      "privacy": {"mode": "dp_sgd"}})
+    _, privacy = setup_privacy(cfg, build_strategy(cfg), tmp_path)
+    privacy.round_metrics(1, [{"node_id": 1, "dp-epsilon": 2.0, "dp-delta": 1e-3},
+                              {"node_id": 2, "dp-epsilon": 3.0, "dp-delta": 1e-3}], [])
+    rows = [{"node_id": 1, "status": "ok", "dp-epsilon": 2.5, "dp-delta": 1e-3, "dp-finetune-refused": 0},
+            {"node_id": 2, "status": "ok", "dp-epsilon": 3.0, "dp-delta": 1e-3, "dp-finetune-refused": 1},
+            {"node_id": 3, "status": "rejected", "dp-epsilon": 99.0}]
+    assert privacy.evaluate_metrics(rows) == {"dp_epsilon_sample_max": 3.0, "dp_epsilon_sample_mean": 2.75,
+                                              "dp_finetunes_refused": 1.0}
+    assert privacy.evaluate_metrics([{"node_id": 2, "status": "ok", "dp-epsilon": 1.0}])["dp_epsilon_sample_max"] == 3.0
+    assert privacy.summary()["epsilon_sample_max"] == 3.0
+    assert privacy.evaluate_metrics([{"node_id": 1, "status": "ok", "loss": 2.0}]) == {}
