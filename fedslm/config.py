@@ -400,6 +400,10 @@ class PrivacyConfig:
     (``user_noise_multiplier``, ``clipping_norm``, always ``rdp``); ``max_epsilon`` caps
     both (a client refuses, the server stops the run). docs/privacy.md says what each
     epsilon covers.
+    ``unit`` (DP-SGD, causal_lm): ``block`` (default) a record is a packed block of
+    ``training.seq_len`` tokens; ``document`` one document per record, truncated to
+    ``seq_len`` (per-document sampling and clipping; docs/privacy.md says why block is
+    the default).
     ``audit`` plants the canaries of ``audit.*`` in the chosen clients' training texts and,
     at the end of the run, measures what the final global adapter leaks (canary
     exposure, membership inference, the epsilon lower bound they imply; docs/privacy.md).
@@ -420,6 +424,7 @@ class PrivacyConfig:
     clip_norm_lr: float = 0.2
     clipped_count_stddev: float = 0.0
     user_noise_multiplier: float = 1.0  # dp_sgd+dp_fedavg: the server's (DP-FedAvg) noise
+    unit: str = "block"  # DP-SGD's record for causal_lm: a packed block, or one document
     audit: bool = False
 
     @property
@@ -439,6 +444,10 @@ class PrivacyConfig:
     def check(self, at: str) -> None:
         _one_of(f"{at}.mode", self.mode, PRIVACY_MODES)
         _non_negative(f"{at}.user_noise_multiplier", self.user_noise_multiplier)
+        _one_of(f"{at}.unit", self.unit, ("block", "document"))
+        if self.unit == "document" and not self.sample_level:
+            _fail(f"{at}.unit", f"document is DP-SGD's record; privacy.mode={self.mode} has none "
+                  "(use privacy.mode=dp_sgd or dp_sgd+dp_fedavg)")
         _non_negative(f"{at}.noise_multiplier", self.noise_multiplier)
         _positive(f"{at}.max_grad_norm", self.max_grad_norm)
         if not 0 <= self.delta < 1:
@@ -840,6 +849,9 @@ def check_privacy_combination(cfg: ExperimentConfig) -> None:
     if p.sample_level and cfg.training.gradient_checkpointing:
         _fail("training.gradient_checkpointing", "cannot be used with privacy.mode=dp_sgd: "
               "recomputing the forward pass records every activation twice in Opacus's hooks")
+    if p.unit == "document" and cfg.task.name != "causal_lm":
+        _fail("privacy.unit", f"document applies to task.name=causal_lm (packed text), not "
+              f"{cfg.task.name}, whose records are already one example each")
     if p.sample_level and s.proximal_mu > 0:
         _fail("strategy.proximal_mu", "must be 0 with privacy.mode=dp_sgd: Opacus rebuilds "
               "gradients from per-example ones and would silently drop the proximal term")

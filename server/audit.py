@@ -37,6 +37,16 @@ EPSILON_COLUMNS = (("dp_epsilon_sample_max", "epsilon_sample_level"),
                    ("dp_epsilon_user", "epsilon_user_level"))
 
 
+def privacy_unit(cfg: ExperimentConfig) -> str:
+    """What one record is in this run (``privacy.unit=document``: a whole document)."""
+    unit = UNITS[cfg.privacy.mode]
+    if cfg.privacy.unit == "document":
+        unit = unit.replace("one packed block of training.seq_len tokens of a client's train texts",
+                            "one train document (truncated to training.seq_len tokens)")
+        unit = unit.replace("record (a packed block;", "record (a document;")
+    return unit
+
+
 def read_rounds(path: Path) -> list[dict[str, float]]:
     """rounds.csv as numbers (empty cells dropped)."""
     with open(path, newline="") as fh:
@@ -74,7 +84,7 @@ def build_report(cfg: ExperimentConfig, rounds: list[dict[str, float]],
     privacy = privacy_figures(rounds)
     return {
         "mode": cfg.privacy.mode,
-        "unit": UNITS[cfg.privacy.mode],
+        "unit": privacy_unit(cfg),
         "audit_unit": "text (a client document; canary = one template text repeated r times)",
         "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.mode != "none" else 0.0,
         **privacy,
