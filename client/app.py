@@ -51,7 +51,7 @@ def user_level_clipping_mod(msg: Message, context: Context, call_next) -> Messag
     clips the update before it leaves (to the norm the server sent) and reports whether
     it clipped; the server adapts the norm or keeps it fixed. Otherwise a no-op."""
     privacy = experiment(context).privacy
-    if privacy.mode == "dp_fedavg" and privacy.clip_side == "client":
+    if privacy.user_level and privacy.clip_side == "client":
         return adaptiveclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 

@@ -13,6 +13,13 @@ the client's state dir (``fedslm.client.personal_state``) and never returned.
   ``personalization.finetune_steps`` steps at ``finetune_learning_rate``, evaluates it
   and keeps it (so it always has one: a fresh copy of each new global adapter).
 
+Under sample-level DP (``privacy.mode`` ``dp_sgd`` or ``dp_sgd+dp_fedavg``) every one of
+these trainings runs DP-SGD (``fedslm.client.dp_sgd.train_dp_sgd``) against the client's
+one ledger: ``fit``'s joint training of the shared and personal tensors, and
+``finetune``'s evaluate-time fine-tuning. The personal adapter is as private as the
+shared one once it is used or exported, so its steps are spent from the same budget;
+``privacy.max_epsilon`` refuses either (a refused fine-tune keeps the last personal copy).
+
 Evaluation protocol, every method: on the client's own test split, the *global* model
 is the received shared tensors with personal ones at their fresh init (for ``split`` and
 ``local_only`` that is the base model, since fresh LoRA B is zero; for ``dual`` it is
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 
 from fedslm.client.personal_state import PersonalState, load_personal, save_last_global, save_personal
+from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.records import client_tensors, client_texts, round_seed, task_metrics
 from fedslm.client.train import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
@@ -78,9 +86,10 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
     reference = None
     if proximal_mu > 0:  # FedProx pulls only the shared tensors towards the global ones
         reference = {k: torch.from_numpy(np.array(v)) for k, v in global_arrays.items()}
-    result = train_local(model, blocks, cfg.training, proximal_mu=proximal_mu, reference=reference,
-                         loss_fn=get_task(cfg.task.name).loss,
-                         generator_seed=_round_seed(cfg.training.seed, partition_id, server_round))
+    result, dp_metrics = train_private_or_plain(
+        cfg, model, blocks, cfg.training, client_dir=client_dir, server_round=server_round,
+        partition_id=partition_id, proximal_mu=proximal_mu, reference=reference,
+        generator_seed=_round_seed(cfg.training.seed, partition_id, server_round))
     personal = adapter_arrays(model, "personal")
     updates = (state.updates if state else 0) + 1
     _save(cfg, client_dir, personal, server_round=server_round, updates=updates)
@@ -92,8 +101,29 @@ def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray],
         PARTITION_ID: partition_id,
         "personal_updates": updates,
         "personal_bytes": int(sum(a.nbytes for a in personal.values())),
+        **dp_metrics,
     }
     return adapter_arrays(model, "shared"), metrics
+
+
+def train_private_or_plain(cfg: ExperimentConfig, model, blocks, training, *, client_dir: Path,
+                           server_round: int, partition_id: int, generator_seed: int,
+                           proximal_mu: float = 0.0, reference=None) -> tuple:
+    """(TrainResult, DP metrics): DP-SGD against this client's ledger under sample-level
+    DP (may raise ``BudgetExhausted``, naming the partition), else plain ``train_local``
+    with no DP metrics."""
+    task = get_task(cfg.task.name)
+    if not cfg.privacy.sample_level:
+        return train_local(model, blocks, training, proximal_mu=proximal_mu, reference=reference,
+                           loss_fn=task.loss, generator_seed=generator_seed), {}
+    from fedslm.client.dp_sgd import train_dp_sgd
+
+    try:
+        return train_dp_sgd(model, blocks, training, cfg.privacy, state_dir=client_dir,
+                            server_round=server_round, generator_seed=generator_seed, task=task)
+    except BudgetExhausted as exc:
+        exc.metrics[PARTITION_ID] = partition_id
+        raise
 
 
 def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
@@ -120,12 +150,19 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
         steps = dataclasses.replace(cfg.training, local_steps=cfg.personalization.finetune_steps,
                                     learning_rate=cfg.personalization.finetune_learning_rate)
         seed = _round_seed(cfg.training.seed + FINETUNE_SEED_OFFSET, partition_id, server_round)
-        train_local(model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps,
-                    generator_seed=seed, loss_fn=get_task(cfg.task.name).loss)
+        try:
+            _, dp = train_private_or_plain(
+                cfg, model, _blocks(cfg, partition_id, "train", tokenizer, data_path), steps,
+                client_dir=client_dir, server_round=server_round, partition_id=partition_id,
+                generator_seed=seed)
+        except BudgetExhausted as exc:  # no more fine-tuning: the last personal copy stands
+            return _refused_finetune(cfg, model, state, global_result, score, exc,
+                                     partition_id=partition_id)
         _save(cfg, client_dir, adapter_arrays(model, "shared"),
               server_round=server_round, updates=(state.updates if state else 0) + 1)
-        return comparison_metrics(cfg, global_result, score(), has_personal=True,
-                                  personal_round=server_round, partition_id=partition_id)
+        return {**comparison_metrics(cfg, global_result, score(), has_personal=True,
+                                     personal_round=server_round, partition_id=partition_id),
+                **_finetune_dp_metrics(cfg, dp, refused=False)}
     if state is None:
         return comparison_metrics(cfg, global_result, global_result, has_personal=False,
                                   personal_round=-1, partition_id=partition_id)
@@ -135,6 +172,28 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
                          peft_cfg=cfg.peft, base_model=model_path(cfg.model, cfg.data.seed))
     return comparison_metrics(cfg, global_result, score(), has_personal=True,
                               personal_round=state.round, partition_id=partition_id)
+
+
+def _finetune_dp_metrics(cfg: ExperimentConfig, dp: Metrics, *, refused: bool) -> Metrics:
+    """The ledger after an evaluate-time fine-tune; the same keys in every DP reply."""
+    if not cfg.privacy.sample_level:
+        return {}
+    return {"dp-epsilon": float(dp.get("dp-epsilon", 0.0)), "dp-delta": float(dp.get("dp-delta", 0.0)),
+            "dp-steps-total": int(dp.get("dp-steps-total", 0)),
+            "dp-finetune-refused": int(refused)}
+
+
+def _refused_finetune(cfg: ExperimentConfig, model, state: PersonalState | None, global_result: Metrics,
+                      score, exc: BudgetExhausted, *, partition_id: int) -> Metrics:
+    """A fine-tune the budget refused: evaluate the personal copy kept from before (the
+    global model when there is none), and say so."""
+    dp = _finetune_dp_metrics(cfg, exc.metrics, refused=True)
+    if state is None:
+        return {**comparison_metrics(cfg, global_result, global_result, has_personal=False,
+                                     personal_round=-1, partition_id=partition_id), **dp}
+    load_adapter_arrays(model, state.arrays, "shared")
+    return {**comparison_metrics(cfg, global_result, score(), has_personal=True,
+                                 personal_round=state.round, partition_id=partition_id), **dp}
 
 
 def comparison_metrics(cfg: ExperimentConfig, global_result: Metrics, personal_result: Metrics, *,

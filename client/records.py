@@ -32,8 +32,14 @@ def client_texts(cfg: ExperimentConfig, partition_id: int, split: str, data_path
 
 
 def client_tensors(cfg: ExperimentConfig, partition_id: int, split: str, tokenizer, data_path: str = ""):
-    """This client's ``split`` encoded by the task, one row per example."""
-    return encoded(cfg, client_texts(cfg, partition_id, split, data_path), tokenizer)
+    """This client's ``split`` encoded by the task, one row per example; with
+    ``privacy.unit=document`` the train split has one row per document (the DP-SGD record)."""
+    texts = client_texts(cfg, partition_id, split, data_path)
+    if split == "train" and cfg.privacy.unit == "document":
+        from fedslm.tasks.causal_lm import document_blocks
+
+        return (document_blocks(texts, tokenizer, seq_len=cfg.training.seq_len),)
+    return encoded(cfg, texts, tokenizer)
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int, split: str, data_path: str = ""):

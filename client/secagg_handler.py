@@ -110,8 +110,8 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     update = [np.asarray(arrays[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
               for k in msg.content["arrays"].keys()]
     p = cfg.privacy
-    dp = p.mode == "dp_fedavg"
-    std = secagg.noise_std(noise_multiplier=p.noise_multiplier, clipping_norm=p.clipping_norm,
+    dp = p.user_level
+    std = secagg.noise_std(noise_multiplier=p.user_level_noise(), clipping_norm=p.clipping_norm,
                            threshold=state.threshold) if dp else 0.0
     rng = np.random.default_rng(np.frombuffer(Secrets.from_entropy(state.entropy).local_seed, dtype=np.uint64))
     values, clipped = secagg.prepare_update(update, sa=sa, clip_norm=p.clipping_norm if dp else 0.0,

@@ -51,7 +51,7 @@ def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, parti
                             client_dir=client_dir, data_path=data_path)
     model, tensors = client_data(cfg, partition_id, "train", data_path)
     load_adapter_arrays(model, global_arrays)
-    if cfg.privacy.mode == "dp_sgd":
+    if cfg.privacy.sample_level:
         return _fit_dp_sgd(cfg, model, tensors, partition_id=partition_id,
                            server_round=server_round, ledger_dir=client_dir)
     reference = None

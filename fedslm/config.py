@@ -371,7 +371,7 @@ class TrainingConfig:
         _non_negative(f"{at}.eval_max_batches", self.eval_max_batches)
 
 
-PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg")
+PRIVACY_MODES = ("none", "dp_sgd", "dp_fedavg", "dp_sgd+dp_fedavg")
 # Strategies whose aggregate is the plain mean of client updates, so noise added to it
 # has sensitivity clipping_norm / m. The others post-process the mean (momentum, Adam)
 # *before* Flower's DP wrapper adds noise, where that sensitivity no longer holds.
@@ -395,6 +395,15 @@ class PrivacyConfig:
     ``clipped_count_stddev`` (0 = sampled clients / 20). Accounted with ``rdp`` (dp-accounting),
     with amplification by client sampling. ``max_epsilon`` > 0 is a hard budget: a client
     (dp_sgd) or the server (dp_fedavg) stops before a round that would exceed it.
+    ``dp_sgd+dp_fedavg``: both at once, each with its own ledger: clients run DP-SGD
+    (``noise_multiplier``, ``max_grad_norm``, ``accountant``) and the server DP-FedAvg
+    (``user_noise_multiplier``, ``clipping_norm``, always ``rdp``); ``max_epsilon`` caps
+    both (a client refuses, the server stops the run). docs/privacy.md says what each
+    epsilon covers.
+    ``unit`` (DP-SGD, causal_lm): ``block`` (default) a record is a packed block of
+    ``training.seq_len`` tokens; ``document`` one document per record, truncated to
+    ``seq_len`` (per-document sampling and clipping; docs/privacy.md says why block is
+    the default).
     ``audit`` plants the canaries of ``audit.*`` in the chosen clients' training texts and,
     at the end of the run, measures what the final global adapter leaks (canary
     exposure, membership inference, the epsilon lower bound they imply; docs/privacy.md).
@@ -414,10 +423,31 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_norm_lr: float = 0.2
     clipped_count_stddev: float = 0.0
+    user_noise_multiplier: float = 1.0  # dp_sgd+dp_fedavg: the server's (DP-FedAvg) noise
+    unit: str = "block"  # DP-SGD's record for causal_lm: a packed block, or one document
     audit: bool = False
+
+    @property
+    def sample_level(self) -> bool:
+        """Clients run DP-SGD (each record protected; a ledger on each client)."""
+        return self.mode in ("dp_sgd", "dp_sgd+dp_fedavg")
+
+    @property
+    def user_level(self) -> bool:
+        """The server runs DP-FedAvg (each client protected; the server's ledger)."""
+        return self.mode in ("dp_fedavg", "dp_sgd+dp_fedavg")
+
+    def user_level_noise(self) -> float:
+        """DP-FedAvg's noise multiplier: ``noise_multiplier`` alone, ``user_noise_multiplier`` with both."""
+        return self.user_noise_multiplier if self.mode == "dp_sgd+dp_fedavg" else self.noise_multiplier
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.mode", self.mode, PRIVACY_MODES)
+        _non_negative(f"{at}.user_noise_multiplier", self.user_noise_multiplier)
+        _one_of(f"{at}.unit", self.unit, ("block", "document"))
+        if self.unit == "document" and not self.sample_level:
+            _fail(f"{at}.unit", f"document is DP-SGD's record; privacy.mode={self.mode} has none "
+                  "(use privacy.mode=dp_sgd or dp_sgd+dp_fedavg)")
         _non_negative(f"{at}.noise_multiplier", self.noise_multiplier)
         _positive(f"{at}.max_grad_norm", self.max_grad_norm)
         if not 0 <= self.delta < 1:
@@ -429,7 +459,7 @@ class PrivacyConfig:
                   "accounted with rdp (sampling without replacement)")
         _one_of(f"{at}.grad_sample_mode", self.grad_sample_mode, ("hooks", "ghost"))
         _non_negative(f"{at}.target_epsilon", self.target_epsilon)
-        if self.target_epsilon > 0 and self.mode != "dp_sgd":
+        if self.target_epsilon > 0 and not self.sample_level:
             _fail(f"{at}.target_epsilon", f"is only used by privacy.mode=dp_sgd, not {self.mode}")
         _non_negative(f"{at}.max_epsilon", self.max_epsilon)
         _one_of(f"{at}.clipping", self.clipping, ("fixed", "adaptive"))
@@ -441,6 +471,7 @@ class PrivacyConfig:
         _non_negative(f"{at}.clipped_count_stddev", self.clipped_count_stddev)
 
     def accountant_name(self) -> str:
+        """The clients' (DP-SGD) accountant; dp_fedavg alone: the server's."""
         return self.accountant or ("rdp" if self.mode == "dp_fedavg" else "prv")
 
 
@@ -785,10 +816,7 @@ class ExperimentConfig:
         if self.personalization.method == "local_only" and self.peft.bias != "none":
             _fail("personalization.method", "local_only needs peft.bias=none (biases are base "
                   "weights: a client without state could not get fresh ones back)")
-        if self.privacy.mode != "none" and self.personalization.method != "none":
-            _fail("personalization.method", f"{self.personalization.method} is not supported "
-                  f"together with privacy.mode={self.privacy.mode} yet (the personal training "
-                  "path has no DP accounting); use personalization=none")
+        check_personal_privacy_combination(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
@@ -810,31 +838,50 @@ def sampled_train_clients(strategy: StrategyConfig, num_clients: int) -> int:
 def check_privacy_combination(cfg: ExperimentConfig) -> None:
     """Options that are each valid but silently weaken or break DP together."""
     p, s = cfg.privacy, cfg.strategy
-    if p.mode == "dp_sgd" and cfg.model.quantization != "none":
+    if p.sample_level and cfg.model.quantization != "none":
         _fail("model.quantization", f"{cfg.model.quantization} cannot be used with "
               "privacy.mode=dp_sgd: Opacus computes per-example gradients only for float "
               "layers it knows, not for bitsandbytes' quantized ones")
-    if p.mode == "dp_sgd" and cfg.training.precision == "fp16":
+    if p.sample_level and cfg.training.precision == "fp16":
         _fail("training.precision", "fp16 cannot be used with privacy.mode=dp_sgd: the "
               "gradient scaler rescales gradients after Opacus has clipped and noised them "
               "per example (use bf16 or fp32)")
-    if p.mode == "dp_sgd" and cfg.training.gradient_checkpointing:
+    if p.sample_level and cfg.training.gradient_checkpointing:
         _fail("training.gradient_checkpointing", "cannot be used with privacy.mode=dp_sgd: "
               "recomputing the forward pass records every activation twice in Opacus's hooks")
-    if p.mode == "dp_sgd" and s.proximal_mu > 0:
+    if p.unit == "document" and cfg.task.name != "causal_lm":
+        _fail("privacy.unit", f"document applies to task.name=causal_lm (packed text), not "
+              f"{cfg.task.name}, whose records are already one example each")
+    if p.sample_level and s.proximal_mu > 0:
         _fail("strategy.proximal_mu", "must be 0 with privacy.mode=dp_sgd: Opacus rebuilds "
               "gradients from per-example ones and would silently drop the proximal term")
-    if p.mode == "dp_fedavg" and s.name not in DP_FEDAVG_STRATEGIES:
-        _fail("strategy.name", f"privacy.mode=dp_fedavg cannot wrap {s.name}: it transforms the "
+    if p.user_level and s.name not in DP_FEDAVG_STRATEGIES:
+        _fail("strategy.name", f"privacy.mode={p.mode} cannot wrap {s.name}: it transforms the "
               f"mean update before noise is added; use one of {', '.join(DP_FEDAVG_STRATEGIES)}")
-    if p.mode == "dp_fedavg" and p.clipping == "adaptive" and p.noise_multiplier > 0:
+    if p.user_level and p.clipping == "adaptive" and p.user_level_noise() > 0:
         sampled = sampled_train_clients(s, cfg.federation.num_clients)
         stddev = p.clipped_count_stddev or sampled / 20
-        if p.noise_multiplier >= 2 * stddev:
+        if p.user_level_noise() >= 2 * stddev:
             _fail("privacy.clipped_count_stddev", f"{stddev:g} is too small for "
-                  f"noise_multiplier={p.noise_multiplier:g} with adaptive clipping "
+                  f"noise_multiplier={p.user_level_noise():g} with adaptive clipping "
                   f"(needs noise_multiplier < 2 * clipped_count_stddev; 0 means "
                   f"{sampled} sampled clients / 20)")
+
+
+def check_personal_privacy_combination(cfg: ExperimentConfig) -> None:
+    """Personalization needs sample-level DP: only DP-SGD accounts the personal part's
+    training (fit's and finetune's) in the client's ledger; DP-FedAvg covers only what
+    is released."""
+    method, mode = cfg.personalization.method, cfg.privacy.mode
+    if method == "none" or mode == "none":
+        return
+    if mode == "dp_fedavg":
+        _fail("personalization.method", f"{method} cannot run with privacy.mode=dp_fedavg: "
+              "the personal part, trained on the client's records and used on it, would be "
+              "outside any epsilon; use privacy.mode=dp_sgd or dp_sgd+dp_fedavg")
+    if method == "local_only" and cfg.privacy.user_level:
+        _fail("personalization.method", f"local_only cannot run with privacy.mode={mode}: "
+              "it releases no update for DP-FedAvg to protect; use privacy.mode=dp_sgd")
 
 
 def check_audit_combination(cfg: ExperimentConfig) -> None:
@@ -869,7 +916,7 @@ def check_secure_aggregation_combination(cfg: ExperimentConfig) -> None:
         key = "aggregation.name" if cfg.aggregation.name in ("flora", "flexlora") else "peft.ranks"
         _fail(key, f"cannot run with secure_aggregation.method={sa.method}: the server sees only "
               "the sum of the clients' factors, not each client's factors or rank")
-    if p.mode == "dp_fedavg" and p.clipping != "fixed":
+    if p.user_level and p.clipping != "fixed":
         _fail("privacy.clipping", f"must be fixed with secure_aggregation.method={sa.method}: "
               "adaptive clipping needs each client's clipped bit, which SecAgg hides")
     if (cfg.federation.num_clients << sa.quantization_bits) >= (1 << sa.modulus_bits):
@@ -892,7 +939,7 @@ def check_robust_combination(cfg: ExperimentConfig) -> None:
         _fail("compression.method", f"{cfg.compression.method} compresses an update, but "
               "personalization.method=local_only sends none; use compression=none")
     p = cfg.privacy
-    if p.mode == "dp_fedavg" and p.clip_side == "client" and cfg.compression.method != "none":
+    if p.user_level and p.clip_side == "client" and cfg.compression.method != "none":
         _fail("compression.method", f"{cfg.compression.method} cannot be combined with "
               "privacy.clip_side=client (Flower's clipping mod needs the plain adapter); "
               "use privacy.clip_side=server")

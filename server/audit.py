@@ -28,11 +28,23 @@ UNITS = {
     "none": "none (no differential privacy)",
     "dp_sgd": "record = one packed block of training.seq_len tokens of a client's train texts",
     "dp_fedavg": "client = everything one client contributes, over all rounds",
+    "dp_sgd+dp_fedavg": "both: record (a packed block; each client's DP-SGD ledger) and client "
+                        "(everything it contributes; the server's DP-FedAvg ledger)",
 }
 # Mean exposure of a canary the model did not memorise (uniform rank over N): ~log2(e)
 CHANCE_EXPOSURE = 1 / math.log(2)
 EPSILON_COLUMNS = (("dp_epsilon_sample_max", "epsilon_sample_level"),
                    ("dp_epsilon_user", "epsilon_user_level"))
+
+
+def privacy_unit(cfg: ExperimentConfig) -> str:
+    """What one record is in this run (``privacy.unit=document``: a whole document)."""
+    unit = UNITS[cfg.privacy.mode]
+    if cfg.privacy.unit == "document":
+        unit = unit.replace("one packed block of training.seq_len tokens of a client's train texts",
+                            "one train document (truncated to training.seq_len tokens)")
+        unit = unit.replace("record (a packed block;", "record (a document;")
+    return unit
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:
@@ -72,7 +84,7 @@ def build_report(cfg: ExperimentConfig, rounds: list[dict[str, float]],
     privacy = privacy_figures(rounds)
     return {
         "mode": cfg.privacy.mode,
-        "unit": UNITS[cfg.privacy.mode],
+        "unit": privacy_unit(cfg),
         "audit_unit": "text (a client document; canary = one template text repeated r times)",
         "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.mode != "none" else 0.0,
         **privacy,

@@ -127,14 +127,14 @@ def expected_release(cfg: ExperimentConfig, server_round: int, *, population: in
     """The release a round will make when ``population`` (default: all) clients are connected."""
     n = population or cfg.federation.num_clients
     m = sampled_train_clients(cfg.strategy, n)
-    return Release(server_round, cfg.privacy.noise_multiplier, m, n)
+    return Release(server_round, cfg.privacy.user_level_noise(), m, n)
 
 
 def new_server_state(cfg: ExperimentConfig) -> ServerPrivacyState:
     p = cfg.privacy
-    return ServerPrivacyState(noise_multiplier=p.noise_multiplier, clipping=p.clipping,
+    return ServerPrivacyState(noise_multiplier=p.user_level_noise(), clipping=p.clipping,
                               clip_side=p.clip_side, clipping_norm=p.clipping_norm,
-                              delta=user_level_delta(cfg), accountant=p.accountant_name())
+                              delta=user_level_delta(cfg), accountant="rdp")
 
 
 def server_privacy_path(output_dir: Path) -> Path:
@@ -187,12 +187,12 @@ def restore_or_new(cfg: ExperimentConfig, path: Path) -> ServerPrivacyState:
     if state is None:
         return new_server_state(cfg)
     p = cfg.privacy
-    if (state.noise_multiplier, state.clipping, state.clip_side) != (p.noise_multiplier, p.clipping, p.clip_side):
+    if (state.noise_multiplier, state.clipping, state.clip_side) != (p.user_level_noise(), p.clipping, p.clip_side):
         # The ledger itself would still be valid, but a silent change of mechanism
         # mid-run is more likely a mistake than a plan.
         raise PrivacyStateError(
             f"{path}: saved privacy state has noise_multiplier={state.noise_multiplier}, "
             f"clipping={state.clipping}, clip_side={state.clip_side}; the config asks for "
-            f"{p.noise_multiplier}, {p.clipping}, {p.clip_side}")
+            f"{p.user_level_noise()}, {p.clipping}, {p.clip_side}")
     state.delta = user_level_delta(cfg)
     return state

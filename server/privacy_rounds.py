@@ -1,5 +1,12 @@
 """What the round loop asks of the privacy layer: who refused, what to log, when to stop.
 
+With ``privacy.mode=dp_sgd+dp_fedavg`` both levels run and both are reported each
+round: the user-level figures under their usual names, the sample-level ones too, with
+the four names both levels use (``dp_delta``, ``dp_clip_norm``, ``dp_noise_multiplier``,
+``dp_clipped_fraction``) suffixed ``_sample``. Either budget stops what it covers: a
+client at ``max_epsilon`` refuses (the run stops when too few are left), the server
+stops the run before a release that would exceed it.
+
 Sample-level DP (dp_sgd) lives on the clients; the server only reads their replies: the
 cumulative epsilon each reports, and "budget exhausted" refusals, which are counted and
 kept out of aggregation (they are not failures). User-level DP (dp_fedavg) lives in the
@@ -34,6 +41,9 @@ from fedslm.server.privacy import expected_release, restore_or_new, server_priva
 from fedslm.server.strategy import METRICS_KEY
 
 
+SHARED_NAMES = ("dp_delta", "dp_clip_norm", "dp_noise_multiplier", "dp_clipped_fraction")
+
+
 def is_refusal(reply: Message) -> bool:
     status = reply.content.config_records.get(STATUS_RECORD)
     return status is not None and status.get(STATUS_KEY) == BUDGET_EXHAUSTED
@@ -64,8 +74,8 @@ class RoundPrivacy:
 
     def check_ledgers(self, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
         """(replies whose DP-SGD ledger only grew, {node id: why rejected}); the highest
-        figures seen are kept. Only with dp_sgd; a no-op otherwise."""
-        if self.cfg.privacy.mode != "dp_sgd":
+        figures seen are kept. Only with sample-level DP; a no-op otherwise."""
+        if not self.cfg.privacy.sample_level:
             return replies, {}
         kept, rejected = [], {}
         for reply in replies:
@@ -129,12 +139,33 @@ class RoundPrivacy:
 
     def round_metrics(self, server_round: int, rows: list[dict], refused: list[Message]) -> dict[str, float]:
         """The privacy figures of a round, for MLflow and rounds.csv."""
-        if self.cfg.privacy.mode == "dp_fedavg":
-            if self.user_level is None:
-                return {}
+        p = self.cfg.privacy
+        user: dict[str, float] = {}
+        if p.user_level and self.user_level is not None:
             state = self.user_level.state  # epsilon even for a round that released nothing
-            return {"dp_epsilon_user": state.epsilon(), "dp_delta": state.delta,
+            user = {"dp_epsilon_user": state.epsilon(), "dp_delta": state.delta,
                     **self.user_level.last_round}
+        if not p.sample_level:
+            return user
+        sample = self._sample_metrics(rows, refused)
+        if p.user_level:
+            sample = {(f"{k}_sample" if k in SHARED_NAMES else k): v for k, v in sample.items()}
+        return {**sample, **user}
+
+    def evaluate_metrics(self, rows: list[dict]) -> dict[str, float]:
+        """The sample-level epsilon after evaluation: ``finetune`` clients under DP-SGD
+        fine-tune on their records there, and report their ledger. {} when none did."""
+        seen = [r for r in rows if "dp-epsilon" in r and r.get("status", "ok") == "ok"]
+        if not self.cfg.privacy.sample_level or not seen:
+            return {}
+        for row in seen:  # a ledger only grows: keep the larger of train's and evaluate's
+            old = self.client_epsilon.get(row["node_id"], (0.0, 0.0))
+            self.client_epsilon[row["node_id"]] = max(old, (float(row["dp-epsilon"]), float(row.get("dp-delta", 0.0))))
+        eps = [e for e, _ in self.client_epsilon.values()]
+        return {"dp_epsilon_sample_max": max(eps), "dp_epsilon_sample_mean": statistics.fmean(eps),
+                "dp_finetunes_refused": float(sum(int(r.get("dp-finetune-refused", 0)) for r in seen))}
+
+    def _sample_metrics(self, rows: list[dict], refused: list[Message]) -> dict[str, float]:
         for row in rows:
             if "dp-epsilon" in row and row.get("status", "ok") == "ok":
                 self.client_epsilon[row["node_id"]] = (float(row["dp-epsilon"]), float(row.get("dp-delta", 0.0)))
@@ -157,7 +188,7 @@ class RoundPrivacy:
         p = self.cfg.privacy
         if p.max_epsilon <= 0:
             return None
-        if p.mode == "dp_sgd":
+        if p.sample_level:
             left = self.cfg.federation.num_clients - len(self.exhausted)
             needed = min(self.cfg.strategy.min_train_clients, self.cfg.federation.num_clients)
             if left < needed:
@@ -165,7 +196,7 @@ class RoundPrivacy:
                                 f"{self.cfg.federation.num_clients} clients reached "
                                 f"privacy.max_epsilon={p.max_epsilon:g}; {left} left, "
                                 f"strategy.min_train_clients={needed}")
-        elif p.mode == "dp_fedavg" and self.user_level is not None:
+        if self.stopped is None and p.user_level and self.user_level is not None:
             state = self.user_level.state
             release = expected_release(self.cfg, next_round, population=self._population)
             projected = state.epsilon(release)
@@ -177,9 +208,11 @@ class RoundPrivacy:
 
     def summary(self) -> dict:
         out: dict = {"mode": self.cfg.privacy.mode, "stopped_early": self.stopped}
-        if self.cfg.privacy.mode == "dp_sgd" and self.client_epsilon:
+        both = self.cfg.privacy.user_level
+        if self.cfg.privacy.sample_level and self.client_epsilon:
             out.update(epsilon_sample_max=max(e for e, _ in self.client_epsilon.values()),
-                       delta=max(d for _, d in self.client_epsilon.values()),
+                       **{"delta_sample" if both else "delta":
+                          max(d for _, d in self.client_epsilon.values())},
                        clients_exhausted=sorted(self.exhausted), refusals=self.refused_total)
         if self.user_level is not None:
             state = self.user_level.state
@@ -193,7 +226,7 @@ def setup_privacy(cfg: ExperimentConfig, strategy: Strategy, output_dir: Path
     """The strategy to run (wrapped for dp_fedavg) and the loop's privacy hooks."""
     if cfg.privacy.mode == "none":
         return strategy, None
-    if cfg.privacy.mode == "dp_sgd":
+    if not cfg.privacy.user_level:
         return strategy, RoundPrivacy(cfg)
     if not isinstance(strategy, FedAvg):
         raise ValueError(f"strategy.name: dp_fedavg cannot wrap {type(strategy).__name__}")

@@ -94,6 +94,8 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
         metrics.update(plan.central_eval(server_round, arrays))
     if plan.round_metrics is not None:
         metrics.update(plan.round_metrics(server_round, rows))
+    if plan.privacy is not None:  # finetune under DP-SGD spends budget at evaluation
+        metrics.update(plan.privacy.evaluate_metrics(rows))
     return metrics, rows
 
 

@@ -57,14 +57,14 @@ def where_to_look(summary: dict) -> str:
 
 def privacy_line(privacy: dict) -> str:
     """The epsilon a user reads at the end of a run, with what it covers."""
+    parts = []
+    if "epsilon_sample_max" in privacy:  # with both levels its delta is delta_sample
+        parts.append(f"sample-level epsilon {privacy['epsilon_sample_max']:.3g} at delta <= "
+                     f"{privacy.get('delta_sample', privacy['delta']):.2g} (per record, max over clients)")
     if "epsilon_user" in privacy:
-        text = (f"user-level epsilon {privacy['epsilon_user']:.3g} at delta {privacy['delta']:.2g} "
-                f"(whole client contribution, {privacy['releases']} releases)")
-    elif "epsilon_sample_max" in privacy:
-        text = (f"sample-level epsilon {privacy['epsilon_sample_max']:.3g} at delta <= "
-                f"{privacy['delta']:.2g} (per record, max over clients)")
-    else:
-        text = f"{privacy.get('mode')}: nothing released"
+        parts.append(f"user-level epsilon {privacy['epsilon_user']:.3g} at delta {privacy['delta']:.2g} "
+                     f"(whole client contribution, {privacy['releases']} releases)")
+    text = "; ".join(parts) or f"{privacy.get('mode')}: nothing released"
     if privacy.get("stopped_early"):
         text += f"; stopped early: {privacy['stopped_early']}"
     return text

@@ -68,8 +68,8 @@ def _no_factor_optimizer(cfg: Any) -> str | None:
 
 
 def _no_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.privacy.mode == "dp_fedavg":
-        return (f"privacy.mode: dp_fedavg clips and noises factor updates, not the product "
+    if cfg.privacy.user_level:
+        return (f"privacy.mode: {cfg.privacy.mode} clips and noises factor updates, not the product "
                 f"that aggregation.name={cfg.aggregation.name} aggregates; use aggregation=ffa "
                 "or fedavg with DP-FedAvg")
     return None
@@ -90,8 +90,8 @@ def _no_ranks(cfg: Any) -> str | None:
 
 
 def _ranks_without_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.peft.ranks.strip() and cfg.privacy.mode == "dp_fedavg":
-        return ("peft.ranks: per-client ranks cannot be combined with privacy.mode=dp_fedavg "
+    if cfg.peft.ranks.strip() and cfg.privacy.user_level:
+        return (f"peft.ranks: per-client ranks cannot be combined with privacy.mode={cfg.privacy.mode} "
                 "yet (clipping compares each update with a global of another shape)")
     return None
 

@@ -50,6 +50,31 @@ def pack_texts(texts: Sequence[str], tokenizer, *, seq_len: int) -> torch.LongTe
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def document_blocks(texts: Sequence[str], tokenizer, *, seq_len: int) -> torch.LongTensor:
+    """One ``seq_len`` row per document (``privacy.unit=document``): its tokens and an eos,
+    truncated to ``seq_len`` and right-padded with the pad id (masked from the loss).
+
+    Unlike ``pack_texts`` no row holds two documents and no document spans two rows, so
+    DP-SGD's per-example clip bounds each document's contribution to a step by C. A
+    document longer than ``seq_len`` loses its tail. Empty texts are skipped.
+    """
+    import torch
+
+    if seq_len < 2:
+        raise ValueError(f"document_blocks: seq_len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("document_blocks: the tokenizer has no eos token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    texts = [t for t in texts if t]
+    rows = [row[: seq_len - 1] + [eos] if len(row) >= seq_len else row + [eos]
+            for row in (tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+            if row]
+    if not rows:
+        raise ValueError("document_blocks: too little text: the texts tokenize to zero tokens")
+    return torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows], dtype=torch.long)
+
+
 def labels_for(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Targets for ``blocks``: the tokens themselves with pad positions set to -100."""
     if pad_token_id is None:
