@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import traceback
+from logging import INFO
 
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.runconfig import from_run_config
@@ -32,6 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     status = output_dir / "status.json"
     status.write_text(json.dumps({"status": "running"}))
+    log(INFO, "[fedslm] outputs: %s", output_dir)  # `flwr run .` leaves them in ~/.cache
     try:
         # torch and the rest (see above); inside the try, so a failing import is reported
         experiment = import_heavy("fedslm.server.experiment")

@@ -20,7 +20,7 @@ from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
 from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from fedslm.simulations.preflight import hints, preflight, preflight_deployment
+from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
@@ -63,6 +63,7 @@ def run(cfg: ExperimentConfig) -> dict:
     quiet_libraries()
     cfg = absolute_paths(cfg)
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
+    check_tracking(cfg)
     done_rounds = preflight_deployment(cfg)
     preflight(cfg)
     for hint in hints(cfg):

@@ -24,6 +24,8 @@ def _one_line_error(proc) -> str:
     (["training.seq_len=4096"], "error: training.seq_len: 4096 exceeds the maximum sequence length 256"),
     (["model.name_or_path=/no/such/model"], "error: model.name_or_path: cannot load '/no/such/model'"),
     (["strategy.name=fedbogus"], "error: strategy.name: unknown value 'fedbogus'"),
+    (["tracking.uri=http://127.0.0.1:1"],
+     "error: tracking.uri: cannot reach the MLflow server at http://127.0.0.1:1 (ConnectError"),
 ])
 def test_bad_values_fail_fast_with_one_line(args: list[str], expected: str) -> None:
     proc, marker = run_cli(args, timeout=120)
