@@ -15,7 +15,7 @@ import fedslm.client.app as client_app
 from fedslm.client.handlers import node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
-from fedslm.server.population import PopulationGrid
+from fedslm.server.population import PopulationGrid, population_grid
 
 
 @pytest.fixture(autouse=True)
@@ -96,22 +96,24 @@ def test_a_message_to_a_node_outside_the_population_is_refused() -> None:
         grid.push_messages([Message(RecordDict(), dst_node_id=6, message_type="train")])
 
 
-def _context(supernodes: int) -> Context:
-    cfg = ExperimentConfig.from_dict({"federation": {"supernodes": supernodes}})
+def _context(supernodes: int, engine: str = "simulation") -> Context:
+    fed = {"supernodes": supernodes} if engine == "simulation" else {"engine": engine, "address": "x:1", "insecure": True}
+    cfg = ExperimentConfig.from_dict({"federation": fed})
     return Context(run_id=1, node_id=501, node_config={"partition-id": 3}, state=RecordDict(),
                    run_config=to_run_config(cfg))
 
 
-def _node(supernodes: int, msg: Message):
-    context = _context(supernodes)
+def _node(supernodes: int, msg: Message, engine: str = "simulation"):
+    context = _context(supernodes, engine)
     return node(client_app.experiment(context), context, msg)
 
 
-def test_client_takes_the_partition_from_the_message_only_on_pooled_supernodes() -> None:
+def test_client_takes_the_partition_from_the_message_only_in_simulation() -> None:
     msg = Message(RecordDict({"config": ConfigRecord({"partition-id": 42})}), dst_node_id=501,
                   message_type="train")
     assert _node(10, msg).partition_id == 42
-    assert _node(0, msg).partition_id == 3  # one node per client: its own partition
+    assert _node(0, msg).partition_id == 42  # a simulation the server adapted to its nodes
+    assert _node(0, msg, engine="remote").partition_id == 3  # a device keeps its own
     bare = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=501, message_type="train")
     assert _node(10, bare).partition_id == 3
     assert _node(10, msg).state_dir.name == "42"  # state follows the client
@@ -145,3 +147,16 @@ def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:
     assert "federation.supernodes=10" in hint
     assert hints(cfg(num_clients=1000)) == []
     assert hints(cfg(num_clients=10000, supernodes=10)) == []
+
+
+@pytest.mark.parametrize(("clients", "supernodes", "engine", "pooled"), [
+    (5, 0, "simulation", True),    # `flwr run .`: 2 SuperNodes for 5 clients -> adapt
+    (2, 0, "simulation", False),   # one SuperNode per client: as is
+    (5, 0, "remote", False),       # devices connect over time: never adapt
+    (5, 3, "simulation", True),    # federation.supernodes asks for it
+])
+def test_population_grid_adapts_a_simulation_to_its_supernodes(clients, supernodes, engine, pooled) -> None:
+    grid = RecordingGrid()
+    seen = population_grid(grid, num_clients=clients, supernodes=supernodes, engine=engine)
+    assert isinstance(seen, PopulationGrid) is pooled
+    assert sorted(seen.get_node_ids()) == (list(range(1, clients + 1)) if pooled else [501, 502])
