@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod
 
 from fedslm.config import ExperimentConfig
+from fedslm.quiet import quiet_process
 from fedslm.runconfig import from_run_config
 from fedslm.warm_imports import import_heavy
 
@@ -31,7 +32,9 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=8)
 def _config(items: tuple) -> ExperimentConfig:
-    return from_run_config(dict(items))
+    cfg = from_run_config(dict(items))
+    quiet_process(cfg.verbose)  # once per config and worker, before any model loads
+    return cfg
 
 
 def experiment(context: Context) -> ExperimentConfig:

@@ -459,7 +459,9 @@ class CompressionConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
+    """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved.
+    ``verbose`` shows other libraries' warnings, progress bars and Flower's routine log
+    lines, which a run otherwise silences where they start (``fedslm.quiet``)."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -473,6 +475,7 @@ class ExperimentConfig:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     output_dir: str = ""
+    verbose: bool = False
 
     def check(self, at: str = "") -> None:
         for f in dataclasses.fields(self):

@@ -20,6 +20,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedslm.quiet import quiet_process
 from fedslm.runconfig import from_run_config
 from fedslm.rundir import output_dir_for
 from fedslm.warm_imports import import_heavy
@@ -30,6 +31,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
+    quiet_process(cfg.verbose)
     output_dir = output_dir_for(cfg.output_dir, context.run_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     status = output_dir / "status.json"

@@ -130,7 +130,7 @@ def population_grid(grid: Grid, *, num_clients: int, supernodes: int, engine: st
 
     from flwr.common import log
 
-    log(INFO, "federation.num_clients=%d on %d simulated SuperNodes: serving all %d clients "
+    log(INFO, "[fedslm] federation.num_clients=%d on %d simulated SuperNodes: serving all %d clients "
         "from them (as with federation.supernodes=%d)", num_clients, nodes, num_clients, nodes)
     return PopulationGrid(grid, num_clients)
 

@@ -24,23 +24,20 @@ import httpx
 
 from fedslm.config import ExperimentConfig
 from fedslm.flower_tools import flower_bin, flower_env
+from fedslm.quiet import QUIET_ENV
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.simulations.app_dir import stage_app
+from fedslm.simulations.progress import RunProgress
 
 CONNECTION = "fedslm"
 STARTUP_SECONDS = 90
-QUIET_ENV = {
-    "PYTHONWARNINGS": "ignore",
+ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
     "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-NOISE = ("warnings.warn(", "FutureWarning", "DeprecationWarning", "UserWarning")
 
 
 class LaunchError(RuntimeError):
@@ -53,8 +50,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def engine_env(flwr_home: Path) -> dict[str, str]:
-    env = flower_env(QUIET_ENV, {"FLWR_HOME": str(flwr_home)})
+def engine_env(flwr_home: Path, *, verbose: bool = False) -> dict[str, str]:
+    env = flower_env(ENGINE_ENV, {} if verbose else QUIET_ENV, {"FLWR_HOME": str(flwr_home)})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -86,7 +83,7 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path) -> Iterator[str]:
+def simulation_superlink(flwr_home: Path, *, verbose: bool = False) -> Iterator[str]:
     """A SuperLink in simulation mode on a free local port; yields its address."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
@@ -94,7 +91,7 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=log,
+        process = subprocess.Popen(cmd, env=engine_env(flwr_home, verbose=verbose), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(address, process, log_file)
@@ -128,17 +125,17 @@ def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str |
            "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
-    process = subprocess.Popen(cmd, env=engine_env(flwr_home), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               start_new_session=True)
+    process = subprocess.Popen(cmd, env=engine_env(flwr_home, verbose=cfg.verbose),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, start_new_session=True)
+    progress = RunProgress(cfg.federation.num_rounds, verbose=cfg.verbose)
     try:
         assert process.stdout is not None
         for line in process.stdout:
-            if not any(n in line for n in NOISE):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+            progress.feed(line)
         process.wait()
     finally:
+        progress.close()
         stop_process_group(process, grace=5.0)
     if process.returncode != 0:
         raise LaunchError(f"flwr run exited with code {process.returncode}")
@@ -170,7 +167,7 @@ def run_on_simulation(cfg: ExperimentConfig) -> dict:
     """Run the experiment on Flower's simulation engine and return its summary."""
     with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
         flwr_home = Path(tmp)
-        with simulation_superlink(flwr_home) as address:
+        with simulation_superlink(flwr_home, verbose=cfg.verbose) as address:
             write_connection(flwr_home, address)
             flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg))
         log_copy = Path(cfg.output_dir) / "superlink.log"

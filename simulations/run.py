@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
+from fedslm.quiet import quiet_process
 from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
 from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
@@ -36,16 +37,6 @@ def experiment_from_hydra(hcfg: DictConfig) -> ExperimentConfig:
     return ExperimentConfig.from_dict(OmegaConf.to_container(hcfg, resolve=True))
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for progress: no per-request httpx lines, no weight-load bars."""
-    import logging
-
-    import transformers
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-
-
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Paths the engine's processes read, made absolute (their working dir is not ours);
     a resumed run continues in the interrupted run's own output dir."""
@@ -60,7 +51,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig) -> dict:
     start = time.monotonic()
-    quiet_libraries()
+    quiet_process(cfg.verbose)
     cfg = absolute_paths(cfg)
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
     check_tracking(cfg)

@@ -48,7 +48,7 @@ def test_flwr_run_dot_trains_every_configured_client(tmp_path: Path) -> None:
         _stop(marker)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert "federation.num_clients=5 on 2 simulated SuperNodes: serving all 5 clients" in log, log[-3000:]
+    assert "[fedslm] federation.num_clients=5 on 2 simulated SuperNodes: serving all 5 clients" in log, log[-3000:]
     assert f"[fedslm] outputs: {out}" in log
     with open(out / "clients.csv") as fh:
         trained = {r["partition-id"] for r in csv.DictReader(fh)
