@@ -22,6 +22,7 @@ from fedslm.model import ModelError
 from fedslm.quiet import quiet_process
 from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
 from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
+from fedslm.simulations.search import check_direction, objective
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
@@ -78,10 +79,24 @@ def run(cfg: ExperimentConfig) -> dict:
     return summary
 
 
+def sweeper_direction() -> object | None:
+    """The Optuna sweeper's direction when this job is one of its trials, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    sweeper = HydraConfig.get().sweeper
+    return sweeper.get("direction") if "optuna" in str(sweeper.get("_target_", "")) else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(hcfg: DictConfig) -> None:
+def main(hcfg: DictConfig) -> float:
+    """Runs the job; returns its objective (the task's headline metric, for sweepers)."""
     try:
-        run(experiment_from_hydra(hcfg))
+        cfg = experiment_from_hydra(hcfg)
+        if (direction := sweeper_direction()) is not None:
+            check_direction(direction, cfg.task.name)
+        return objective(run(cfg), cfg.task.name)
     except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
