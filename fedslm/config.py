@@ -481,7 +481,7 @@ class ExperimentConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
-                value.check(f.name)
+                value.check(f.name)  # type: ignore[union-attr]  # every section has check(at)
         s, fed = self.strategy, self.federation
         if s.min_train_clients > fed.num_clients:
             _fail(

@@ -25,8 +25,7 @@ QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_DEDUP_LOGS": "0",
 }
-FLOWER_ROUTINE = ("configure_train:", "configure_evaluate:", "aggregate_train:",
-                  "aggregate_evaluate:")
+FLOWER_ROUTINE = ("configure_train:", "configure_evaluate:", "aggregate_train:", "aggregate_evaluate:")
 
 
 class _FlowerRoutine(logging.Filter):

@@ -258,7 +258,8 @@ def round_end_saver(cfg: ExperimentConfig, output_dir: Path, strategy: Any, hist
 def write_tables(history: History, output_dir: Path) -> None:
     """rounds.csv (one row per round) and clients.csv (one row per client per phase)."""
     for name, rows in (("rounds.csv", history.rounds), ("clients.csv", history.clients)):
-        columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("round", "phase", "node_id", "partition-id"), k))
+        first = ("round", "phase", "node_id", "partition-id")
+        columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in first, k))
         with open(output_dir / name, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()

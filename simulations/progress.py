@@ -23,10 +23,19 @@ PHASE = re.compile(r"\[round (\d+)/(\d+)\] (train|evaluate): (\d+)/(\d+) clients
 SUMMARY = re.compile(r"\[round (\d+)/(\d+)\] \| (.*)")
 # Lines from Flower and the libraries it runs that mean nothing to a FedSLM user.
 ROUTINE = (
-    "Using SuperLink:", "Successfully started run", "Starting logstream", "Starting Flower Simulation",
-    "Since flwr 1.32, default simulated SuperNodes", "simulated SuperNodes)",
-    "To change federation size", "flwr federation simulation-config", "Successfully installed",
-    "Loading weights", "warnings.warn(", "configure_mappers()", "Warning:",
+    "Using SuperLink:",
+    "Successfully started run",
+    "Starting logstream",
+    "Starting Flower Simulation",
+    "Since flwr 1.32, default simulated SuperNodes",
+    "simulated SuperNodes)",
+    "To change federation size",
+    "flwr federation simulation-config",
+    "Successfully installed",
+    "Loading weights",
+    "warnings.warn(",
+    "configure_mappers()",
+    "Warning:",
 )
 
 
@@ -73,9 +82,13 @@ class RunProgress:
 
     def _show(self, *, completed: int | None) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.num_rounds, unit="round", file=sys.stderr, mininterval=0.5,
-                            bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt} rounds "
-                                       "[{elapsed}<{remaining}]{postfix}")
+            self.bar = tqdm(
+                total=self.num_rounds,
+                unit="round",
+                file=sys.stderr,
+                mininterval=0.5,
+                bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt} rounds [{elapsed}<{remaining}]{postfix}",
+            )
         if completed is not None:
             self.bar.update(completed - self.bar.n)
         self.bar.set_description_str(self.phase, refresh=False)

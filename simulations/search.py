@@ -44,8 +44,10 @@ def check_direction(direction: Any, task_name: str) -> None:
     want = "maximize" if get_task(task_name).higher_is_better else "minimize"
     got = getattr(direction, "name", str(direction))
     if got != want:
-        raise ConfigError(f"hydra.sweeper.direction: must be {want} for task.name={task_name} "
-                          f"(its objective is {get_task(task_name).headline}), got {got}")
+        raise ConfigError(
+            f"hydra.sweeper.direction: must be {want} for task.name={task_name} "
+            f"(its objective is {get_task(task_name).headline}), got {got}"
+        )
 
 
 class BestTrialTagger(Callback):

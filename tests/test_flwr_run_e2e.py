@@ -36,14 +36,28 @@ def _stop(marker: str) -> None:
 @pytest.mark.e2e
 def test_flwr_run_dot_trains_every_configured_client(tmp_path: Path) -> None:
     out, marker = tmp_path / "out", uuid.uuid4().hex
-    env = flower_env({"FLWR_HOME": str(tmp_path / "flwr-home"), MARKER: marker,
-                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1"})
-    run_config = (f'output_dir="{out}" federation.num_clients=5 federation.num_rounds=1 '
-                  "training.local_steps=1 training.central_eval=false "
-                  "federation.initial_evaluation=false tracking.enabled=false")
+    env = flower_env(
+        {
+            "FLWR_HOME": str(tmp_path / "flwr-home"),
+            MARKER: marker,
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    run_config = (
+        f'output_dir="{out}" federation.num_clients=5 federation.num_rounds=1 '
+        "training.local_steps=1 training.central_eval=false "
+        "federation.initial_evaluation=false tracking.enabled=false"
+    )
     try:
-        proc = subprocess.run([flower_bin("flwr"), "run", ".", "--stream", "--run-config", run_config],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [flower_bin("flwr"), "run", ".", "--stream", "--run-config", run_config],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     finally:
         _stop(marker)
     log = proc.stdout + proc.stderr
@@ -51,6 +65,9 @@ def test_flwr_run_dot_trains_every_configured_client(tmp_path: Path) -> None:
     assert "[fedslm] federation.num_clients=5 on 2 simulated SuperNodes: serving all 5 clients" in log, log[-3000:]
     assert f"[fedslm] outputs: {out}" in log
     with open(out / "clients.csv") as fh:
-        trained = {r["partition-id"] for r in csv.DictReader(fh)
-                   if r["phase"] == "train" and r["round"] == "1" and r.get("status", "ok") in ("", "ok")}
+        trained = {
+            r["partition-id"]
+            for r in csv.DictReader(fh)
+            if r["phase"] == "train" and r["round"] == "1" and r.get("status", "ok") in ("", "ok")
+        }
     assert trained == {"0", "1", "2", "3", "4"}

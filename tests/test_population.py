@@ -97,7 +97,8 @@ def test_a_message_to_a_node_outside_the_population_is_refused() -> None:
 
 
 def _context(supernodes: int, engine: str = "simulation") -> Context:
-    fed = {"supernodes": supernodes} if engine == "simulation" else {"engine": engine, "address": "x:1", "insecure": True}
+    remote = {"engine": engine, "address": "x:1", "insecure": True}
+    fed = {"supernodes": supernodes} if engine == "simulation" else remote
     cfg = ExperimentConfig.from_dict({"federation": fed})
     return Context(run_id=1, node_id=501, node_config={"partition-id": 3}, state=RecordDict(),
                    run_config=to_run_config(cfg))

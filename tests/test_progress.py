@@ -63,8 +63,10 @@ def test_quiet_process_drops_flowers_routine_lines_not_its_warnings(caplog: pyte
         logger.info("configure_train: Sampled %d nodes (out of %d)", 10, 10)
         logger.info("[round 1/5] train: 1/10 clients done")
         logger.warning("aggregate_train: something odd")
-    assert [r.getMessage() for r in caplog.records] == ["[round 1/5] train: 1/10 clients done",
-                                                         "aggregate_train: something odd"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "[round 1/5] train: 1/10 clients done",
+        "aggregate_train: something odd",
+    ]
 
 
 def test_engine_processes_start_quiet_unless_verbose(tmp_path) -> None:
@@ -74,4 +76,5 @@ def test_engine_processes_start_quiet_unless_verbose(tmp_path) -> None:
     assert quiet["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and quiet["PYTHONWARNINGS"] == "ignore"
     assert loud.get("PYTHONWARNINGS") == os.environ.get("PYTHONWARNINGS")  # the user's own
     assert loud.get("HF_HUB_DISABLE_PROGRESS_BARS") == os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    assert quiet["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == loud["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    key = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+    assert quiet[key] == loud[key] == "1"

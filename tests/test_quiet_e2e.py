@@ -8,15 +8,25 @@ import pytest
 
 from tests.proc_util import run_cli
 
-THIRD_PARTY = re.compile(r"Warning|warnings\.warn|Loading weights|Since flwr|sqlalchemy|"
-                         r"configure_train|aggregate_train|clients done|ClientAppActor", re.I)
+THIRD_PARTY = re.compile(
+    r"Warning|warnings\.warn|Loading weights|Since flwr|sqlalchemy|"
+    r"configure_train|aggregate_train|clients done|ClientAppActor",
+    re.I,
+)
 
 
 @pytest.mark.e2e
 def test_a_default_run_prints_no_third_party_warning_lines(tmp_path) -> None:
-    proc, _ = run_cli(["federation.num_clients=3", "federation.num_rounds=2", "training.local_steps=2",
-                       f"output_dir={tmp_path / 'out'}", "tracking.uri=sqlite:///" + str(tmp_path / "m.db")],
-                      timeout=400)
+    proc, _ = run_cli(
+        [
+            "federation.num_clients=3",
+            "federation.num_rounds=2",
+            "training.local_steps=2",
+            f"output_dir={tmp_path / 'out'}",
+            "tracking.uri=sqlite:///" + str(tmp_path / "m.db"),
+        ],
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [ln for ln in re.split(r"[\r\n]", proc.stdout + proc.stderr) if ln.strip()]
     assert [ln for ln in lines if THIRD_PARTY.search(ln)] == []

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fedslm.simulations.report import where_to_look
 
-SUMMARY = {"output_dir": "/o", "adapter_dir": "/o/adapter", "mlflow_run_id": "abc",
-           "mlflow_experiment_id": "7"}
+SUMMARY = {"output_dir": "/o", "adapter_dir": "/o/adapter", "mlflow_run_id": "abc", "mlflow_experiment_id": "7"}
 
 
 def test_sqlite_store_is_opened_with_mlflow_ui() -> None:

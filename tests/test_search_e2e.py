@@ -17,10 +17,21 @@ from tests.proc_util import run_cli, survivors
 def test_optuna_sweep_returns_the_objective_and_tags_the_best_trial(tmp_path: Path) -> None:
     sweep, db = tmp_path / "sweep", tmp_path / "mlflow.db"
     proc, marker = run_cli(
-        ["-m", "search=lr_rank_steps", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
-         "training.local_steps=choice(1, 2)", "federation.num_clients=2", "federation.num_rounds=1",
-         "federation.initial_evaluation=false", "data.docs_per_client=16",
-         f"tracking.uri=sqlite:///{db}", "tracking.experiment=search"], timeout=600)
+        [
+            "-m",
+            "search=lr_rank_steps",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep}",
+            "training.local_steps=choice(1, 2)",
+            "federation.num_clients=2",
+            "federation.num_rounds=1",
+            "federation.initial_evaluation=false",
+            "data.docs_per_client=16",
+            f"tracking.uri=sqlite:///{db}",
+            "tracking.experiment=search",
+        ],
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     objectives = {}
     for job in ("0", "1"):
@@ -53,8 +64,7 @@ def test_sweeping_the_wrong_way_is_refused() -> None:
 def test_objective_is_the_last_rounds_central_headline() -> None:
     from fedslm.simulations.search import objective
 
-    rounds = [{"round": 1, "central_perplexity": 9.0}, {"round": 2, "central_perplexity": 8.5,
-                                                        "eval_perplexity": 8.0}]
+    rounds = [{"round": 1, "central_perplexity": 9.0}, {"round": 2, "central_perplexity": 8.5, "eval_perplexity": 8.0}]
     assert objective({"rounds": rounds}, "causal_lm") == 8.5
     assert objective({"rounds": [{"eval_macro_f1": 0.4}]}, "classify") == 0.4
     assert math.isnan(objective({"rounds": []}, "causal_lm"))

@@ -85,7 +85,7 @@ def topic_share(texts: FederatedTexts, num_topics: int) -> list[float]:
     topic_of = {w: k for k, t in enumerate(TOPICS) for w in t.nouns + t.verbs + t.adjectives}
     shares = []
     for i, client in enumerate(texts.clients):
-        hits = [topic_of[w] for t in fedslm.client.train for w in words(t) if w in topic_of]
+        hits = [topic_of[w] for t in client.train for w in words(t) if w in topic_of]
         shares.append(sum(k == i % num_topics for k in hits) / len(hits))
     return shares
 
