@@ -56,7 +56,7 @@ class ModelConfig:
 
     name_or_path: str = BUILTIN_MODEL
     dtype: str = "float32"
-    cache_dir: str = ""  # "" -> ~/.cache/fedslm
+    cache_dir: str = ""  # "" -> ~/.cache/fedslm ($FEDSLM_CACHE_DIR if set)
 
     def check(self, at: str) -> None:
         if not self.name_or_path.strip():
