@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -16,6 +15,7 @@ from fedslm.client.handlers import node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
 from fedslm.server.population import PopulationGrid, population_grid
+from tests import fakes
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +54,10 @@ class RecordingGrid(Grid):
         replies = []
         for mid in message_ids:
             sent = self.pushed[int(mid[2:])]
-            metadata = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=sent.metadata.dst_node_id,
-                                dst_node_id=0, reply_to_message_id=mid, group_id="", created_at=0.0,
-                                ttl=60.0, message_type=sent.metadata.message_type)
-            replies.append(make_message(metadata, RecordDict({"metrics": MetricRecord({"num-examples": 1})})))
+            replies.append(fakes.reply(sent.metadata.dst_node_id,
+                                       RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                                       kind=sent.metadata.message_type, reply_to=mid, message_id=f"r{mid}",
+                                       group_id=""))
         return replies
 
     def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
