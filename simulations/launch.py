@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -27,6 +28,9 @@ from fedslm.quiet import QUIET_ENV
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.simulations.app_dir import stage_app
 from fedslm.simulations.progress import RunProgress
+
+if TYPE_CHECKING:
+    from fedslm.simulations.warm_engine import WarmEngine
 
 CONNECTION = "fedslm"
 STARTUP_SECONDS = 90
@@ -162,16 +166,24 @@ def simulation_federation_config(cfg: ExperimentConfig) -> str:
             f"client-resources-num-gpus={fed.client_num_gpus}")
 
 
-def run_on_simulation(cfg: ExperimentConfig) -> dict:
-    """Run the experiment on Flower's simulation engine and return its summary."""
+def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) -> dict:
+    """Run the experiment on Flower's simulation engine and return its summary; on a
+    private SuperLink, or on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``)."""
     with tempfile.TemporaryDirectory(prefix="fedslm-flwr-") as tmp:
         flwr_home = Path(tmp)
-        with simulation_superlink(flwr_home, verbose=cfg.verbose) as address:
-            write_connection(flwr_home, address)
-            flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg))
+        federation = simulation_federation_config(cfg)
+        if warm is None:
+            with simulation_superlink(flwr_home, verbose=cfg.verbose) as address:
+                write_connection(flwr_home, address)
+                flwr_run(cfg, flwr_home, federation_config=federation)
+            log_file: Path | None = flwr_home / "superlink.log"
+        else:
+            write_connection(flwr_home, warm.address(verbose=cfg.verbose))
+            flwr_run(cfg, flwr_home, federation_config=federation)
+            log_file = warm.log_file
         log_copy = Path(cfg.output_dir) / "superlink.log"
-        with contextlib.suppress(OSError):
-            log_copy.write_bytes((flwr_home / "superlink.log").read_bytes())
+        with contextlib.suppress(OSError, TypeError):
+            log_copy.write_bytes(log_file.read_bytes())  # type: ignore[union-attr]
     return read_outcome(Path(cfg.output_dir), log_copy)
 
 

@@ -50,7 +50,8 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, federation=fed)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
+    """One job; ``warm_engine``: on the SuperLink shared by the jobs of a sweep."""
     start = time.monotonic()
     quiet_process(cfg.verbose)
     cfg = absolute_paths(cfg)
@@ -66,8 +67,15 @@ def run(cfg: ExperimentConfig) -> dict:
           f"strategy {cfg.strategy.name}, LoRA r={cfg.peft.r}, engine {cfg.federation.engine}, "
           f"personalization {cfg.personalization.method}",
           flush=True)
-    engine = run_on_simulation if cfg.federation.engine == "simulation" else run_on_remote
-    summary = engine(cfg)
+    if cfg.federation.engine == "remote":
+        summary = run_on_remote(cfg)
+    elif warm_engine:
+        from fedslm.simulations.warm_engine import ENGINE, install_sigterm_handler
+
+        install_sigterm_handler()
+        summary = run_on_simulation(cfg, warm=ENGINE)
+    else:
+        summary = run_on_simulation(cfg)
     from fedslm.tasks import get_task
 
     print("\n" + summary_table(summary["rounds"], get_task(cfg.task.name).report_keys))
@@ -77,6 +85,14 @@ def run(cfg: ExperimentConfig) -> dict:
     print(f"\nWall time: {time.monotonic() - start:.1f}s")
     print(where_to_look(summary), flush=True)
     return summary
+
+
+def in_a_sweep() -> bool:
+    """A job of ``-m``: its sweep's jobs share one SuperLink."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def sweeper_direction() -> object | None:
@@ -96,7 +112,7 @@ def main(hcfg: DictConfig) -> float:
         cfg = experiment_from_hydra(hcfg)
         if (direction := sweeper_direction()) is not None:
             check_direction(direction, cfg.task.name)
-        return objective(run(cfg), cfg.task.name)
+        return objective(run(cfg, warm_engine=in_a_sweep()), cfg.task.name)
     except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
