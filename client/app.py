@@ -21,6 +21,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod
 
 from fedslm.client.failures import failure_report_mod
 from fedslm.config import ExperimentConfig
+from fedslm.quiet import quiet_process
 from fedslm.runconfig import from_run_config
 from fedslm.warm_imports import import_heavy
 
@@ -33,7 +34,9 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=8)
 def _config(items: tuple) -> ExperimentConfig:
-    return from_run_config(dict(items))
+    cfg = from_run_config(dict(items))
+    quiet_process(cfg.verbose)  # once per config and worker, before any model loads
+    return cfg
 
 
 def experiment(context: Context) -> ExperimentConfig:

@@ -39,10 +39,11 @@ def use_threads(n: int) -> None:
 
 def node(cfg: ExperimentConfig, context: Context, msg: Message | None = None) -> NodeSetup:
     """This client's partition, data path and state dir. When a few simulated SuperNodes
-    serve many clients (``federation.supernodes``), the server names the partition in
-    the message."""
+    serve many clients (``federation.supernodes``, or a simulation started with fewer
+    SuperNodes than clients), the server names the partition in the message; a real
+    device's partition is never the server's to choose."""
     node_config = dict(context.node_config)
-    if msg is not None and cfg.federation.supernodes > 0:
+    if msg is not None and cfg.federation.engine == "simulation":
         config = msg.content.config_records.get(CONFIG_KEY, {})
         if PARTITION_ID in config:
             node_config[PARTITION_ID] = int(config[PARTITION_ID])

@@ -14,7 +14,6 @@ from it with Opacus's ``prv`` or ``rdp`` accountant at the requested delta.
 from __future__ import annotations
 
 from fedslm.atomic import atomic_write
-from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 import json
 import math
 from collections.abc import Iterable, Sequence

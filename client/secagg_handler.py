@@ -74,7 +74,8 @@ def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
         cts = secagg.share_keys(state, peers, threshold=int(rec[P.THRESHOLD]), expected_threshold=expected)
         _save(path, state)
         ids = sorted(cts)
-        return _reply(msg, started, {P.RECORD: ConfigRecord({P.DESTINATIONS: ids, P.CIPHERTEXTS: [cts[i] for i in ids]})})
+        record = ConfigRecord({P.DESTINATIONS: ids, P.CIPHERTEXTS: [cts[i] for i in ids]})
+        return _reply(msg, started, {P.RECORD: record})
     if stage == "masked":
         return _masked(cfg, msg, context, state, path, started, me)
     if stage == "unmask":

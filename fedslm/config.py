@@ -66,7 +66,7 @@ class ModelConfig:
 
     name_or_path: str = BUILTIN_MODEL
     dtype: str = "float32"
-    cache_dir: str = ""  # "" -> ~/.cache/fedslm
+    cache_dir: str = ""  # "" -> ~/.cache/fedslm ($FEDSLM_CACHE_DIR if set)
     quantization: str = "none"
 
     def check(self, at: str) -> None:
@@ -759,7 +759,9 @@ class CompressionConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved."""
+    """One federated fine-tuning experiment; ``output_dir`` is absolute once resolved.
+    ``verbose`` shows other libraries' warnings, progress bars and Flower's routine log
+    lines, which a run otherwise silences where they start (``fedslm.quiet``)."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -778,12 +780,13 @@ class ExperimentConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     output_dir: str = ""
+    verbose: bool = False
 
     def check(self, at: str = "") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
-                value.check(f.name)
+                value.check(f.name)  # type: ignore[union-attr]  # every section has check(at)
         s, fed = self.strategy, self.federation
         if s.min_train_clients > fed.num_clients:
             _fail(

@@ -228,7 +228,9 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, pre: dict[str, Any]
 
 
 def default_cache_dir(cfg: ModelConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.home() / ".cache" / "fedslm"
+    from fedslm.rundir import cache_root
+
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
 
 
 def resolve_model_path(cfg: ModelConfig, *, public_texts: Callable[[], Sequence[str]]) -> str:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import traceback
+from logging import INFO
 
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedslm.quiet import quiet_process
 from fedslm.runconfig import from_run_config
 from fedslm.rundir import output_dir_for
 from fedslm.warm_imports import import_heavy
@@ -28,10 +31,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
+    quiet_process(cfg.verbose)
     output_dir = output_dir_for(cfg.output_dir, context.run_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     status = output_dir / "status.json"
     status.write_text(json.dumps({"status": "running"}))
+    log(INFO, "[fedslm] outputs: %s", output_dir)  # `flwr run .` leaves them in ~/.cache
     try:
         # torch and the rest (see above); inside the try, so a failing import is reported
         experiment = import_heavy("fedslm.server.experiment")

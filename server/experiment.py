@@ -38,7 +38,7 @@ from fedslm.server.checkpoint import (
 )
 from fedslm.server.personalization import PersonalizationReport
 from fedslm.server.plots import plot_confusion, plot_rounds
-from fedslm.server.population import PopulationGrid
+from fedslm.server.population import population_grid
 from fedslm.server.privacy import ServerPrivacyState, resumed_state
 from fedslm.server.privacy_rounds import setup_privacy
 from fedslm.server.registry import best_round_hook, register_run, with_best_round
@@ -133,8 +133,9 @@ def make_tracker(cfg: ExperimentConfig, output_dir: Path) -> Tracker | NoTracker
 def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[str, Any]:
     """Run every round, write outputs, return the summary that is also saved as JSON."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.federation.supernodes > 0:  # many virtual clients on a few SuperNodes
-        grid = PopulationGrid(grid, cfg.federation.num_clients)
+    fed = cfg.federation  # many virtual clients on a few SuperNodes, if asked or needed
+    grid = population_grid(grid, num_clients=fed.num_clients, supernodes=fed.supernodes,
+                           engine=fed.engine)
     # 1. threads and reproducibility. In simulation the ServerApp shares the machine (in
     # Flower 1.41 even the process) with the simulated clients: torch's default of one
     # thread per core oversubscribes it, and central evaluation of the tiny model took
@@ -280,7 +281,8 @@ def round_end_saver(cfg: ExperimentConfig, output_dir: Path, strategy: Any, hist
 def write_tables(history: History, output_dir: Path) -> None:
     """rounds.csv (one row per round) and clients.csv (one row per client per phase)."""
     for name, rows in (("rounds.csv", history.rounds), ("clients.csv", history.clients)):
-        columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("round", "phase", "node_id", "partition-id"), k))
+        first = ("round", "phase", "node_id", "partition-id")
+        columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in first, k))
         with open(output_dir / name, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()

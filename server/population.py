@@ -111,3 +111,41 @@ def with_partition(content: RecordDict, partition_id: int) -> RecordDict:
     config = ConfigRecord(dict(content.config_records.get(CONFIG_KEY, {})))
     config[PARTITION_KEY] = partition_id
     return RecordDict({**{k: v for k, v in content.items() if k != CONFIG_KEY}, CONFIG_KEY: config})
+
+
+def population_grid(grid: Grid, *, num_clients: int, supernodes: int, engine: str) -> Grid:
+    """The grid the strategy sees: ``num_clients`` virtual clients on a few SuperNodes when
+    ``federation.supernodes`` asks for it, or when a simulation was started with a different
+    number of SuperNodes than clients (``flwr run .`` uses Flower's own local simulation
+    settings, 2 SuperNodes in 1.41, whatever the app's config says): then the run adapts and
+    says so in one line, instead of training 2 of 10 clients."""
+    if supernodes > 0:
+        return PopulationGrid(grid, num_clients)
+    if engine != "simulation":
+        return grid  # real devices connect over time; the strategy waits for them
+    nodes = registered_nodes(grid)
+    if nodes in (0, num_clients):
+        return grid
+    from logging import INFO
+
+    from flwr.common import log
+
+    log(INFO, "[fedslm] federation.num_clients=%d on %d simulated SuperNodes: serving all %d clients "
+        "from them (as with federation.supernodes=%d)", num_clients, nodes, num_clients, nodes)
+    return PopulationGrid(grid, num_clients)
+
+
+def registered_nodes(grid: Grid, *, settle: float = 10.0, poll: float = 0.2) -> int:
+    """How many SuperNodes the simulation registered. Flower starts the ServerApp thread
+    before it registers the nodes (all at once), so wait for a non-zero count that holds
+    for one more poll; 0 if none appear within ``settle`` seconds."""
+    deadline = time.monotonic() + settle
+    last = -1
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count > 0 and count == last:
+            return count
+        if time.monotonic() >= deadline:
+            return count
+        last = count
+        time.sleep(poll)

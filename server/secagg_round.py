@@ -121,7 +121,7 @@ class SecureTrain:
 
     def _protocol(self, grid, plan, rnd: SecAggRound, train_msgs: dict[int, Message],
                   traffic: Traffic, label: str):
-        sa, group = self.sa, str(rnd.server_round)
+        _sa, group = self.sa, str(rnd.server_round)
 
         def trip(stage: str, requests: dict[int, RecordDict]) -> Collected:
             msgs = [Message(content, dst_node_id=node, message_type=P.MESSAGE_TYPES[stage], group_id=group)

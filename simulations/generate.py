@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedslm.generate_cli import EXIT_BAD_INPUT, add_sampling_args, quiet, run_generate
+from fedslm.generate_cli import add_sampling_args, quiet, run_generate
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

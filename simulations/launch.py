@@ -25,29 +25,30 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from fedslm.config import ExperimentConfig, is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
+from fedslm.quiet import QUIET_ENV
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.simulations import watchdog
 from fedslm.simulations.app_dir import stage_app
+from fedslm.simulations.progress import RunProgress
+
+if TYPE_CHECKING:
+    from fedslm.simulations.warm_engine import WarmEngine
 
 CONNECTION = "fedslm"
 STARTUP_SECONDS = 90
-QUIET_ENV = {
-    "PYTHONWARNINGS": "ignore",
+ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
     "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-NOISE = ("warnings.warn(", "FutureWarning", "DeprecationWarning", "UserWarning")
 
 
 class LaunchError(RuntimeError):
@@ -60,8 +61,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def engine_env(flwr_home: Path, mark: str = "") -> dict[str, str]:
-    env = flower_env(QUIET_ENV, {"FLWR_HOME": str(flwr_home)}, {watchdog.MARK_ENV: mark} if mark else {})
+def engine_env(flwr_home: Path, mark: str = "", *, verbose: bool = False) -> dict[str, str]:
+    env = flower_env(ENGINE_ENV, {} if verbose else QUIET_ENV, {"FLWR_HOME": str(flwr_home)},
+                     {watchdog.MARK_ENV: mark} if mark else {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -102,7 +104,7 @@ def ray_auth_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path, mark: str = "") -> Iterator[str]:
+def simulation_superlink(flwr_home: Path, mark: str = "", *, verbose: bool = False) -> Iterator[str]:
     """A SuperLink in simulation mode on a free local port; yields its address."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
@@ -110,7 +112,8 @@ def simulation_superlink(flwr_home: Path, mark: str = "") -> Iterator[str]:
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(cmd, env={**engine_env(flwr_home, mark), **ray_auth_env()}, stdout=log,
+        process = subprocess.Popen(cmd, env={**engine_env(flwr_home, mark, verbose=verbose), **ray_auth_env()},
+                                   stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(address, process, log_file)
@@ -145,17 +148,17 @@ def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str |
            "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
-    process = subprocess.Popen(cmd, env=engine_env(flwr_home, mark), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               start_new_session=True)
+    process = subprocess.Popen(cmd, env=engine_env(flwr_home, mark, verbose=cfg.verbose),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, start_new_session=True)
+    progress = RunProgress(cfg.federation.num_rounds, verbose=cfg.verbose)
     try:
         assert process.stdout is not None
         for line in process.stdout:
-            if not any(n in line for n in NOISE):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+            progress.feed(line)
         process.wait()
     finally:
+        progress.close()
         stop_process_group(process, grace=5.0)
     if process.returncode != 0:
         raise LaunchError(f"flwr run exited with code {process.returncode}")
@@ -201,16 +204,24 @@ def watched_tmp(cfg: ExperimentConfig, *, mark_run: bool) -> Iterator[tuple[Path
         watchdog.finish(proc, write_end, done=done)
 
 
-def run_on_simulation(cfg: ExperimentConfig) -> dict:
-    """Run the experiment on Flower's simulation engine and return its summary."""
+def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) -> dict:
+    """Run the experiment on Flower's simulation engine and return its summary; on a
+    private SuperLink, or on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``).
+    A watchdog ends what the run started if the launcher dies (``watched_tmp``)."""
     with watched_tmp(cfg, mark_run=True) as (flwr_home, mark):
-        with simulation_superlink(flwr_home, mark) as address:
-            write_connection(flwr_home, address)
-            flwr_run(cfg, flwr_home, federation_config=simulation_federation_config(cfg),
-                     mark=mark)
+        federation = simulation_federation_config(cfg)
+        if warm is None:
+            with simulation_superlink(flwr_home, mark, verbose=cfg.verbose) as address:
+                write_connection(flwr_home, address)
+                flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
+            log_file: Path | None = flwr_home / "superlink.log"
+        else:
+            write_connection(flwr_home, warm.address(verbose=cfg.verbose))
+            flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
+            log_file = warm.log_file
         log_copy = Path(cfg.output_dir) / "superlink.log"
-        with contextlib.suppress(OSError):
-            log_copy.write_bytes((flwr_home / "superlink.log").read_bytes())
+        with contextlib.suppress(OSError, TypeError):
+            log_copy.write_bytes(log_file.read_bytes())  # type: ignore[union-attr]
     return read_outcome(Path(cfg.output_dir), log_copy)
 
 

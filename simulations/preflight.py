@@ -159,6 +159,37 @@ def preflight(cfg: ExperimentConfig) -> str:
     return path
 
 
+TRACKING_TIMEOUT = 3.0
+
+
+def check_tracking(cfg: ExperimentConfig) -> None:
+    """The MLflow tracking URI, before any engine starts: an unreachable server would
+    otherwise be retried by MLflow's client for minutes inside the ServerApp."""
+    uri = cfg.tracking.uri
+    if not cfg.tracking.enabled or not uri:
+        return
+    if uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=TRACKING_TIMEOUT)
+        except httpx.HTTPError as err:
+            raise ConfigError(f"tracking.uri: cannot reach the MLflow server at {uri} "
+                              f"({type(err).__name__}: {str(err)[:120] or 'no answer'})") from None
+    elif uri.startswith("sqlite:///"):
+        import os
+        from pathlib import Path
+
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"tracking.uri: cannot create {folder} for {uri} "
+                              f"({err.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.uri: {folder} is not writable ({uri})")
+
+
 def hints(cfg: ExperimentConfig) -> list[str]:
     """Advice for a config that works but is slower than it needs to be (not errors)."""
     fed = cfg.federation

@@ -51,8 +51,19 @@ def where_to_look(summary: dict) -> str:
         lines.append(f"Privacy:      {privacy_line(privacy)}")
     if uri:
         lines += [f"MLflow run:   {summary['mlflow_run_id']} in {uri}",
-                  f"Open it with: mlflow ui --backend-store-uri {uri}"]
+                  mlflow_hint(uri, summary.get("mlflow_experiment_id"), summary["mlflow_run_id"])]
     return "\n".join(lines)
+
+
+def mlflow_hint(uri: str, experiment_id: str | None, run_id: str) -> str:
+    """How to open the run: a tracking server already serves its UI at its own address;
+    a database or file store needs ``mlflow ui`` started on it."""
+    if uri.startswith(("http://", "https://")):
+        page = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else uri
+        return f"Open it at:   {page}"
+    if uri.startswith("databricks"):
+        return "Open it in:   your Databricks workspace's Experiments page"
+    return f"Open it with: mlflow ui --backend-store-uri {uri}"
 
 
 def privacy_line(privacy: dict) -> str:

@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data import DataError
 from fedslm.model import ModelError
+from fedslm.quiet import quiet_process
 from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from fedslm.simulations.preflight import hints, preflight, preflight_deployment
+from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
+from fedslm.simulations.search import check_direction, objective
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
 EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
@@ -36,16 +38,6 @@ def experiment_from_hydra(hcfg: DictConfig) -> ExperimentConfig:
     return ExperimentConfig.from_dict(OmegaConf.to_container(hcfg, resolve=True))
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for progress: no per-request httpx lines, no weight-load bars."""
-    import logging
-
-    import transformers
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
-
-
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Paths the engine's processes read, made absolute (their working dir is not ours);
     a resumed run continues in the interrupted run's own output dir."""
@@ -58,11 +50,13 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, federation=fed)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
+    """One job; ``warm_engine``: on the SuperLink shared by the jobs of a sweep."""
     start = time.monotonic()
-    quiet_libraries()
+    quiet_process(cfg.verbose)
     cfg = absolute_paths(cfg)
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
+    check_tracking(cfg)
     done_rounds = preflight_deployment(cfg)
     preflight(cfg)
     for hint in hints(cfg):
@@ -74,8 +68,15 @@ def run(cfg: ExperimentConfig) -> dict:
           f"{' (clients ' + cfg.peft.ranks + ')' if cfg.peft.ranks else ''}, engine {cfg.federation.engine}, "
           f"personalization {cfg.personalization.method}",
           flush=True)
-    engine = run_on_simulation if cfg.federation.engine == "simulation" else run_on_remote
-    summary = engine(cfg)
+    if cfg.federation.engine == "remote":
+        summary = run_on_remote(cfg)
+    elif warm_engine:
+        from fedslm.simulations.warm_engine import ENGINE, install_sigterm_handler
+
+        install_sigterm_handler()
+        summary = run_on_simulation(cfg, warm=ENGINE)
+    else:
+        summary = run_on_simulation(cfg)
     from fedslm.tasks import get_task
 
     print("\n" + summary_table(summary["rounds"], get_task(cfg.task.name).report_keys))
@@ -87,10 +88,32 @@ def run(cfg: ExperimentConfig) -> dict:
     return summary
 
 
+def in_a_sweep() -> bool:
+    """A job of ``-m``: its sweep's jobs share one SuperLink."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweeper_direction() -> object | None:
+    """The Optuna sweeper's direction when this job is one of its trials, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    sweeper = HydraConfig.get().sweeper
+    return sweeper.get("direction") if "optuna" in str(sweeper.get("_target_", "")) else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(hcfg: DictConfig) -> None:
+def main(hcfg: DictConfig) -> float:
+    """Runs the job; returns its objective (the task's headline metric, for sweepers)."""
     try:
-        run(experiment_from_hydra(hcfg))
+        cfg = experiment_from_hydra(hcfg)
+        if (direction := sweeper_direction()) is not None:
+            check_direction(direction, cfg.task.name)
+        return objective(run(cfg, warm_engine=in_a_sweep()), cfg.task.name)
     except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,7 +7,7 @@ The model is saved once per session; each test gets a fresh copy through the rea
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedslm.config import PeftConfig
 from fedslm.model import build_peft_model, load_base_model, train_tokenizer
+from fedslm.rundir import CACHE_ENV
 
 TINY = dict(
     hidden_size=64,
@@ -39,6 +40,19 @@ def synthetic_sentences(n: int = 400, seed: int = 0) -> list[str]:
         f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(places)}."
         for _ in range(n)
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def owned_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nothing a test runs writes to ~/.cache: the builtin model is built once per session
+    into this dir (every engine process a test starts inherits the variable), and
+    Hugging Face datasets cache here too."""
+    root = tmp_path_factory.mktemp("fedslm-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv(CACHE_ENV, str(root))
+    patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+    yield root
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

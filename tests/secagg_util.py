@@ -29,7 +29,8 @@ def entropy(node: int, server_round: int = 1) -> bytes:
 
 def run_round(values: dict[int, np.ndarray], *, sa: SecureAggregationConfig, server_round: int = 1,
               drop_after_shares: set[int] = frozenset(), drop_before_unmask: set[int] = frozenset(),
-              tamper: Callable[[str, int, object], object] | None = None, seeded: bool = True) -> tuple[Run, np.ndarray]:
+              tamper: Callable[[str, int, object], object] | None = None,
+              seeded: bool = True) -> tuple[Run, np.ndarray]:
     """``values``: node -> already-quantized vector. Returns the run and the unmasked sum;
     raises ``fedslm.server.secagg.Abandoned`` as the server does."""
     tamper = tamper or (lambda stage, node, reply: reply)

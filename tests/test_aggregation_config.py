@@ -17,9 +17,11 @@ def test_registry_holds_the_four_rules_and_refuses_a_second_registration() -> No
 
 @pytest.mark.parametrize("data, first_key, other_key", [
     ({"aggregation": {"name": "flora"}, "strategy": {"name": "fedadam"}}, "strategy.name", "aggregation.name=flora"),
-    ({"aggregation": {"name": "flexlora"}, "strategy": {"name": "fedavgm"}}, "strategy.name", "aggregation.name=flexlora"),
+    ({"aggregation": {"name": "flexlora"}, "strategy": {"name": "fedavgm"}}, "strategy.name",
+     "aggregation.name=flexlora"),
     ({"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg"}}, "privacy.mode", "aggregation.name=flora"),
-    ({"aggregation": {"name": "ffa"}, "personalization": {"method": "split"}}, "personalization.method", "aggregation.name=ffa"),
+    ({"aggregation": {"name": "ffa"}, "personalization": {"method": "split"}}, "personalization.method",
+     "aggregation.name=ffa"),
     ({"aggregation": {"name": "ffa"}, "peft": {"ranks": "50% r=4, 50% r=8"}}, "peft.ranks", "aggregation.name=ffa"),
     ({"peft": {"ranks": "* r=4"}, "privacy": {"mode": "dp_fedavg"}}, "peft.ranks", "privacy.mode=dp_fedavg"),
     ({"peft": {"ranks": "* r=4"}, "personalization": {"method": "dual"}}, "peft.ranks", "personalization.method=dual"),

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedslm.config import ConfigError, ExperimentConfig
@@ -30,6 +29,7 @@ from fedslm.server.checkpoint import (
     strategy_state,
 )
 from fedslm.server.rounds import History
+from tests import fakes
 
 NAMES = ("a.lora_A.weight", "a.lora_B.weight")
 
@@ -44,11 +44,7 @@ def record(values: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def reply(node: int, values: dict[str, np.ndarray], n: int) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    return make_message(metadata, RecordDict({"arrays": record(values),
-                                              "metrics": MetricRecord({"num-examples": n})}))
+    return fakes.train_reply(node, values, num_examples=n)
 
 
 def one_round(strategy, current: dict[str, np.ndarray], rnd: int, updates) -> dict[str, np.ndarray]:

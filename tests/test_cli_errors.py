@@ -29,6 +29,8 @@ def _one_line_error(proc) -> str:
                  "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     pytest.param(["model.quantization=4bit"], "error: model.quantization: 4bit needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    (["tracking.uri=http://127.0.0.1:1"],
+     "error: tracking.uri: cannot reach the MLflow server at http://127.0.0.1:1 (ConnectError"),
 ])
 def test_bad_values_fail_fast_with_one_line(args: list[str], expected: str) -> None:
     proc, marker = run_cli(args, timeout=120)

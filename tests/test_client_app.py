@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.serde import message_to_proto
 
 from fedslm.client.app import app
@@ -17,6 +16,7 @@ from fedslm.config import ExperimentConfig
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.runtime import client_split
 from fedslm.server.experiment import initial_adapter
+from tests import fakes
 
 NUM_CLIENTS = 3
 
@@ -32,11 +32,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
 
 
 def _message(kind: str, arrays: ArrayRecord, server_round: int = 1) -> Message:
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=11,
-                        reply_to_message_id="", group_id="1", created_at=0.0, ttl=600.0,
-                        message_type=kind)
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
-    return make_message(metadata, content)
+    return fakes.instruction(11, fakes.round_content(arrays, server_round), kind=kind)
 
 
 def _context(cfg: ExperimentConfig, partition: int) -> Context:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedslm.adapters import adapter_arrays, payload_bytes, to_array_record
@@ -28,6 +27,7 @@ from fedslm.compression import (
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.server.decompress import decode_train_replies
 from fedslm.server.strategy import screen_train_replies
+from tests import fakes
 
 SHAPES = {"m.q.lora_A.weight": (4, 16), "m.q.lora_B.weight": (16, 4)}
 
@@ -38,10 +38,7 @@ def adapter(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
 
 
 def reply(node: int, content: dict, n: int = 10):
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    return make_message(metadata, RecordDict({**content, "metrics": MetricRecord({"num-examples": n})}))
+    return fakes.reply(node, RecordDict({**content, "metrics": MetricRecord({"num-examples": n})}))
 
 
 def test_int8_is_symmetric_per_tensor_with_a_float32_scale() -> None:

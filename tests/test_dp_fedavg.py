@@ -9,8 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedslm.config import ExperimentConfig
 from fedslm.server.metrics import summarize
@@ -24,6 +23,7 @@ from fedslm.server.privacy import (
 )
 from fedslm.server.privacy_rounds import RoundPrivacy, setup_privacy
 from fedslm.server.strategy import build_strategy
+from tests import fakes
 
 SHAPE = (50, 40)  # 2000 values per tensor, two tensors
 
@@ -38,14 +38,7 @@ def run_identity():
     TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
 
 
-class FakeGrid:
-    """What FedAvg.configure_train asks of a Grid: the connected node ids."""
-
-    def __init__(self, n: int) -> None:
-        self.nodes = list(range(1, n + 1))
-
-    def get_node_ids(self):
-        return self.nodes
+FakeGrid = fakes.NodesGrid
 
 
 def _cfg(**privacy) -> ExperimentConfig:
@@ -62,11 +55,7 @@ def _arrays(value) -> ArrayRecord:
 
 
 def _reply(node: int, arrays: ArrayRecord, *, weight: int = 10, **metrics) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    record = MetricRecord({"num-examples": weight, **metrics})
-    return make_message(metadata, RecordDict({"arrays": arrays, "metrics": record}))
+    return fakes.train_reply(node, arrays, num_examples=weight, **metrics)
 
 
 def _update(norm: float, seed: int) -> list[np.ndarray]:
@@ -261,10 +250,7 @@ def test_server_stops_before_a_release_over_budget(tmp_path):
 
 
 def _refusal(node: int, pid: int, eps: float) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    return make_message(metadata, RecordDict({
+    return fakes.reply(node, message_id=f"r{node}", content=RecordDict({
         "metrics": MetricRecord({"dp-budget-exhausted": 1, "dp-epsilon": eps, "dp-delta": 1e-3,
                                  "partition-id": pid}),
         "status": ConfigRecord({"status": "budget-exhausted", "message": "budget exhausted"})}))

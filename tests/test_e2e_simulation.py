@@ -32,7 +32,7 @@ def test_three_clients_two_rounds(tmp_path: Path) -> None:
                             "tracking.experiment=e2e", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert survivors(marker) == []
-    assert "[round 2/2] train: 3/3 clients done" in proc.stdout
+    assert "round 2/2 train 3/3" in proc.stderr  # the progress bar, redrawn in place
     assert "mlflow ui --backend-store-uri " + uri in proc.stdout
 
     summary = json.loads((run_dir / "summary.json").read_text())

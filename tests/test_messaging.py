@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from fedslm.server.messaging import send_and_collect
+from tests import fakes
 
 
 def instruction(node: int, rnd: int) -> Message:
-    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=node,
-                        reply_to_message_id="", group_id=str(rnd), created_at=time.time(),
-                        ttl=43200.0, message_type="train")
-    return make_message(metadata, RecordDict({"config": ConfigRecord({"server-round": rnd})}))
+    return fakes.instruction(node, fakes.round_content(None, rnd), message_id="", group_id=str(rnd),
+                             created_at=time.time(), ttl=43200.0)
 
 
 def answer(to: str, node: int, rnd: int, *, error: str = "", code: int = 0) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"reply-{to}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=to, group_id=str(rnd), created_at=time.time(),
-                        ttl=60.0, message_type="train")
-    if error:
-        return make_message(metadata, error=Error(code=code, reason=error))
-    return make_message(metadata, RecordDict({"metrics": MetricRecord({"round": rnd})}))
+    return fakes.reply(node, RecordDict({"metrics": MetricRecord({"round": rnd})}),
+                       error=Error(code=code, reason=error) if error else None, reply_to=to,
+                       message_id=f"reply-{to}", group_id=str(rnd), created_at=time.time())
 
 
 class ScriptedGrid:

@@ -18,6 +18,7 @@ from fedslm.model import (
     ModelError,
     build_peft_model,
     count_parameters,
+    default_cache_dir,
     ensure_builtin_model,
     load_base_model,
     max_sequence_length,
@@ -230,3 +231,11 @@ def test_resolve_model_path(tmp_path, few_texts, monkeypatch):
     assert calls == [1]
     assert os.path.isdir(resolved) and Path(resolved).parent == tmp_path
     assert max_sequence_length(resolved) == 256
+
+
+def test_tests_build_the_builtin_model_in_a_dir_they_own(owned_cache_dir: Path) -> None:
+    from fedslm.rundir import output_dir_for
+
+    assert default_cache_dir(ModelConfig()) == owned_cache_dir
+    assert output_dir_for("", 5) == owned_cache_dir / "runs" / "5"
+    assert Path.home() not in owned_cache_dir.parents

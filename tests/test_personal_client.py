@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedslm.client.app import app
 from fedslm.client.personal_state import (
@@ -31,6 +31,7 @@ from fedslm.adapters import to_array_record
 from fedslm.config import ExperimentConfig
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
 from fedslm.server.experiment import initial_adapter
+from tests import fakes
 
 NUM_CLIENTS = 3
 
@@ -55,12 +56,9 @@ def fedavg(updates: list[tuple[dict, dict]]) -> dict[str, np.ndarray]:
 
 
 def _incoming(kind: str, arrays: dict, server_round: int) -> Message:
-    content = RecordDict({"arrays": to_array_record(arrays),
-                          "config": ConfigRecord({"server-round": server_round})})
-    return Message(content=content, metadata=Metadata(
-        run_id=1, message_id=f"{kind}-{server_round}", src_node_id=1, dst_node_id=7,
-        reply_to_message_id="", group_id=str(server_round), created_at=time.time(),
-        ttl=3600.0, message_type=kind))
+    return fakes.instruction(7, fakes.round_content(to_array_record(arrays), server_round), kind=kind,
+                             message_id=f"{kind}-{server_round}", group_id=str(server_round),
+                             created_at=time.time(), ttl=3600.0)
 
 
 def _context(cfg: ExperimentConfig, partition_id: int) -> Context:

@@ -24,8 +24,10 @@ def test_overrides_compose(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["personalization.method=fedper"], "personalization.method: unknown value 'fedper'; expected one of none, local_only, finetune, split, dual"),
-    (["personalization=finetune", "personalization.finetune_steps=0"], "personalization.finetune_steps: must be >= 1, got 0"),
+    (["personalization.method=fedper"],
+     "personalization.method: unknown value 'fedper'; expected one of none, local_only, finetune, split, dual"),
+    (["personalization=finetune", "personalization.finetune_steps=0"],
+     "personalization.finetune_steps: must be >= 1, got 0"),
     (["personalization=local_only", "peft.bias=all"], "personalization.method: local_only needs peft.bias=none"),
     (["personalization.finetune_learning_rate=0"], "personalization.finetune_learning_rate: must be > 0, got 0.0"),
 ])

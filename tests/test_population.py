@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -15,7 +14,8 @@ import fedslm.client.app as client_app
 from fedslm.client.handlers import node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
-from fedslm.server.population import PopulationGrid
+from fedslm.server.population import PopulationGrid, population_grid
+from tests import fakes
 
 
 @pytest.fixture(autouse=True)
@@ -54,10 +54,10 @@ class RecordingGrid(Grid):
         replies = []
         for mid in message_ids:
             sent = self.pushed[int(mid[2:])]
-            metadata = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=sent.metadata.dst_node_id,
-                                dst_node_id=0, reply_to_message_id=mid, group_id="", created_at=0.0,
-                                ttl=60.0, message_type=sent.metadata.message_type)
-            replies.append(make_message(metadata, RecordDict({"metrics": MetricRecord({"num-examples": 1})})))
+            replies.append(fakes.reply(sent.metadata.dst_node_id,
+                                       RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                                       kind=sent.metadata.message_type, reply_to=mid, message_id=f"r{mid}",
+                                       group_id=""))
         return replies
 
     def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
@@ -96,22 +96,25 @@ def test_a_message_to_a_node_outside_the_population_is_refused() -> None:
         grid.push_messages([Message(RecordDict(), dst_node_id=6, message_type="train")])
 
 
-def _context(supernodes: int) -> Context:
-    cfg = ExperimentConfig.from_dict({"federation": {"supernodes": supernodes}})
+def _context(supernodes: int, engine: str = "simulation") -> Context:
+    remote = {"engine": engine, "address": "127.0.0.1:1", "insecure": True}
+    fed = {"supernodes": supernodes} if engine == "simulation" else remote
+    cfg = ExperimentConfig.from_dict({"federation": fed})
     return Context(run_id=1, node_id=501, node_config={"partition-id": 3}, state=RecordDict(),
                    run_config=to_run_config(cfg))
 
 
-def _node(supernodes: int, msg: Message):
-    context = _context(supernodes)
+def _node(supernodes: int, msg: Message, engine: str = "simulation"):
+    context = _context(supernodes, engine)
     return node(client_app.experiment(context), context, msg)
 
 
-def test_client_takes_the_partition_from_the_message_only_on_pooled_supernodes() -> None:
+def test_client_takes_the_partition_from_the_message_only_in_simulation() -> None:
     msg = Message(RecordDict({"config": ConfigRecord({"partition-id": 42})}), dst_node_id=501,
                   message_type="train")
     assert _node(10, msg).partition_id == 42
-    assert _node(0, msg).partition_id == 3  # one node per client: its own partition
+    assert _node(0, msg).partition_id == 42  # a simulation the server adapted to its nodes
+    assert _node(0, msg, engine="remote").partition_id == 3  # a device keeps its own
     bare = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=501, message_type="train")
     assert _node(10, bare).partition_id == 3
     assert _node(10, msg).state_dir.name == "42"  # state follows the client
@@ -145,3 +148,16 @@ def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:
     assert "federation.supernodes=10" in hint
     assert hints(cfg(num_clients=1000)) == []
     assert hints(cfg(num_clients=10000, supernodes=10)) == []
+
+
+@pytest.mark.parametrize(("clients", "supernodes", "engine", "pooled"), [
+    (5, 0, "simulation", True),    # `flwr run .`: 2 SuperNodes for 5 clients -> adapt
+    (2, 0, "simulation", False),   # one SuperNode per client: as is
+    (5, 0, "remote", False),       # devices connect over time: never adapt
+    (5, 3, "simulation", True),    # federation.supernodes asks for it
+])
+def test_population_grid_adapts_a_simulation_to_its_supernodes(clients, supernodes, engine, pooled) -> None:
+    grid = RecordingGrid()
+    seen = population_grid(grid, num_clients=clients, supernodes=supernodes, engine=engine)
+    assert isinstance(seen, PopulationGrid) is pooled
+    assert sorted(seen.get_node_ids()) == (list(range(1, clients + 1)) if pooled else [501, 502])

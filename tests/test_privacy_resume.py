@@ -13,7 +13,8 @@ import pytest
 from fedslm.config import ExperimentConfig
 from fedslm.server.checkpoint import checkpoint_path, make_checkpoint, resume_state, save_checkpoint
 from fedslm.server.experiment import privacy_state_hook
-from fedslm.server.privacy import (PrivacyStateError, expected_release, load_server_privacy, save_server_privacy, server_privacy_path,
+from fedslm.server.privacy import (PrivacyStateError, expected_release, load_server_privacy,
+                                   save_server_privacy, server_privacy_path,
                             user_level_epsilon)
 from fedslm.server.privacy_rounds import setup_privacy
 from fedslm.server.rounds import History

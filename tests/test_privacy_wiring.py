@@ -13,6 +13,7 @@ from fedslm.client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
 from fedslm.client.task import fit
 from fedslm.adapters import adapter_arrays
 from fedslm.config import ExperimentConfig
+from fedslm.rundir import cache_root
 from fedslm.runconfig import to_run_config
 from fedslm.runtime import peft_model
 from fedslm.simulations.report import privacy_line
@@ -29,7 +30,7 @@ def test_client_state_dir_follows_the_run_or_the_device(tmp_path: Path) -> None:
     assert node(cfg, _context(cfg)).state_dir == tmp_path / "clients" / "2"
     assert node(cfg, _context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
     no_dir = ExperimentConfig.from_dict({})
-    assert node(no_dir, _context(no_dir)).state_dir == Path.home() / ".cache/fedslm/runs/77/clients/2"
+    assert node(no_dir, _context(no_dir)).state_dir == cache_root() / "runs/77/clients/2"
 
 
 def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_the_server_never_holds_a_clients_input() -> None:
     vectors = [r for stage, _, r in run.received if stage == "masked"]
     assert len(vectors) == 3
     blobs = b"".join(_bytes_of(r) for _, _, r in run.received)
-    for node, x in values.items():
+    for _node, x in values.items():
         for v in vectors:
             assert not np.array_equal(v, x)
             # uniform masks: no correlation with any input (|r| < 0.2 at 400 values)
@@ -149,7 +149,7 @@ def test_a_replayed_ciphertext_from_another_round_holds_no_share() -> None:
 
 def test_a_client_whose_shares_no_one_can_decrypt_is_named_when_the_round_is_abandoned() -> None:
     values = inputs(5)
-    with pytest.raises(Abandoned, match="client 101's secret, threshold 3; 4 neighbour\(s\) could not decrypt"):
+    with pytest.raises(Abandoned, match=r"client 101's secret, threshold 3; 4 neighbour\(s\) could not decrypt"):
         run_round(values, sa=SA, server_round=2, tamper=_replaying(values, {100, 102, 103, 104}))
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum)
 
 from fedslm.config import STRATEGIES, ExperimentConfig
 from fedslm.server.strategy import build_strategy, screen_train_replies
+from tests import fakes
 
 EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
             "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
@@ -31,12 +31,7 @@ def test_fedprox_carries_mu() -> None:
 
 
 def _reply(node: int, arrays: dict[str, np.ndarray], n: object = 10) -> Message:
-    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    metrics = MetricRecord({"num-examples": n} if isinstance(n, int) else {})
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    return make_message(metadata, RecordDict({"arrays": record, "metrics": metrics}))
+    return fakes.train_reply(node, arrays, num_examples=n if isinstance(n, int) else None)
 
 
 REFERENCE = ArrayRecord({"a.lora_A.weight": Array(np.zeros((2, 3), np.float32)),
@@ -89,10 +84,7 @@ def _raw(node: int, name_to_array: dict[str, Array]) -> Message:
 
 
 def _reply_record(node: int, record: ArrayRecord) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id="q", group_id="1", created_at=0.0, ttl=60.0,
-                        message_type="train")
-    return make_message(metadata, RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})}))
+    return fakes.train_reply(node, record, num_examples=3)
 
 
 def test_hostile_payloads_are_rejected_before_numpy_reads_them() -> None:

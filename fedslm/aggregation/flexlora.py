@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedslm.aggregation.lora_factors import (Arrays, aggregate_pairs, product, nonzero_components, revive_empty_components)
+from fedslm.aggregation.lora_factors import (Arrays, aggregate_pairs, nonzero_components, product,
+                                             revive_empty_components)
 
 
 def product_mean(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> np.ndarray:

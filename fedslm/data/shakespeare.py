@@ -83,11 +83,11 @@ def speaker_records(
         if speaker in wanted:
             lines_of[speaker] += [(block, line) for line in lines]
     rows: dict[str, list[str]] = {"text": [], "speaker": [], "split": []}
-    for speaker, lines in lines_of.items():
-        cut = len(lines) - num_test(len(lines), test_fraction)
-        for start, stop, split in ((0, cut, "train"), (cut, len(lines), "test")):
+    for speaker, numbered in lines_of.items():
+        cut = len(numbered) - num_test(len(numbered), test_fraction)
+        for start, stop, split in ((0, cut, "train"), (cut, len(numbered), "test")):
             groups: dict[int, list[str]] = {}
-            for block, line in lines[start:stop]:
+            for block, line in numbered[start:stop]:
                 groups.setdefault(block, []).append(line)
             for group in groups.values():
                 rows["text"].append("\n".join(group))

@@ -171,7 +171,7 @@ def text_column(dataset: datasets.Dataset, text_key: str, *, where: str) -> data
         found = ", ".join(dataset.column_names) or "none"
         raise DataError(f"data.text_key: no column {text_key!r} in {where} (columns: {found})")
     feature = dataset.features[text_key]
-    if not (getattr(feature, "dtype", None) in ("string", "large_string", "null")):
+    if getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
         if isinstance(feature, (list, datasets.Sequence)) or type(feature).__name__ in ("List", "LargeList"):
             raise DataError(f"data.text_key: column {text_key!r} in {where} holds lists (chat "
                             "messages?), not text; use task=instruct with data.messages_key")

@@ -56,7 +56,7 @@ class Task(ABC):
         """Extra ``from_pretrained`` arguments (e.g. ``num_labels``)."""
         return {}
 
-    def check(self, cfg: ExperimentConfig) -> None:
+    def check(self, cfg: ExperimentConfig) -> None:  # noqa: B027 - optional hook, no-op by default
         """Refuse option combinations this task cannot run (one line naming both keys)."""
 
     # --- data -----------------------------------------------------------------------

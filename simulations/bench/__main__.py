@@ -55,13 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet() -> None:
     """Tables, not library chatter: no weight-loading bars, no deprecation warnings."""
-    import warnings
+    from fedslm.quiet import quiet_process
 
-    from fedslm.simulations.run import quiet_libraries
-
-    warnings.simplefilter("ignore", FutureWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    quiet_libraries()
+    quiet_process(verbose=False)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the JSON for reference.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -292,6 +293,9 @@ def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: fl
     )
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    # every streamed line, timestamped (Flower's configure_* lines mark the rounds' start);
+    # the engine's processes still start with the quiet environment
+    cfg = dataclasses.replace(cfg, verbose=True)
     sampler = ProcessTreeSampler(sample_interval)
     start = sampler.start
     stream = _Timestamped(start, echo)

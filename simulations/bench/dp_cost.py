@@ -111,7 +111,8 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"size": size, "mode": mode, "device": device, "batch_size": batch_size, "seq_len": seq_len,
            "threads": threads, "steps": steps * repeats, "step_seconds": statistics.median(times),
-           "step_seconds_all": times, "cpu_step_seconds": statistics.median(cpu_times), "examples_per_step": result.num_examples / max(1, result.steps),
+           "step_seconds_all": times, "cpu_step_seconds": statistics.median(cpu_times),
+           "examples_per_step": result.num_examples / max(1, result.steps),
            "largest_batch": largest(), "poisson": poisson and mode != "none",
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total_params": sum(p.numel() for p in model.parameters())}

@@ -18,7 +18,6 @@ memory a case allocated (tracemalloc) against the reference adapter's size.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 import tracemalloc
@@ -280,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.cases, args.seed)
     print(f"fuzz: {result['cases']:,} rounds, {result['replies']:,} replies, "
           f"{result['unexpected']} unexpected {result['unexpected_kinds'] or ''}; slowest case "
-          f"{result['slowest_case_s'] * 1000:.1f} ms (p99 {result['p99_case_s'] * 1000:.1f} ms); peak allocation in a case "
+          f"{result['slowest_case_s'] * 1000:.1f} ms (p99 {result['p99_case_s'] * 1000:.1f} ms); "
+          f"peak allocation in a case "
           f"{result['peak_case_alloc_bytes']:,} B (adapter {result['reference_adapter_bytes']} B); "
           f"{result['seconds']:.0f} s")
     print(f"wrote {write_json('fuzz', result, args.out)}")

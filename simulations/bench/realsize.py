@@ -222,7 +222,8 @@ class PeakPerProcess:
             for proc in psutil.Process().children(recursive=True):
                 with contextlib.suppress(Exception):
                     status = Path(f"/proc/{proc.pid}/status").read_text()
-                    hwm = next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM"))
+                    hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                               if line.startswith("VmHWM"))
                     role = component(" ".join(proc.cmdline()))
                     self.peaks[proc.pid] = (role, max(hwm, self.peaks.get(proc.pid, ("", 0))[1]))
 
@@ -296,7 +297,8 @@ def cpu_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         model = by[(targets, "fedslm")]["model_bytes"]
         sps = sum(f["client_seconds_per_step"]) / max(1, len(f["client_seconds_per_step"]))
         rows.append({"lora": targets, "loop": "federated (2 clients)", "s/step": sps,
-                     "tokens/s": by[(targets, "fedslm")]["tokens_per_s"] * by[(targets, "fedslm")]["seconds_per_step"] / sps,
+                     "tokens/s": (by[(targets, "fedslm")]["tokens_per_s"]
+                                  * by[(targets, "fedslm")]["seconds_per_step"] / sps),
                      "vs bare": by[(targets, "bare")]["seconds_per_step"] / sps,
                      "peak RSS MiB": max(f["client_peak_rss"], default=0) / 2**20, "model MiB": model / 2**20,
                      "RSS/model": max(f["client_peak_rss"], default=0) / model,

@@ -3,7 +3,8 @@
 1. Protocol cost per round, in one process (the real client stage functions of
    ``fedslm.client.secagg`` against the real server state machine of ``fedslm.server.secagg``; no
    engine, so the figures are the protocol's own): server and mean client CPU seconds
-   (process time; Flower's Shamir helper uses threads), server memory (what it holds for the round plus the transient peak
+   (process time; Flower's Shamir helper uses threads), server memory (what it holds for the
+   round plus the transient peak
    while unmasking, tracemalloc) and bytes up/down per client, for each number of
    clients and dropout fraction, against plain aggregation of the same float32 updates
    (the server holds n updates and sums them). Dropped clients leave after sharing keys,
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(protocol_row(n, drop, size=args.size, neighbours=args.neighbours, sa_kwargs=sa_kwargs))
     print(f"\nProtocol cost per round, {args.size} values per update (in process; plain = the server "
           "holds and averages float32 updates):")
-    print(table(rows, ["clients", "dropout", "neighbours", "threshold", "server_cpu_s", "plain_server_cpu_s", "client_cpu_s",
+    print(table(rows, ["clients", "dropout", "neighbours", "threshold", "server_cpu_s",
+                       "plain_server_cpu_s", "client_cpu_s",
                        "server_mib", "plain_server_mib", "up_bytes_per_survivor", "down_bytes_per_client",
                        "plain_up_bytes", "up_overhead", "max_abs_error", "abandoned"]))
     setting = {"clients": args.quality_clients, "rounds": args.quality_rounds, "steps": args.quality_steps}
