@@ -24,6 +24,7 @@ from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_lora, re
                              save_adapter, to_array_record)
 from fedslm.config import ExperimentConfig
 from fedslm.device import autocast, model_device
+from fedslm.backdoor import backdoor_success
 from fedslm.data import central_test_texts
 from fedslm.data.federated import data_notes
 from fedslm.runconfig import to_run_config
@@ -71,7 +72,8 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
                       examples: ExamplesSink | None = None) -> CentralEval | None:
     """Evaluate the global adapter on held-out records no client trains on, with the
     task's own metrics (``central_*``); generating tasks also hand a few (prompt,
-    reference, generated) examples of this server-side split to ``examples``."""
+    reference, generated) examples of this server-side split to ``examples``. With
+    ``attack.kind=backdoor``, ``central_backdoor_success`` (``fedslm.backdoor``)."""
     if not cfg.training.central_eval or not texts:
         return None
     model, tokenizer = experiment_model(cfg)
@@ -88,6 +90,10 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
             if cfg.task.eval_generations > 0:
                 generated, shown = task.generation_metrics(model, texts, tokenizer, cfg)
                 stats.update(generated)
+            if cfg.attack.kind == "backdoor":  # the simulated attack's success on clean prompts
+                stats["backdoor_success"] = backdoor_success(
+                    model, tokenizer, texts, task=cfg.task.name, trigger=cfg.attack.trigger,
+                    target=cfg.attack.target, seq_len=cfg.training.seq_len)
         if cfg.task.eval_generations > 0 and examples is not None and shown:
             examples(server_round, shown[: cfg.task.logged_examples])
         metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))

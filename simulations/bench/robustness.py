@@ -12,7 +12,9 @@ partitions.
 Defences: ``no-bounds`` (FedAvg, robust.clip=none, robust.weight_cap=0), ``default``
 (FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``
 and ``multikrum`` (num_malicious = the malicious count). Reported per cell: final central
-perplexity and its ratio to the honest no-bounds run; per defence, its honest-run cost
+perplexity and its ratio to the honest no-bounds run, and for ``backdoor`` its success
+rate on the central split's clean prompts carrying the trigger (``fedslm.backdoor``:
+``bd 0.31``); per defence, its honest-run cost
 (perplexity ratio) and server seconds per round (screening + bounding + aggregation).
 
     python -m fedslm.simulations.bench robustness --rounds 5 --fractions 0.2,0.3
@@ -27,7 +29,7 @@ import time
 from typing import Any
 
 ATTACKS = {"scale": 100.0, "sign_flip": 10.0, "gaussian": 1.0, "same_value": 1.0,
-           "num_examples": 1e6}
+           "num_examples": 1e6, "backdoor": 1.0}  # backdoor: default trigger/target, scale unused
 DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
@@ -109,11 +111,16 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
         arrays, metrics, _ = train_phase(grid, strategy, plan, rnd, arrays)
         clipped.append(metrics.get("robust_clipped_fraction", 0.0))
     server = (time.perf_counter() - start - grid.client_seconds) / cfg.federation.num_rounds
-    loss = central(cfg.federation.num_rounds, arrays)["central_loss"]
+    final = central(cfg.federation.num_rounds, arrays)
+    loss = final["central_loss"]
     out = {"perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf,
            "server_seconds_per_round": server, "clipped_fraction_mean": float(np.mean(clipped))}
+    if "central_backdoor_success" in final:
+        out["backdoor_success"] = final["central_backdoor_success"]
     print(f"  {name}: perplexity {out['perplexity']:.4g}, server {server:.3f} s/round, "
-          f"clipped {out['clipped_fraction_mean']:.2f}", flush=True)
+          f"clipped {out['clipped_fraction_mean']:.2f}"
+          + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else ""),
+          flush=True)
     return out
 
 
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     row[d] = f"refused: {str(err).splitlines()[0][:40]}"
                     continue
                 cells.append({"attack": attack, "fraction": fraction, "defence": d, **res})
-                row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})"
+                row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})" + (
+                    f" bd {res['backdoor_success']:.2f}" if "backdoor_success" in res else "")
             rows.append(row)
     print("\nfinal central perplexity (ratio to the honest no-bounds run)")
     print(table(rows, ["attack", "fraction", *defences]))
