@@ -87,7 +87,7 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
 
     from fedslm.adapters import to_array_record
     from fedslm.data import central_test_texts
-    from fedslm.server.experiment import initial_adapter, make_central_eval
+    from fedslm.server.experiment import initial_adapter, make_central_eval, partition_train_sizes
     from fedslm.server.rounds import RoundPlan, train_phase
     from fedslm.server.strategy import build_strategy
     from fedslm.simulations.bench.common import experiment
@@ -105,7 +105,7 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
     central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
     strategy, grid = build_strategy(cfg), InProcessGrid(cfg)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=600.0, robust=cfg.robust,
-                     compression=cfg.compression.method)
+                     compression=cfg.compression.method, known_sizes=partition_train_sizes(cfg))
     start, clipped = time.perf_counter(), []
     for rnd in range(1, cfg.federation.num_rounds + 1):
         arrays, metrics, _ = train_phase(grid, strategy, plan, rnd, arrays)
