@@ -164,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             "training.local_steps": args.local_steps}
     start = initial_perplexity(base)
     print(f"initial adapter: central perplexity {start:.4g}", flush=True)
-    honest = {d: run_one({**base, **defence_overrides(d, 0)}, name=f"honest-{d}") for d in defences}
+    # with backdoor among the attacks the honest runs measure its baseline rate too
+    # (attack.kind=backdoor with fraction 0: nobody poisons, the server still measures)
+    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if "backdoor" in attacks else {}
+    honest = {d: run_one({**base, **defence_overrides(d, 0), **watch}, name=f"honest-{d}")
+              for d in defences}
     reference = honest[defences[0]]["perplexity"]
     rows = [{"attack": "honest", "fraction": 0.0,
-             **{d: f"{honest[d]['perplexity']:.3f} ({honest[d]['perplexity'] / reference:.3f})"
+             **{d: f"{honest[d]['perplexity']:.3f} ({honest[d]['perplexity'] / reference:.3f})" + (
+                 f" bd {honest[d]['backdoor_success']:.2f}" if "backdoor_success" in honest[d] else "")
                 for d in defences}}]
     cells = []
     for attack in attacks:
