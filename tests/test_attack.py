@@ -159,3 +159,27 @@ def test_data_attacks_the_task_cannot_carry_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
         ExperimentConfig.from_dict(overrides).check()
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("personalization", ["none", "split"])
+def test_fit_trains_a_malicious_partition_on_its_poisoned_records_in_attack_rounds(personalization,
+                                                                                 tmp_path: Path):
+    from fedslm.client.task import fit
+    from fedslm.server.experiment import initial_adapter
+
+    cfg = _sim_cfg(attack={"kind": "backdoor", "fraction": 0.25, "start_round": 2},
+                   training={"local_steps": 2}, personalization={"method": personalization},
+                   output_dir=str(tmp_path))
+    start, calls = initial_adapter(cfg), iter(range(100))
+
+    def trained(pid: int, attack_round: int):  # a fresh state dir: no personal part carried over
+        arrays, _ = fit(cfg, start, partition_id=pid, server_round=2, attack_round=attack_round,
+                        client_dir=tmp_path / str(next(calls)))
+        return arrays
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    assert not same(trained(0, 2), trained(0, 0))  # partition 0 poisons from round 2
+    assert same(trained(0, 1), trained(0, 0))  # not before start_round
+    assert same(trained(1, 2), trained(1, 0))  # partition 1 is honest
