@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--defences", default=",".join(DEFENCES))
+    parser.add_argument("--backdoor-target", default=None,
+                        help="attack.target of the backdoor runs (default: the config's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # per-round progress and rejections
 
     base = {"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
-            "training.local_steps": args.local_steps}
+            "training.local_steps": args.local_steps,
+            **({"attack.target": args.backdoor_target} if args.backdoor_target else {})}
     start = initial_perplexity(base)
     print(f"initial adapter: central perplexity {start:.4g}", flush=True)
     # with backdoor among the attacks the honest runs measure its baseline rate too
