@@ -656,8 +656,8 @@ class RobustConfig:
     whatever its factor, as long as most clients are honest); ``fixed`` takes
     ``clip_norm``; ``none`` clips nothing. A client's averaging weight, train and
     evaluate, is capped at ``weight_cap`` times the round's median claimed example
-    count (0: no cap). Both are logged per round (rounds.csv) and per client
-    (clients.csv).
+    count (0: no cap) and, in train and in simulation, at its partition's known train
+    size. Both are logged per round (rounds.csv) and per client (clients.csv).
     """
 
     clip: str = "adaptive"
