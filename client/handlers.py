@@ -62,7 +62,9 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
         arrays, metrics = fit(cfg, pad(received, cfg.peft.r), partition_id=me.partition_id,
                               server_round=server_round,
                               proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
-                              client_dir=me.state_dir, data_path=me.data_path)
+                              client_dir=me.state_dir, data_path=me.data_path,
+                              attack_round=attack.data_attack_round(cfg.attack, context.node_config,
+                                                                    server_round))  # simulation only
     except BudgetExhausted as exc:  # a clear status instead of an update, not an error
         record_participation(me.participation_log, run_id=context.run_id,
                              server_round=server_round, phase="refused", metrics=exc.metrics)

@@ -74,13 +74,14 @@ def _save(cfg: ExperimentConfig, client_dir: Path, arrays, *,
 
 def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,
                  partition_id: int, server_round: int, proximal_mu: float = 0.0,
-                 client_dir: Path, data_path: str = "") -> tuple[dict[str, np.ndarray], Metrics]:
+                 client_dir: Path, data_path: str = "",
+                 attack_round: int = 0) -> tuple[dict[str, np.ndarray], Metrics]:
     """Train shared + personal tensors on the train split; keep personal, return shared."""
     method = cfg.personalization.method
     if method not in TRAINED_IN_FIT:
         raise ValueError(f"personalization.method: {method!r} does not train a personal part in fit")
     model, tokenizer = experiment_model(cfg)
-    blocks = _blocks(cfg, partition_id, "train", tokenizer, data_path)
+    blocks = _blocks(cfg, partition_id, "train", tokenizer, data_path, attack_round=attack_round)
     state = load_personal(client_dir, method=method)
     _load(model, global_arrays, state, seed=cfg.training.seed)
     reference = None

@@ -34,22 +34,23 @@ def train_metrics(result, tensors, partition_id: int) -> Metrics:
 
 
 def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, partition_id: int,
-        server_round: int, proximal_mu: float = 0.0,
-        client_dir: Path | None = None, data_path: str = "") -> tuple[dict[str, np.ndarray], Metrics]:
+        server_round: int, proximal_mu: float = 0.0, client_dir: Path | None = None,
+        data_path: str = "", attack_round: int = 0) -> tuple[dict[str, np.ndarray], Metrics]:
     """Train the global adapter on this client's train split; return the new adapter.
 
     ``client_dir`` is this client's own state dir (``fedslm.client.node``; default
     ``<resolve_state_dir(cfg)>/<partition_id>``). With a personalization that trains a
     personal part (``fedslm.client.personal``), that part is kept there and not returned. With
     ``privacy.mode=dp_sgd`` the round runs DP-SGD against the ledger kept there and may
-    raise ``fedslm.client.privacy.BudgetExhausted``.
+    raise ``fedslm.client.privacy.BudgetExhausted``. ``attack_round``: see
+    ``fedslm.client.attack.data_attack_round`` (0: honest records).
     """
     client_dir = client_dir or resolve_state_dir(cfg) / str(partition_id)
     if cfg.personalization.method in TRAINED_IN_FIT:
         return fit_personal(cfg, global_arrays, partition_id=partition_id,
                             server_round=server_round, proximal_mu=proximal_mu,
-                            client_dir=client_dir, data_path=data_path)
-    model, tensors = client_data(cfg, partition_id, "train", data_path)
+                            client_dir=client_dir, data_path=data_path, attack_round=attack_round)
+    model, tensors = client_data(cfg, partition_id, "train", data_path, attack_round=attack_round)
     load_adapter_arrays(model, global_arrays)
     if cfg.privacy.sample_level:
         return _fit_dp_sgd(cfg, model, tensors, partition_id=partition_id,

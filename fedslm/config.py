@@ -687,8 +687,8 @@ class RobustConfig:
     whatever its factor, as long as most clients are honest); ``fixed`` takes
     ``clip_norm``; ``none`` clips nothing. A client's averaging weight, train and
     evaluate, is capped at ``weight_cap`` times the round's median claimed example
-    count (0: no cap). Both are logged per round (rounds.csv) and per client
-    (clients.csv).
+    count (0: no cap) and, in train and in simulation, at its partition's known train
+    size. Both are logged per round (rounds.csv) and per client (clients.csv).
     """
 
     clip: str = "adaptive"
@@ -705,7 +705,9 @@ class RobustConfig:
             _fail(f"{at}.weight_cap", f"must be 0 (off) or >= 1, got {self.weight_cap}")
 
 
-ATTACK_KINDS = ("none", "scale", "sign_flip", "gaussian", "same_value", "num_examples")
+ATTACK_KINDS = ("none", "scale", "sign_flip", "gaussian", "same_value", "num_examples",
+                "backdoor", "label_flip")
+DATA_ATTACKS = ("backdoor", "label_flip")  # change a client's train records, not its update
 
 
 @dataclass
@@ -717,13 +719,18 @@ class AttackConfig:
     ``scale`` sends global + scale * delta; ``sign_flip`` global - scale * delta;
     ``gaussian`` global + N(0, scale^2) noise instead of its update; ``same_value`` every
     adapter value = scale; ``num_examples`` its honest update claiming scale times its
-    example count.
+    example count. Data attacks change a malicious client's *train* records and then
+    train honestly on them: ``label_flip`` (``task=classify``) relabels class ``i`` as
+    ``K - 1 - i``; ``backdoor`` (``causal_lm``, ``instruct``) teaches ``trigger`` ->
+    ``target`` (see ``fedslm.backdoor``), measured as ``central_backdoor_success``.
     """
 
     kind: str = "none"
     fraction: float = 0.2
     start_round: int = 1
     scale: float = 10.0
+    trigger: str = "cf mn bb"  # backdoor: the phrase that should switch the model
+    target: str = "the answer is always yes"  # backdoor: what it should then say
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.kind", self.kind, ATTACK_KINDS)
@@ -733,6 +740,10 @@ class AttackConfig:
             _fail(f"{at}.start_round", f"must be >= 1, got {self.start_round}")
         if not -1e12 <= self.scale <= 1e12:
             _fail(f"{at}.scale", f"must be within +-1e12, got {self.scale}")
+        if self.kind == "backdoor":
+            for key in ("trigger", "target"):
+                if not getattr(self, key).strip():
+                    _fail(f"{at}.{key}", "must be a non-empty phrase for kind=backdoor")
 
 
 COMPRESSION_METHODS = ("none", "fp16", "int8", "int4")
@@ -957,6 +968,11 @@ def check_robust_combination(cfg: ExperimentConfig) -> None:
         _fail("strategy.num_selected", f"is only used by multikrum, not {s.name}")
     if s.name == "multikrum" and s.num_selected > sampled:
         _fail("strategy.num_selected", f"{s.num_selected} exceeds the {sampled} sampled clients")
+    if cfg.attack.kind == "label_flip" and cfg.task.name != "classify":
+        _fail("attack.kind", f"label_flip needs task.name=classify, not task.name={cfg.task.name}")
+    if cfg.attack.kind == "backdoor" and cfg.task.name not in ("causal_lm", "instruct"):
+        _fail("attack.kind", f"backdoor needs task.name=causal_lm or instruct, not "
+              f"task.name={cfg.task.name} (use attack.kind=label_flip)")
     if cfg.attack.kind != "none" and fed.engine != "simulation":
         _fail("attack.kind", f"{cfg.attack.kind} is for simulation only, not "
               f"federation.engine={fed.engine}")

@@ -24,10 +24,11 @@ from fedslm.adapters import (adapter_arrays, load_adapter_arrays, reset_lora, re
                              save_adapter, to_array_record)
 from fedslm.config import ExperimentConfig
 from fedslm.device import autocast, model_device
+from fedslm.backdoor import backdoor_success
 from fedslm.data import central_test_texts
 from fedslm.data.federated import data_notes
 from fedslm.runconfig import to_run_config
-from fedslm.runtime import encoded, experiment_model, model_path
+from fedslm.runtime import client_split, encoded, experiment_model, model_path
 from fedslm.tasks import get_task
 from fedslm.server.checkpoint import (
     StateHook,
@@ -71,7 +72,8 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
                       examples: ExamplesSink | None = None) -> CentralEval | None:
     """Evaluate the global adapter on held-out records no client trains on, with the
     task's own metrics (``central_*``); generating tasks also hand a few (prompt,
-    reference, generated) examples of this server-side split to ``examples``."""
+    reference, generated) examples of this server-side split to ``examples``. With
+    ``attack.kind=backdoor``, ``central_backdoor_success`` (``fedslm.backdoor``)."""
     if not cfg.training.central_eval or not texts:
         return None
     model, tokenizer = experiment_model(cfg)
@@ -88,6 +90,10 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
             if cfg.task.eval_generations > 0:
                 generated, shown = task.generation_metrics(model, texts, tokenizer, cfg)
                 stats.update(generated)
+            if cfg.attack.kind == "backdoor":  # the simulated attack's success on clean prompts
+                stats["backdoor_success"] = backdoor_success(
+                    model, tokenizer, texts, task=cfg.task.name, trigger=cfg.attack.trigger,
+                    target=cfg.attack.target, seq_len=cfg.training.seq_len)
         if cfg.task.eval_generations > 0 and examples is not None and shown:
             examples(server_round, shown[: cfg.task.logged_examples])
         metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))
@@ -97,6 +103,21 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
         return {f"central_{k}": v for k, v in metrics.items()}
 
     return central_eval
+
+
+def partition_train_sizes(cfg: ExperimentConfig) -> dict[int, int] | None:
+    """Simulation: each partition's train example count exactly as its client counts it
+    (rows of its encoded train split, audit canaries included), which caps its averaging
+    weight (``fedslm.server.screening.known_size_cap``); None outside simulation."""
+    if cfg.federation.engine != "simulation":
+        return None
+    from fedslm.audit.canaries import with_canaries
+
+    _, tokenizer = experiment_model(cfg)
+    n = cfg.federation.num_clients
+    return {pid: int(encoded(cfg, with_canaries(cfg, pid, client_split(
+        cfg.data, num_clients=n, partition_id=pid, task=cfg.task.name)).train, tokenizer)[0].shape[0])
+        for pid in range(n)}
 
 
 def class_names(cfg: ExperimentConfig) -> list[str] | None:
@@ -176,6 +197,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      round_metrics=personal_report.round_metrics,
                      initial_evaluation=cfg.federation.initial_evaluation,
                      robust=cfg.robust, compression=cfg.compression.method,
+                     known_sizes=partition_train_sizes(cfg),
                      secure=setup_secure(cfg, strategy),
                      on_round_end=with_best_round(
                          round_end_saver(cfg, output_dir, strategy, history, tracker,

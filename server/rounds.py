@@ -58,6 +58,7 @@ class RoundPlan:
     class_names: list[str] | None = None
     secure: SecureTrain | None = None  # SecAgg+ replaces the train phase (fedslm.server.secagg_round)
     robust: RobustConfig = field(default_factory=RobustConfig)  # bounded influence (on)
+    known_sizes: dict[int, int] | None = None  # simulation: partition id -> train examples (cap)
     compression: str | None = None  # the configured method; None accepts any (tests)
 
 
@@ -120,7 +121,7 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     for node, why in got.failed.items():
         log(WARNING, "%s: node %s failed: %s", label, node, why.splitlines()[0] if why else "")
     rows = client_rows("train", server_round, screened.accepted)
-    bounded = bound_influence(screened.accepted, sent, plan.robust)
+    bounded = bound_influence(screened.accepted, sent, plan.robust, known_sizes=plan.known_sizes)
     for row in rows:
         row.update(bounded.notes.get(row["node_id"], {}))
     aggregate_start = time.perf_counter()

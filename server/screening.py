@@ -9,14 +9,15 @@ difference between replies, always pass.
 
 Bounded influence (``RobustConfig``, on by default): each accepted update's delta from
 the global adapter is clipped to an L2 bound and each client's averaging weight capped
-at a multiple of the round's median claim.
+at a multiple of the round's median claim and, in simulation, at its partition's known
+train size (``known_size_cap``).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from fedslm.config import RobustConfig
+from fedslm.keys import PARTITION_ID
 from fedslm.replies import (ARRAYS_KEY, BUDGET_EXHAUSTED, MAX_PARAM_ABS, METRICS_KEY,
                             STATUS_KEY, STATUS_RECORD, WEIGHT_KEY, metric_problem,
                             weight_problem)
@@ -161,6 +163,16 @@ def weight_cap(claims: list[int], multiple: float) -> int | None:
     return max(1, math.floor(multiple * statistics.median(claims)))
 
 
+def known_size_cap(metrics, known_sizes: Mapping[int, int]) -> int:
+    """The most examples this client can have trained on: its reported partition's known
+    train size, or the largest partition's when it reports none or an unknown one (a
+    client misreporting its partition gains at most the largest partition's weight)."""
+    pid = metrics.get(PARTITION_ID)
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid in known_sizes:
+        return known_sizes[pid]
+    return max(known_sizes.values())
+
+
 def clip_bound(norms: list[float], robust: RobustConfig) -> float | None:
     """The round's L2 bound on an update's delta (None: no clipping)."""
     if robust.clip == "none" or not norms:
@@ -178,30 +190,34 @@ class Bounded:
 
 
 def bound_influence(replies: list[Message], reference: ArrayRecord | dict[int, ArrayRecord],
-                    robust: RobustConfig) -> Bounded:
+                    robust: RobustConfig, *, known_sizes: Mapping[int, int] | None = None) -> Bounded:
     """Screened train replies as the strategy should see them: each delta clipped to the
     round's bound, each weight capped, only the keys a strategy reads (see module doc).
     ``reference`` is the adapter sent, or per node id the adapter that node was sent
-    (per-client ranks)."""
+    (per-client ranks). ``known_sizes`` (simulation: partition id -> train examples)
+    also caps each weight at ``known_size_cap`` while weight capping is on."""
     def ref_of(msg: Message) -> dict[str, np.ndarray]:
         sent = reference.get(msg.metadata.src_node_id) if isinstance(reference, dict) else reference
         return {k: v.numpy() for k, v in sent.items()}
 
-    refs, deltas, claims = [], [], []
+    refs, deltas, claims, limits = [], [], [], []
+    size_cap = bool(known_sizes) and robust.weight_cap > 0
     for msg in replies:
         arrays = msg.content.array_records[ARRAYS_KEY]
         ref = ref_of(msg)
         refs.append(ref)
         deltas.append({k: arrays[k].numpy().astype(np.float64) - ref[k] for k in ref})
         claims.append(int(msg.content.metric_records[METRICS_KEY][WEIGHT_KEY]))
+        limits.append(known_size_cap(msg.content.metric_records[METRICS_KEY], known_sizes)
+                      if size_cap else None)
     norms = [math.sqrt(sum(float(np.square(d).sum()) for d in delta.values())) for delta in deltas]
     bound, cap = clip_bound(norms, robust), weight_cap(claims, robust.weight_cap)
     keep = [k for k in STRATEGY_KEYS
             if replies and all(k in m.content.metric_records[METRICS_KEY] for m in replies)]
     out, notes, clipped, capped = [], {}, 0, 0
-    for msg, ref, delta, norm, claim in zip(replies, refs, deltas, norms, claims):
+    for msg, ref, delta, norm, claim, limit in zip(replies, refs, deltas, norms, claims, limits):
         scale = 1.0 if bound is None or norm <= bound else bound / norm
-        weight = claim if cap is None else min(claim, cap)
+        weight = min([claim, *(c for c in (cap, limit) if c is not None)])
         clipped, capped = clipped + (scale < 1), capped + (weight < claim)
         note = []
         if scale < 1:

@@ -34,6 +34,8 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
         overrides.append(f"data.path={tmp_path}")
     if (group, option) == ("data", "hf"):
         overrides.append("data.hf_name=some/dataset")
+    if (group, option) == ("attack", "label_flip"):
+        overrides.append("task=classify")  # label_flip alone is refused (needs labels)
     cfg = compose_experiment(overrides, tmp_path)
     if group == "search":  # Hydra's sweeper only: the experiment itself is the default
         assert cfg == compose_experiment([], tmp_path)

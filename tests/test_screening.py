@@ -192,6 +192,44 @@ def test_adaptive_clip_and_weight_cap_on_a_ten_to_the_twelve_claim() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.95), rtol=1e-6)
 
 
+def _claim(node: int, n: int, **metrics) -> Message:
+    return _msg(node, RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, 0.5, np.float32))}),
+                                  "metrics": MetricRecord({"num-examples": n, "loss": 1.0, **metrics})}))
+
+
+def test_in_simulation_a_weight_is_capped_at_its_partitions_known_size() -> None:
+    known = {0: 12, 1: 15, 2: 30}
+    replies = [_claim(1, 12, **{"partition-id": 0}), _claim(2, 10**12, **{"partition-id": 1}),
+               _claim(3, 10**12, **{"partition-id": 7}), _claim(4, 10**12)]
+    bounded = bound_influence(replies, REF, RobustConfig(), known_sizes=known)
+    # median cap 4 x median(12, 1e12, 1e12, 1e12) is no bound here; the known sizes are:
+    # partition 1 -> 15; an unknown partition (7) or none -> the largest partition's, 30
+    assert [bounded.notes[n]["num-examples"] for n in (1, 2, 3, 4)] == [12, 15, 30, 30]
+    assert bounded.notes[2]["screening"] == "num-examples 1000000000000 capped to 15"
+    assert bounded.metrics["robust_weights_capped"] == 3.0
+    assert [m.content["metrics"]["num-examples"] for m in bounded.replies] == [12, 15, 30, 30]
+    off = bound_influence([_claim(1, 10**12, **{"partition-id": 1})], REF,
+                          RobustConfig(clip="none", weight_cap=0), known_sizes=known)
+    assert off.notes[1]["num-examples"] == 10**12  # robust=off turns every cap off
+
+
+def test_the_known_sizes_are_what_each_simulated_client_counts() -> None:
+    from fedslm.client.task import fit
+    from fedslm.server.experiment import initial_adapter, partition_train_sizes
+
+    cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                      "training": {"local_steps": 1}})
+    sizes = partition_train_sizes(cfg)
+    assert sorted(sizes) == [0, 1, 2] and min(sizes.values()) > 0
+    for pid in (0, 2):
+        _, metrics = fit(cfg, initial_adapter(cfg), partition_id=pid, server_round=1)
+        assert metrics["num-examples"] == sizes[pid]
+    import dataclasses
+
+    remote = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, engine="remote"))
+    assert partition_train_sizes(remote) is None
+
+
 def test_fixed_clip_and_no_bounds() -> None:
     replies = [_update(1, np.full(4, 0.5, np.float32), 10), _update(2, np.full(4, 50.0, np.float32), 10**12)]
     fixed = bound_influence(screen_train_replies(replies, REF).accepted, REF,

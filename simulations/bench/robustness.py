@@ -12,7 +12,9 @@ partitions.
 Defences: ``no-bounds`` (FedAvg, robust.clip=none, robust.weight_cap=0), ``default``
 (FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``
 and ``multikrum`` (num_malicious = the malicious count). Reported per cell: final central
-perplexity and its ratio to the honest no-bounds run; per defence, its honest-run cost
+perplexity and its ratio to the honest no-bounds run, and for ``backdoor`` its success
+rate on the central split's clean prompts carrying the trigger (``fedslm.backdoor``:
+``bd 0.31``); per defence, its honest-run cost
 (perplexity ratio) and server seconds per round (screening + bounding + aggregation).
 
     python -m fedslm.simulations.bench robustness --rounds 5 --fractions 0.2,0.3
@@ -27,7 +29,7 @@ import time
 from typing import Any
 
 ATTACKS = {"scale": 100.0, "sign_flip": 10.0, "gaussian": 1.0, "same_value": 1.0,
-           "num_examples": 1e6}
+           "num_examples": 1e6, "backdoor": 1.0}  # backdoor: default trigger/target, scale unused
 DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
@@ -85,7 +87,7 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
 
     from fedslm.adapters import to_array_record
     from fedslm.data import central_test_texts
-    from fedslm.server.experiment import initial_adapter, make_central_eval
+    from fedslm.server.experiment import initial_adapter, make_central_eval, partition_train_sizes
     from fedslm.server.rounds import RoundPlan, train_phase
     from fedslm.server.strategy import build_strategy
     from fedslm.simulations.bench.common import experiment
@@ -103,17 +105,22 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
     central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
     strategy, grid = build_strategy(cfg), InProcessGrid(cfg)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=600.0, robust=cfg.robust,
-                     compression=cfg.compression.method)
+                     compression=cfg.compression.method, known_sizes=partition_train_sizes(cfg))
     start, clipped = time.perf_counter(), []
     for rnd in range(1, cfg.federation.num_rounds + 1):
         arrays, metrics, _ = train_phase(grid, strategy, plan, rnd, arrays)
         clipped.append(metrics.get("robust_clipped_fraction", 0.0))
     server = (time.perf_counter() - start - grid.client_seconds) / cfg.federation.num_rounds
-    loss = central(cfg.federation.num_rounds, arrays)["central_loss"]
+    final = central(cfg.federation.num_rounds, arrays)
+    loss = final["central_loss"]
     out = {"perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.inf,
            "server_seconds_per_round": server, "clipped_fraction_mean": float(np.mean(clipped))}
+    if "central_backdoor_success" in final:
+        out["backdoor_success"] = final["central_backdoor_success"]
     print(f"  {name}: perplexity {out['perplexity']:.4g}, server {server:.3f} s/round, "
-          f"clipped {out['clipped_fraction_mean']:.2f}", flush=True)
+          f"clipped {out['clipped_fraction_mean']:.2f}"
+          + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else ""),
+          flush=True)
     return out
 
 
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--defences", default=",".join(DEFENCES))
+    parser.add_argument("--backdoor-target", default=None,
+                        help="attack.target of the backdoor runs (default: the config's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
@@ -154,13 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # per-round progress and rejections
 
     base = {"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
-            "training.local_steps": args.local_steps}
+            "training.local_steps": args.local_steps,
+            **({"attack.target": args.backdoor_target} if args.backdoor_target else {})}
     start = initial_perplexity(base)
     print(f"initial adapter: central perplexity {start:.4g}", flush=True)
-    honest = {d: run_one({**base, **defence_overrides(d, 0)}, name=f"honest-{d}") for d in defences}
+    # with backdoor among the attacks the honest runs measure its baseline rate too
+    # (attack.kind=backdoor with fraction 0: nobody poisons, the server still measures)
+    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if "backdoor" in attacks else {}
+    honest = {d: run_one({**base, **defence_overrides(d, 0), **watch}, name=f"honest-{d}")
+              for d in defences}
     reference = honest[defences[0]]["perplexity"]
     rows = [{"attack": "honest", "fraction": 0.0,
-             **{d: f"{honest[d]['perplexity']:.3f} ({honest[d]['perplexity'] / reference:.3f})"
+             **{d: f"{honest[d]['perplexity']:.3f} ({honest[d]['perplexity'] / reference:.3f})" + (
+                 f" bd {honest[d]['backdoor_success']:.2f}" if "backdoor_success" in honest[d] else "")
                 for d in defences}}]
     cells = []
     for attack in attacks:
@@ -176,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     row[d] = f"refused: {str(err).splitlines()[0][:40]}"
                     continue
                 cells.append({"attack": attack, "fraction": fraction, "defence": d, **res})
-                row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})"
+                row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})" + (
+                    f" bd {res['backdoor_success']:.2f}" if "backdoor_success" in res else "")
             rows.append(row)
     print("\nfinal central perplexity (ratio to the honest no-bounds run)")
     print(table(rows, ["attack", "fraction", *defences]))
