@@ -23,7 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedslm.client import secagg
 from fedslm.client.handlers import node, use_threads
 from fedslm.client.node import record_participation
-from fedslm.client.privacy import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD, BudgetExhausted
+from fedslm.client.privacy import BudgetExhausted
+from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 from fedslm.client.task import fit
 from fedslm.adapters import from_array_record
 from fedslm.atomic import atomic_write

@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in COMMANDS:
         given = argv[0] if argv else "nothing"
         print(f"error: command: expected one of {', '.join(COMMANDS)}, got {given}", file=sys.stderr)

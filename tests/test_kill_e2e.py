@@ -63,7 +63,7 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "fedslm.simulations.run", "federation.num_clients=2",
-         "federation.num_rounds=50", "training.local_steps=5", "data.docs_per_client=16",
+         "federation.num_rounds=50", "training.local_steps=5", "data.docs_per_client=16", "verbose=true",
          f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
