@@ -11,7 +11,7 @@ import csv
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,38 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
     return central_eval
 
 
-def partition_train_sizes(cfg: ExperimentConfig) -> dict[int, int] | None:
+def partition_train_sizes(cfg: ExperimentConfig) -> Mapping[int, int] | None:
     """Simulation: each partition's train example count exactly as its client counts it
     (rows of its encoded train split, audit canaries included), which caps its averaging
-    weight (``fedslm.server.screening.known_size_cap``); None outside simulation."""
+    weight (``fedslm.server.screening.known_size_cap``); None outside simulation.
+    Counted per partition on first use: a large federation's server encodes only the
+    partitions that reply, not all of them at start-up."""
     if cfg.federation.engine != "simulation":
         return None
-    from fedslm.audit.canaries import with_canaries
+    return _PartitionSizes(cfg)
 
-    _, tokenizer = experiment_model(cfg)
-    n = cfg.federation.num_clients
-    return {pid: int(encoded(cfg, with_canaries(cfg, pid, client_split(
-        cfg.data, num_clients=n, partition_id=pid, task=cfg.task.name)).train, tokenizer)[0].shape[0])
-        for pid in range(n)}
+
+class _PartitionSizes(Mapping[int, int]):
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg, self._sizes = cfg, {}
+
+    def __len__(self) -> int:
+        return self.cfg.federation.num_clients
+
+    def __iter__(self):
+        return iter(range(len(self)))
+
+    def __getitem__(self, pid: int) -> int:
+        if not (isinstance(pid, int) and 0 <= pid < len(self)):
+            raise KeyError(pid)
+        if pid not in self._sizes:
+            from fedslm.audit.canaries import with_canaries
+
+            cfg = self.cfg
+            _, tokenizer = experiment_model(cfg)
+            split = client_split(cfg.data, num_clients=len(self), partition_id=pid, task=cfg.task.name)
+            self._sizes[pid] = int(encoded(cfg, with_canaries(cfg, pid, split).train, tokenizer)[0].shape[0])
+        return self._sizes[pid]
 
 
 def class_names(cfg: ExperimentConfig) -> list[str] | None:
