@@ -6,6 +6,7 @@ The model is saved once per session; each test gets a fresh copy through the rea
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedslm.config import PeftConfig
 from fedslm.model import build_peft_model, load_base_model, train_tokenizer
 from fedslm.rundir import CACHE_ENV
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per pytest-xdist worker: two workers with a thread per core each
+    # oversubscribe the cores, and OpenMP's spinning threads then slow a step 100-fold.
+    torch.set_num_threads(1)
 
 TINY = dict(
     hidden_size=64,
@@ -40,6 +46,31 @@ def synthetic_sentences(n: int = 400, seed: int = 0) -> list[str]:
         f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(places)}."
         for _ in range(n)
     ]
+
+
+# Engine tests that take longest (pytest --durations on this machine), started first so
+# that pytest-xdist's workers do not end the run waiting on one of them.
+SLOWEST_FIRST = (
+    "test_secagg_deploy_e2e.py",
+    "test_deploy_e2e.py",
+    "test_warm_engine_e2e.py",
+    "test_search_e2e.py",
+    "test_kill_e2e.py",
+    "test_ledger_floor.py",
+    "test_aggregation_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Engine (e2e) tests first, the slowest files first; unit tests after, in file order."""
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.get_closest_marker("e2e") is None:
+            return (2, 0)
+        name = item.path.name
+        return (0, SLOWEST_FIRST.index(name)) if name in SLOWEST_FIRST else (1, 0)
+
+    items[:] = sorted(items, key=rank)  # stable: file and parameter order kept within a rank
 
 
 @pytest.fixture(scope="session", autouse=True)

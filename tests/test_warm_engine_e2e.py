@@ -40,6 +40,7 @@ def test_a_sweep_runs_every_job_on_one_superlink(tmp_path: Path) -> None:
     runs = client.search_runs([client.get_experiment_by_name("warm").experiment_id])
     assert {r.info.run_id for r in runs} == {s["mlflow_run_id"] for s in summaries}
     assert sorted(r.data.params["peft.r"] for r in runs) == ["2", "4", "8"]
+    assert all(r.info.status == "FINISHED" for r in runs)
     # the last job's copy of the SuperLink log holds all three Flower runs: one SuperLink
     created = re.findall(r"Created run (\d+)", (sweep / "2" / "superlink.log").read_text())
     assert len(created) == 3
