@@ -48,11 +48,14 @@ from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
 from fedslm.server.lora_aggregation import with_aggregation
 from fedslm.server.secagg_round import setup_secure
+from fedslm.skeleton import has_skeleton, skeleton_model
 
 
 def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     """A freshly initialized LoRA adapter (PEFT's own init: A random, B zero),
     reproducible from ``training.seed``; only its shared (travelling) tensors."""
+    if has_skeleton(cfg):  # no base weights in the ServerApp for this
+        return adapter_arrays(skeleton_model(cfg))
     model, _ = experiment_model(cfg)
     reset_lora(model, seed=cfg.training.seed)
     return adapter_arrays(model)
@@ -61,7 +64,7 @@ def initial_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
 def fixed_adapter(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
     """Adapter tensors that never travel but belong in the saved adapter (FFA-LoRA's A,
     the same seeded init on every side); empty for other aggregation rules."""
-    model, _ = experiment_model(cfg)
+    model = skeleton_model(cfg) if has_skeleton(cfg) else experiment_model(cfg)[0]
     return adapter_arrays(model, "fixed")
 
 

@@ -33,6 +33,8 @@ TARGETS = {"qv": ["auto"], "all-linear": ["all-linear"]}
 VOCAB_IDS = (4, 1024)  # the builtin tokenizer's ordinary ids: real text's id range
 
 
+DP_VARIANTS = {"dp_sgd": "hooks", "dp_sgd_ghost": "ghost"}  # variant -> privacy.grad_sample_mode
+
 # --- one variant, in a child process ---------------------------------------------------
 
 
@@ -108,8 +110,9 @@ def bare_loop(shape: str, targets: list[str], blocks, *, batch_size: int, device
     return (time.perf_counter() - start) / (steps - 1), model
 
 
-def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: bool = False):
-    """FedSLM's own loop (``train_local``, or DP-SGD's), timed after its first step."""
+def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: str = ""):
+    """FedSLM's own loop (``train_local``, or DP-SGD's with Opacus' ``dp`` grad-sample mode:
+    ``hooks`` or ``ghost``), timed after its first step."""
     from fedslm.client.train import make_training_setup, run_steps
     from fedslm.config import PrivacyConfig, TrainingConfig
 
@@ -124,7 +127,8 @@ def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: 
 
         # Poisson sampling: expected batch = batch_size; the mean step time is what it costs
         with tempfile.TemporaryDirectory() as state:
-            result, _ = train_dp_sgd(model, blocks, cfg, PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0),
+            privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=dp)
+            result, _ = train_dp_sgd(model, blocks, cfg, privacy,
                                      state_dir=Path(state), server_round=1, generator_seed=0)
         return result.seconds / result.steps
     setup = make_training_setup(model, blocks, cfg, generator_seed=0)
@@ -170,7 +174,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         seconds, model = bare_loop(spec["shape"], targets, blocks, batch_size=bs)
     else:
         model = build(spec["shape"], targets, gradient_checkpointing=spec["variant"] == "checkpointing")
-        seconds = fedslm_loop(model, blocks, batch_size=bs, dp=spec["variant"] == "dp_sgd")
+        seconds = fedslm_loop(model, blocks, batch_size=bs, dp=DP_VARIANTS.get(spec["variant"], ""))
         if spec["variant"] == "fedslm":
             from fedslm.adapters import adapter_arrays, to_array_record
             from fedslm.simulations.bench.comm import record_bytes
@@ -268,7 +272,9 @@ def cpu(args) -> dict[str, Any]:
               "steps": args.steps + 1, "threads": 1}
     runs = []
     for targets in TARGETS:
-        for variant in ("bare", "fedslm") + (("dp_sgd", "checkpointing") if targets == "qv" else ()):
+        for variant in ("bare", "fedslm") + (("dp_sgd", "dp_sgd_ghost", "checkpointing") if targets == "qv" else ()):
+            if args.variants and variant not in args.variants.split(",") and variant != "fedslm":
+                continue
             print(f"[realsize] {targets} {variant} ...", flush=True)
             runs.append(run_child({**common, "variant": variant, "targets": targets}))
     fed = []
@@ -284,12 +290,13 @@ def cpu_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     fed = {f["targets"]: f for f in result["federated"]}
     rows = []
     for (targets, variant), r in by.items():
-        bare, ours = by[(targets, "bare")], by.get((targets, "fedslm"))
+        bare, ours = by.get((targets, "bare")), by.get((targets, "fedslm"))
         row = {"lora": targets, "loop": variant, "s/step": r["seconds_per_step"],
-               "tokens/s": r["tokens_per_s"], "vs bare": bare["seconds_per_step"] / r["seconds_per_step"],
+               "tokens/s": r["tokens_per_s"],
+               "vs bare": bare["seconds_per_step"] / r["seconds_per_step"] if bare else None,
                "peak RSS MiB": r["peak_rss"] / 2**20, "model MiB": r["model_bytes"] / 2**20,
                "RSS/model": r["peak_rss"] / r["model_bytes"]}
-        if variant in ("dp_sgd", "checkpointing") and ours:
+        if variant in (*DP_VARIANTS, "checkpointing") and ours:
             row["time vs fedslm"] = r["seconds_per_step"] / ours["seconds_per_step"]
             row["RSS vs fedslm"] = r["peak_rss"] / ours["peak_rss"]
         rows.append(row)
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--skip-federated", action="store_true", help="only the in-process variants")
+    parser.add_argument("--variants", default="", help="comma list of in-process variants to run "
+                        "(bare, dp_sgd, dp_sgd_ghost, checkpointing; fedslm always runs); default all")
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--out", default=None)
