@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedslm.client import attack
 from fedslm.client.node import NodeSetup, node_setup, record_participation
-from fedslm.client.personal_state import resolve_state_dir
+from fedslm.personal_state import resolve_state_dir
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.task import evaluate, fit
 from fedslm.adapters import from_array_record

@@ -3,7 +3,7 @@
 A state dir alone is enough: ``personal/`` holds the personal adapter (PEFT format, with
 the base model's path and the LoRA config) and the method that wrote it; ``split`` and
 ``dual`` also need the global tensors, kept in ``last_global/`` when the client last
-evaluated (``fedslm.client.personal_state.save_last_global``) or given by the caller (a run's
+evaluated (``fedslm.personal_state.save_last_global``) or given by the caller (a run's
 final adapter).
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedslm.client.personal_state import (LAST_GLOBAL_DIR, STATE_FILE, PersonalStateError,
-                                   load_personal, personal_dir, personal_method)
+from fedslm.personal_state import (LAST_GLOBAL_DIR, STATE_FILE, PersonalStateError,
+                            load_personal, personal_dir, personal_method)
 from fedslm.config import PeftConfig
 from fedslm.inference import NEEDS_GLOBAL, InferenceError, read_adapter
 

@@ -11,7 +11,7 @@ a restart of the device: its personal adapter (``personal/``), its privacy ledge
 node took part in, for its owner. Nothing in it is sent to the server. This is the one
 rule for where client state lives: a device's ``state-dir`` as given; in simulation
 ``<simulation_base>/<partition id>`` (``<output_dir>/clients/<id>`` by default, see
-``fedslm.client.personal_state.resolve_state_dir``), so memory never grows with the population.
+``fedslm.personal_state.resolve_state_dir``), so memory never grows with the population.
 """
 
 from __future__ import annotations

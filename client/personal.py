@@ -2,7 +2,7 @@
 
 The global arrays a client receives and returns hold only ``shared`` tensors
 (``fedslm.adapters.parameter_role``); ``personal`` ones are read from and written to
-the client's state dir (``fedslm.client.personal_state``) and never returned.
+the client's state dir (``fedslm.personal_state``) and never returned.
 
 - ``local_only``: every trainable tensor is personal; nothing travels.
 - ``split``: A matrices travel, B matrices are personal; both train locally.
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedslm.client.personal_state import PersonalState, load_personal, save_last_global, save_personal
+from fedslm.personal_state import PersonalState, load_personal, save_last_global, save_personal
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.records import client_tensors, client_texts, round_seed, task_metrics
 from fedslm.client.train import train_local

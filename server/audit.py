@@ -21,6 +21,7 @@ import numpy as np
 
 from fedslm.audit.run import DEFAULT_DELTA, run_audit
 from fedslm.config import ExperimentConfig
+from fedslm.personal_state import clients_dir_of_run
 from fedslm.server.plots import plt, save_figure
 
 REPORT_JSON, REPORT_MD, REPORT_PLOT = "privacy_report.json", "privacy_report.md", "privacy_utility.png"
@@ -110,22 +111,42 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NO_DP_CURVE = "clients' test perplexity"
+CURVE_LABELS = {"dp_epsilon_sample_max": "test perplexity vs sample-level epsilon (max over clients)",
+                "dp_epsilon_user": "test perplexity vs user-level epsilon"}
+
+
+def utility_curves(rounds: list[dict[str, float]]) -> dict[str, list[tuple[float, float]]]:
+    """(epsilon, clients' test perplexity) per round, one curve per DP level the run logged
+    (``dp_sgd+dp_fedavg``: both); without DP one curve against the round."""
+    curves = {}
+    for column, _ in EPSILON_COLUMNS:
+        pts = [(r[column], r["eval_perplexity"]) for r in rounds if column in r and "eval_perplexity" in r]
+        if pts:
+            curves[CURVE_LABELS[column]] = pts
+    if not curves and not any(c in r for c, _ in EPSILON_COLUMNS for r in rounds):
+        pts = [(r["round"], r["eval_perplexity"]) for r in rounds if "eval_perplexity" in r]
+        if pts:
+            curves[NO_DP_CURVE] = pts
+    return curves
+
+
 def plot_privacy_utility(rounds: list[dict[str, float]], report: Mapping[str, Any],
                          path: Path) -> Path:
-    """Left: utility per round against the cumulative epsilon spent (or the round, without
-    DP) with the audit's lower bound; right: canary exposure against repetitions."""
+    """Left: utility per round against the cumulative epsilon spent at each level (or the
+    round, without DP) with the audit's lower bound; right: canary exposure against
+    repetitions."""
     fig, (ax_pu, ax_exp) = plt.subplots(1, 2, figsize=(10, 4))
-    column = next((c for c, _ in EPSILON_COLUMNS if any(c in r for r in rounds)), None)
-    pts = [(r[column] if column else r["round"], r["eval_perplexity"]) for r in rounds
-           if "eval_perplexity" in r and (column is None or column in r)]
-    if pts:
-        ax_pu.plot(*zip(*pts), marker="o", label="clients' test perplexity")
+    curves = utility_curves(rounds)
+    for (label, pts), marker in zip(curves.items(), "o^"):
+        ax_pu.plot(*zip(*pts), marker=marker, label=label)
     audit = report["audit"]
-    if column and "audit_eps_lower_bound" in audit and math.isfinite(audit["audit_eps_lower_bound"]):
+    with_dp = any(label != NO_DP_CURVE for label in curves)
+    if with_dp and "audit_eps_lower_bound" in audit and math.isfinite(audit["audit_eps_lower_bound"]):
         ax_pu.axvline(audit["audit_eps_lower_bound"], color="C3", linestyle="--",
                       label="empirical epsilon lower bound (95%)")
     ax_pu.set(title=f"Privacy-utility ({report['mode']})",
-              xlabel="cumulative epsilon (accountant)" if column else "round (no DP: epsilon = inf)",
+              xlabel="cumulative epsilon (accountant)" if with_dp else "round (no DP: epsilon = inf)",
               ylabel="perplexity")
     reps = sorted(int(k[len("audit_exposure_rep"):]) for k in audit
                   if k.startswith("audit_exposure_rep") and not k.endswith("_max"))
@@ -153,7 +174,7 @@ def audit_and_report(cfg: ExperimentConfig, output_dir: Path, arrays: Mapping[st
     """Audit the final global adapter, write the report to ``output_dir`` and the tracker."""
     rounds = read_rounds(output_dir / "rounds.csv")
     delta = privacy_figures(rounds).get("delta") or cfg.privacy.delta or DEFAULT_DELTA
-    audit = run_audit(cfg, arrays, delta=delta)
+    audit = run_audit(cfg, arrays, delta=delta, clients_dir=clients_dir_of_run(cfg, output_dir))
     report = build_report(cfg, rounds, audit, delta=delta)
     (output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=float) + "\n")
     (output_dir / REPORT_MD).write_text(report_markdown(report))

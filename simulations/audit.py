@@ -1,7 +1,8 @@
 """``python -m fedslm.simulations.audit --run <output dir>``: audit a finished run's global adapter.
 
 Reads the run's ``config.json``, ``adapter/`` and ``rounds.csv``, regenerates every
-client's texts from the config (simulation only), and writes the same privacy report as
+client's texts from the config (simulation only), attacks the personal adapters the
+clients left in ``clients/`` (runs with personalization), and writes the same privacy report as
 ``privacy.audit=true`` does at the end of a run (``fedslm.server.audit``): into the output dir
 and, when the run was tracked, into its MLflow run (``summary.json`` names it). Only a
 run trained with ``privacy.audit=true`` has canaries; for any other run the audit

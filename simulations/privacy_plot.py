@@ -5,7 +5,8 @@
     python -m fedslm.simulations.privacy_plot --experiment dp --tracking-uri sqlite:////abs/outputs/mlflow.db
 
 Each finished run contributes its last logged epsilon (sample-level: the max over
-clients; user-level: the server's) and its last perplexity (central held-out if logged,
+clients; user-level: the server's; a ``dp_sgd+dp_fedavg`` run one point at each level,
+drawn as two curves) and its last perplexity (central held-out if logged,
 else the clients' test splits). Runs without DP are the baseline (a dashed line). The
 PNG and a CSV of the points are saved and logged to a new run of the same experiment,
 tagged ``fedslm.kind=privacy-plot`` (such runs are skipped when plotting). Runs made
@@ -33,7 +34,15 @@ from fedslm.server.plots import save_figure  # noqa: E402
 
 PLOT_TAG = "fedslm.kind"
 PLOT_KIND = "privacy-plot"
-EPSILON_KEYS = {"dp_sgd": "dp_epsilon_sample_max", "dp_fedavg": "dp_epsilon_user"}
+SAMPLE = ("sample", "dp_epsilon_sample_max", "privacy.noise_multiplier")
+USER = ("user", "dp_epsilon_user", "privacy.noise_multiplier")
+# (level, epsilon metric, noise param) per mode: both levels give a run two points
+LEVELS = {"dp_sgd": (SAMPLE,), "dp_fedavg": (USER,),
+          "dp_sgd+dp_fedavg": (SAMPLE, ("user", "dp_epsilon_user", "privacy.user_noise_multiplier"))}
+CURVES = {("dp_sgd", "sample"): ("sample-level (DP-SGD)", "o"),
+          ("dp_fedavg", "user"): ("user-level (DP-FedAvg)", "s"),
+          ("dp_sgd+dp_fedavg", "sample"): ("both levels: sample-level ε (DP-SGD)", "^"),
+          ("dp_sgd+dp_fedavg", "user"): ("both levels: user-level ε (DP-FedAvg)", "v")}
 PERPLEXITY_KEYS = ("central_perplexity", "eval_perplexity")
 
 
@@ -42,7 +51,7 @@ class Point:
     run_id: str
     run_name: str
     mode: str
-    noise_multiplier: float
+    noise_multiplier: float  # of this point's level (dp_sgd+dp_fedavg: the server's for "user")
     epsilon: float  # inf for runs without DP
     delta: float
     perplexity: float
@@ -52,6 +61,7 @@ class Point:
     audit_exposure: float = math.nan  # mean exposure at the largest repetition count
     audit_exposure_reps: int = 0
     audit_eps_lower_bound: float = math.nan
+    level: str = ""  # "sample" or "user" ("" without DP); dp_sgd+dp_fedavg runs have one point each
 
 
 def audit_fields(metrics: dict[str, float]) -> dict[str, float | int]:
@@ -71,7 +81,8 @@ def audit_fields(metrics: dict[str, float]) -> dict[str, float | int]:
 
 
 def collect_points(client, experiment_id: str) -> list[Point]:
-    """One point per finished run that logged a perplexity (plot runs excluded)."""
+    """One point per finished run and DP level that logged a perplexity (plot runs
+    excluded): a ``dp_sgd+dp_fedavg`` run gives a sample-level and a user-level point."""
     points = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
                                   max_results=10_000):
@@ -82,17 +93,20 @@ def collect_points(client, experiment_id: str) -> list[Point]:
         if ppl_key is None:
             continue
         mode = params.get("privacy.mode", "none")
-        eps_key = EPSILON_KEYS.get(mode)
-        if eps_key is not None and eps_key not in metrics:
+        levels = [(level, key, noise) for level, key, noise in LEVELS.get(mode, ()) if key in metrics]
+        if mode != "none" and not levels:
             continue  # a DP run that released nothing has no epsilon to show
-        points.append(Point(
-            run_id=run.info.run_id, run_name=run.info.run_name or run.info.run_id[:8], mode=mode,
-            noise_multiplier=float(params.get("privacy.noise_multiplier", "nan")) if mode != "none" else 0.0,
-            epsilon=float(metrics[eps_key]) if eps_key else math.inf,
-            delta=float(metrics.get("dp_delta", 0.0)), perplexity=float(metrics[ppl_key]),
-            perplexity_metric=ppl_key, initial_perplexity=_first_value(client, run.info.run_id, ppl_key),
-            **audit_fields(metrics)))
-    return sorted(points, key=lambda p: (p.mode, p.epsilon))
+        common = dict(run_id=run.info.run_id, run_name=run.info.run_name or run.info.run_id[:8], mode=mode,
+                      perplexity=float(metrics[ppl_key]), perplexity_metric=ppl_key,
+                      initial_perplexity=_first_value(client, run.info.run_id, ppl_key), **audit_fields(metrics))
+        if mode == "none":
+            points.append(Point(noise_multiplier=0.0, epsilon=math.inf, delta=0.0, **common))
+        for level, key, noise in levels:
+            delta = metrics.get("dp_delta_sample" if mode == "dp_sgd+dp_fedavg" and level == "sample"
+                                else "dp_delta", 0.0)
+            points.append(Point(noise_multiplier=float(params.get(noise, "nan")), epsilon=float(metrics[key]),
+                                delta=float(delta), level=level, **common))
+    return sorted(points, key=lambda p: (p.mode, p.level, p.epsilon))
 
 
 def _first_value(client, run_id: str, key: str) -> float:
@@ -100,12 +114,22 @@ def _first_value(client, run_id: str, key: str) -> float:
     return float(min(history, key=lambda m: (m.step, m.timestamp)).value) if history else math.nan
 
 
+def curves(points: list[Point]) -> dict[str, tuple[str, list[Point]]]:
+    """Label -> (marker, points) of each curve with at least one point: one per DP level
+    and mode (a ``dp_sgd+dp_fedavg`` run is on two curves), in epsilon order."""
+    out = {}
+    for (mode, level), (label, marker) in CURVES.items():
+        pts = sorted((p for p in points if (p.mode, p.level) == (mode, level) and math.isfinite(p.epsilon)),
+                     key=lambda p: p.epsilon)
+        if pts:
+            out[label] = (marker, pts)
+    return out
+
+
 def draw(points: list[Point], path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for mode, marker in (("dp_sgd", "o"), ("dp_fedavg", "s")):
-        pts = [p for p in points if p.mode == mode and math.isfinite(p.epsilon)]
+    for label, (marker, pts) in curves(points).items():
         if pts:
-            label = "sample-level (DP-SGD)" if mode == "dp_sgd" else "user-level (DP-FedAvg)"
             ax.plot([p.epsilon for p in pts], [p.perplexity for p in pts], marker=marker, label=label)
             for p in pts:
                 ax.annotate(f"σ={p.noise_multiplier:g}", (p.epsilon, p.perplexity),
@@ -136,11 +160,11 @@ def write_csv(points: list[Point], path: Path) -> Path:
 
 
 def table(points: list[Point]) -> str:
-    lines = [f"{'mode':<10} {'noise':>6} {'epsilon':>10} {'delta':>9} {'start ppl':>9} {'final ppl':>9} "
+    lines = [f"{'mode':<16} {'level':<6} {'noise':>6} {'epsilon':>10} {'delta':>9} {'start ppl':>9} {'final ppl':>9} "
              f"{'MIA AUC':>7} {'exposure':>11} {'eps lb':>6}  run"]
     for p in points:
         exposure = f"{p.audit_exposure:.2f}@{p.audit_exposure_reps}" if p.audit_exposure_reps else "-"
-        lines.append(f"{p.mode:<10} {p.noise_multiplier:>6g} {p.epsilon:>10.3f} {p.delta:>9.2g} "
+        lines.append(f"{p.mode:<16} {p.level or '-':<6} {p.noise_multiplier:>6g} {p.epsilon:>10.3f} {p.delta:>9.2g} "
                      f"{p.initial_perplexity:>9.3f} {p.perplexity:>9.3f} {_num(p.audit_mia_auc):>7} "
                      f"{exposure:>11} {_num(p.audit_eps_lower_bound):>6}  {p.run_id[:8]}")
     return "\n".join(lines)

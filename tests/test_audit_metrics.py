@@ -15,6 +15,7 @@ from fedslm.audit.metrics import (
     epsilon_lower_bound_ci,
     exposure,
     exposure_from_rank,
+    mia_figures,
     roc_auc,
     tpr_at_fpr,
 )
@@ -118,3 +119,26 @@ def test_best_point_bound_is_the_best_roc_point():
     got = best_epsilon_lower_bound([0.6, 0.4, 0.1], [0.8, 0.5, 0.3, 0.2], delta=0.0,
                                    confidence=None)
     assert got == pytest.approx(math.log(1.5), rel=1e-12)
+
+
+def test_mia_figures_names_each_attack_and_takes_the_best_bound():
+    """members 0.6 0.4 0.1 vs non-members 0.8 0.5 0.3 0.2: AUC = 5/12 pairs won, no
+    threshold passes 1% FPR with a hit; the reversed attack wins 7/12 pairs."""
+    members, non_members = np.array([0.6, 0.4, 0.1]), np.array([0.8, 0.5, 0.3, 0.2])
+    got = mia_figures({"a": (members, non_members), "b": (-members, -non_members)}, delta=0.0,
+                      tag="_personal")
+    assert set(got) == {"audit_mia_personal_a_auc", "audit_mia_personal_a_tpr_at_1pct_fpr",
+                        "audit_mia_personal_b_auc", "audit_mia_personal_b_tpr_at_1pct_fpr",
+                        "audit_eps_lower_bound_personal", "audit_eps_lower_bound_personal_ceiling"}
+    assert got["audit_mia_personal_a_auc"] == pytest.approx(5 / 12)
+    assert got["audit_mia_personal_b_auc"] == pytest.approx(7 / 12)
+    assert got["audit_mia_personal_a_tpr_at_1pct_fpr"] == 0.0
+    assert got["audit_mia_personal_b_tpr_at_1pct_fpr"] == pytest.approx(1 / 3)  # 0.1 alone above all
+    assert got["audit_eps_lower_bound_personal"] == max(
+        best_epsilon_lower_bound(m, nm, delta=0.0) for m, nm in ((members, non_members),
+                                                                  (-members, -non_members)))
+    assert got["audit_eps_lower_bound_personal_ceiling"] == epsilon_lower_bound_ci(
+        false_negatives=0, members=3, false_positives=0, non_members=4, delta=0.0)
+    plain = mia_figures({"loss": (members, non_members)}, delta=0.0)
+    assert set(plain) == {"audit_mia_loss_auc", "audit_mia_loss_tpr_at_1pct_fpr",
+                          "audit_eps_lower_bound", "audit_eps_lower_bound_ceiling"}

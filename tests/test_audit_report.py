@@ -120,3 +120,19 @@ def test_canaries_of_the_audit_are_the_ones_the_clients_trained_on(tmp_path: Pat
     cfg = _cfg(tmp_path)
     train = client_texts(cfg, 0, "train")
     assert all(train.count(c.text) == c.repetitions for c in make_canaries(cfg.audit))
+
+
+def test_report_plot_has_one_utility_curve_per_dp_level():
+    """dp_sgd+dp_fedavg: perplexity against each epsilon (round 0, before any release, has
+    none); without DP: against the round."""
+    from fedslm.server.audit import CURVE_LABELS, NO_DP_CURVE, utility_curves
+
+    both = [{"round": 0, "eval_perplexity": 9.0},
+            {"round": 1, "eval_perplexity": 8.5, "dp_epsilon_sample_max": 1.5, "dp_epsilon_user": 6.0},
+            {"round": 2, "eval_perplexity": 8.25, "dp_epsilon_sample_max": 2.0, "dp_epsilon_user": 9.5}]
+    assert utility_curves(both) == {
+        CURVE_LABELS["dp_epsilon_sample_max"]: [(1.5, 8.5), (2.0, 8.25)],
+        CURVE_LABELS["dp_epsilon_user"]: [(6.0, 8.5), (9.5, 8.25)]}
+    assert utility_curves(ROWS) == {CURVE_LABELS["dp_epsilon_sample_max"]: [(1.5, 9.0), (2.25, 8.5)]}
+    plain = [{k: v for k, v in r.items() if not k.startswith("dp_")} for r in both]
+    assert utility_curves(plain) == {NO_DP_CURVE: [(0, 9.0), (1, 8.5), (2, 8.25)]}

@@ -129,11 +129,11 @@ def test_no_steady_window_when_a_round_timing_is_missing() -> None:
 def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -> None:
     import argparse
 
-    from fedslm.simulations.bench.audit import row_of, setting_overrides
+    from fedslm.simulations.bench.audit import personal_row_of, row_of, setting_overrides
     from fedslm.simulations.bench.common import experiment
 
     args = argparse.Namespace(clients=3, rounds=2, steps=4, docs=8, test_fraction=0.5, canaries=1,
-                              candidates=63, shakespeare="", mia_records=100)
+                              candidates=63, shakespeare="", mia_records=100, heterogeneity=None)
     cfg = experiment(setting_overrides(args, 2.0), run_name="audit-test")
     assert (cfg.privacy.mode, cfg.privacy.noise_multiplier, cfg.privacy.audit) == ("dp_sgd", 2.0, True)
     assert cfg.audit.canary_clients == [0, 1, 2] and cfg.audit.candidates == 63
@@ -146,6 +146,19 @@ def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -
                   "epsilon_sample_level": 4.0}, "z=2")
     assert (row["epsilon"], row["exp@16"], row["auc_cal"], row["ppl"]) == (4.0, 3.0, 0.6, 8.0)
     assert row_of({"audit": audit, "utility": {}, "delta": 1e-5}, "none")["epsilon"] == math.inf
+    # --personalization: each setting once per method; the row adds the personal figures
+    args.heterogeneity, args.canaries = 1.0, 0
+    cfg = experiment(setting_overrides(args, 1.1, "split"), run_name="audit-test")
+    assert (cfg.personalization.method, cfg.data.heterogeneity, cfg.audit.canaries) == ("split", 1.0, 0)
+    personal = {**audit, "audit_mia_personal_loss_auc": 0.55, "audit_mia_personal_calibrated_auc": 0.7,
+                "audit_mia_personal_calibrated_tpr_at_1pct_fpr": 0.05, "audit_eps_lower_bound_personal": 0.9,
+                "audit_mia_personal_clients": 3}
+    row = personal_row_of({"audit": personal, "utility": {}, "delta": 1e-3, "epsilon_sample_level": 7.5},
+                          {"global_perplexity_mean": 9.0, "personal_perplexity_mean": 7.5, "gain_mean": 16.0,
+                           "gain_sem": 3.0}, "dp_sgd z=1.1", "split")
+    assert (row["method"], row["epsilon"], row["gain"], row["gain_sem"], row["personal_ppl"]) == (
+        "split", 7.5, 16.0, 3.0, 7.5)
+    assert (row["p_auc_cal"], row["p_tpr1%_cal"], row["p_eps_lb"], row["p_clients"]) == (0.7, 0.05, 0.9, 3)
 
 
 def test_tasks_tiny_compares_federated_and_centralized_per_task(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedslm.client.personal_state import load_personal
+from fedslm.personal_state import load_personal
 from fedslm.client.privacy import BudgetExhausted, ledger_path, load_ledger
 from fedslm.client.task import evaluate, fit
 from fedslm.config import ConfigError, ExperimentConfig

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedslm.client.app import app
-from fedslm.client.personal_state import (
+from fedslm.personal_state import (
     STATE_FILE,
     PersonalStateError,
     personal_dir,
@@ -177,7 +177,7 @@ import json, sys, numpy as np
 from pathlib import Path
 from fedslm.config import ExperimentConfig
 from fedslm.client.task import evaluate
-from fedslm.client.personal_state import load_personal
+from fedslm.personal_state import load_personal
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.runtime import experiment_model
 cfg = ExperimentConfig.from_dict(json.loads(sys.argv[1]))

@@ -113,3 +113,59 @@ def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     capsys.readouterr()
     assert compare.main(["--experiment", "nope", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err == f"error: --experiment: no MLflow experiment named 'nope' at {uri}\n"
+
+
+def _log_privacy_run(uri: str, params: dict, metrics: dict) -> None:
+    tracker = Tracker(TrackingConfig(experiment="cmp-dp"), default_uri=uri)
+    tracker.start(params)
+    tracker.log_metrics({"global_perplexity_mean": 9.0, "bytes_up": 1024, "bytes_down": 1024, **metrics}, step=1)
+    tracker.end("FINISHED")
+
+
+AUDIT = {"audit_mia_loss_auc": 0.61, "audit_mia_calibrated_auc": 0.64,
+         "audit_mia_loss_tpr_at_1pct_fpr": 0.05, "audit_mia_calibrated_tpr_at_1pct_fpr": 0.02,
+         "audit_exposure_rep1": 1.5, "audit_exposure_rep16": 3.25, "audit_exposure_rep16_max": 7.0,
+         "audit_eps_lower_bound": 0.15}
+PERSONAL_AUDIT = {"audit_mia_personal_loss_auc": 0.71, "audit_mia_personal_calibrated_auc": 0.68,
+                  "audit_mia_personal_loss_tpr_at_1pct_fpr": 0.1,
+                  "audit_mia_personal_calibrated_tpr_at_1pct_fpr": 0.2,
+                  "audit_eps_lower_bound_personal": 0.8}
+
+
+def test_compare_summarizes_each_runs_privacy_report(tmp_path, capsys):
+    """One row per method and privacy setting; the privacy table has both levels' epsilon
+    and delta, the unit, and the stronger attack's figures, global and personal."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _log_privacy_run(uri, {"personalization.method": "split", "privacy.mode": "none"},
+                     {**AUDIT, **PERSONAL_AUDIT, "personal_perplexity_mean": 8.0})
+    _log_privacy_run(uri, {"personalization.method": "split", "privacy.mode": "dp_sgd",
+                           "privacy.noise_multiplier": "1.2", "privacy.unit": "document"},
+                     {"dp_epsilon_sample_max": 8.04, "dp_delta": 0.002, **AUDIT, **PERSONAL_AUDIT,
+                      "audit_eps_lower_bound": 0.0, "audit_eps_lower_bound_personal": 0.0})
+    _log_privacy_run(uri, {"personalization.method": "none", "privacy.mode": "dp_sgd+dp_fedavg",
+                           "privacy.noise_multiplier": "1.2", "privacy.user_noise_multiplier": "1.0",
+                           "privacy.unit": "block"},
+                     {"dp_epsilon_sample_max": 3.0, "dp_delta_sample": 0.001, "dp_epsilon_user": 11.8,
+                      "dp_delta": 1e-5})
+    assert compare.main(["--experiment", "cmp-dp", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    table, privacy = out.split("\n\nPrivacy report (docs/privacy.md)\n")
+    assert [line.split()[:2] for line in table.splitlines()[2:]] == [
+        ["none", "dp_sgd+dp_fedavg"], ["split", "dp_sgd"], ["split", "none"]]  # newest first per method
+    lines = privacy.strip().splitlines()
+    assert lines[0].split() == ["method", "privacy", "unit", "eps", "sample", "eps", "user", "delta", "sample",
+                                "delta", "user", "MIA", "AUC", "TPR@1%", "personal", "AUC", "personal",
+                                "TPR@1%", "exposure", "eps", "lb", "eps", "lb", "personal"]
+    assert lines[2].split() == ["none", "dp_sgd+dp_fedavg", "z=1.2/1", "block+client", "3.000", "11.800",
+                                "0.001", "1e-05", "-", "-", "-", "-", "-", "-", "-"]
+    assert lines[3].split() == ["split", "dp_sgd", "z=1.2", "document", "8.040", "-", "0.002", "-",
+                                "0.640", "0.050", "0.710", "0.200", "3.25@16", "0.00", "0.00"]
+    assert lines[4].split() == ["split", "none", "-", "-", "-", "-", "-", "0.640", "0.050", "0.710",
+                                "0.200", "3.25@16", "0.15", "0.80"]
+
+
+def test_compare_without_dp_or_audit_prints_no_privacy_table(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _log_privacy_run(uri, {"personalization.method": "dual"}, {})
+    assert compare.main(["--experiment", "cmp-dp", "--tracking-uri", uri]) == 0
+    assert "Privacy report" not in capsys.readouterr().out

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from fedslm.simulations.privacy_plot import PLOT_KIND, PLOT_TAG, main, plot_experiment
+from fedslm.simulations.privacy_plot import PLOT_KIND, PLOT_TAG, curves, main, plot_experiment
 
 
 def _run(client, exp_id, name, params, metrics, status="FINISHED"):
@@ -66,3 +66,30 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
 def test_plot_names_a_missing_experiment(tmp_path: Path):
     with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
         plot_experiment("nope", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "x.png")
+
+
+def test_both_levels_in_one_run_give_a_sample_and_a_user_level_point(tmp_path: Path, capsys):
+    """dp_sgd+dp_fedavg: two curves, one per epsilon, each point with its own noise and delta."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("both", artifact_location=(tmp_path / "artifacts").as_uri())
+    _run(client, exp, "both-1", {"privacy.mode": "dp_sgd+dp_fedavg", "privacy.noise_multiplier": "1.2",
+                                 "privacy.user_noise_multiplier": "1.0"},
+         {"dp_epsilon_sample_max": [1.0, 2.5], "dp_delta_sample": [1e-3, 1e-3], "dp_epsilon_user": [6.0, 11.8],
+          "dp_delta": [1e-5, 1e-5], "eval_perplexity": [9.0, 8.6]})
+    _run(client, exp, "both-2", {"privacy.mode": "dp_sgd+dp_fedavg", "privacy.noise_multiplier": "2.0",
+                                 "privacy.user_noise_multiplier": "2.0"},
+         {"dp_epsilon_sample_max": [0.5, 0.9], "dp_delta_sample": [1e-3, 1e-3], "dp_epsilon_user": [2.0, 3.5],
+          "dp_delta": [1e-5, 1e-5], "eval_perplexity": [9.0, 8.9]})
+    out = tmp_path / "both.png"
+    points, _ = plot_experiment("both", uri, out)
+    got = [(p.run_name, p.level, p.noise_multiplier, p.epsilon, p.delta, p.perplexity) for p in points]
+    assert got == [("both-2", "sample", 2.0, 0.9, 1e-3, 8.9), ("both-1", "sample", 1.2, 2.5, 1e-3, 8.6),
+                   ("both-2", "user", 2.0, 3.5, 1e-5, 8.9), ("both-1", "user", 1.0, 11.8, 1e-5, 8.6)]
+    assert out.stat().st_size > 10_000
+    lines = {label: [(p.run_name, p.epsilon) for p in pts] for label, (_, pts) in curves(points).items()}
+    assert lines == {"both levels: sample-level ε (DP-SGD)": [("both-2", 0.9), ("both-1", 2.5)],
+                     "both levels: user-level ε (DP-FedAvg)": [("both-2", 3.5), ("both-1", 11.8)]}
+    main(["--experiment", "both", "--tracking-uri", uri, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("dp_sgd+dp_fedavg sample") == 2 and printed.count("dp_sgd+dp_fedavg user") == 2

@@ -7,7 +7,7 @@ from ``sklearn.metrics`` so they match what a reader would compute with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -136,3 +136,23 @@ def best_epsilon_lower_bound(member: Sequence[float], non_member: Sequence[float
                 delta=delta, confidence=confidence)
         best = max(best, eps)
     return best
+
+
+def mia_figures(attacks: Mapping[str, tuple[np.ndarray, np.ndarray]], *, delta: float,
+                tag: str = "") -> dict[str, float]:
+    """Every attack's ROC AUC and TPR at 1% FPR, and the best 95% epsilon lower bound over
+    them with the bound a perfect attack would reach on this many records (the audit's
+    reach). ``attacks``: name -> (member scores, non-member scores); ``tag`` goes after
+    ``audit_mia`` / ``audit_eps_lower_bound`` in the names ("" for the global model)."""
+    out: dict[str, float] = {}
+    bounds = []
+    for name, (member, non_member) in attacks.items():
+        out[f"audit_mia{tag}_{name}_auc"] = roc_auc(member, non_member)
+        out[f"audit_mia{tag}_{name}_tpr_at_1pct_fpr"] = tpr_at_fpr(member, non_member, max_fpr=0.01)
+        bounds.append(best_epsilon_lower_bound(member, non_member, delta=delta, confidence=0.95))
+    member, non_member = next(iter(attacks.values()))
+    out[f"audit_eps_lower_bound{tag}"] = max(bounds)
+    out[f"audit_eps_lower_bound{tag}_ceiling"] = epsilon_lower_bound_ci(
+        false_negatives=0, members=len(member), false_positives=0, non_members=len(non_member),
+        delta=delta, confidence=0.95)
+    return out

@@ -11,6 +11,14 @@ implies at the run's delta (95% Clopper-Pearson)::
     python -m fedslm.simulations.bench audit                       # none, z=1.2, 2, 5 (~6-8 min)
     python -m fedslm.simulations.bench audit --noise 1.5 --tiny    # smoke: 2 clients x 1 round
     python -m fedslm.simulations.bench audit --shakespeare ../shared/data/tinyshakespeare.txt --noise 2
+
+``--personalization split,dual,local_only,finetune`` runs every setting once per method
+and reports each method's personal gain (mean over clients of 100 * (1 - personal ppl /
+global ppl) on their own test splits, with its standard error) beside the membership
+inference against the personal adapters (``audit_mia_personal_*``)::
+
+    python -m fedslm.simulations.bench audit --personalization split,dual,local_only,finetune \
+        --noise 1.1 --canaries 0 --heterogeneity 1 --clients 4 --rounds 4 --steps 15
 """
 
 from __future__ import annotations
@@ -20,14 +28,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedslm.server.audit import read_rounds
 from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 COLUMNS = ["privacy", "epsilon", "ppl0", "ppl", "exp@1", "exp@4", "exp@16", "exp_max@16", "ceiling",
            "auc_loss", "auc_cal", "tpr1%_loss", "tpr1%_cal", "eps_lb"]
+PERSONAL_COLUMNS = ["method", "privacy", "epsilon", "global_ppl", "personal_ppl", "gain", "gain_sem",
+                    "auc_loss", "auc_cal", "p_auc_loss", "p_auc_cal", "p_tpr1%_loss", "p_tpr1%_cal",
+                    "eps_lb", "p_eps_lb"]
 
 
-def setting_overrides(args: argparse.Namespace, noise: float | None) -> dict[str, Any]:
+def setting_overrides(args: argparse.Namespace, noise: float | None, method: str = "none") -> dict[str, Any]:
     overrides: dict[str, Any] = {
+        "personalization.method": method,
         "federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
         "training.local_steps": args.steps, "data.docs_per_client": args.docs,
         "data.test_fraction": args.test_fraction,
@@ -37,6 +50,8 @@ def setting_overrides(args: argparse.Namespace, noise: float | None) -> dict[str
     if args.shakespeare:  # one client per speaker; at most mia_records texts per client audited
         overrides.update({"data.source": "shakespeare", "data.path": args.shakespeare,
                           "audit.mia_records": args.mia_records})
+    if args.heterogeneity is not None:
+        overrides["data.heterogeneity"] = args.heterogeneity
     if noise is not None:
         overrides.update({"privacy.mode": "dp_sgd", "privacy.noise_multiplier": noise})
     return overrides
@@ -58,6 +73,23 @@ def row_of(report: dict[str, Any], label: str) -> dict[str, Any]:
     }
 
 
+def personal_row_of(report: dict[str, Any], last_round: dict[str, float], label: str, method: str) -> dict[str, Any]:
+    """The personal figures of a run: its last round's gain and both models' perplexity
+    (rounds.csv), and the attack on the personal adapters (the privacy report)."""
+    a = report["audit"]
+    return {
+        "method": method, **row_of(report, label),
+        "global_ppl": last_round.get("global_perplexity_mean"),
+        "personal_ppl": last_round.get("personal_perplexity_mean"),
+        "gain": last_round.get("gain_mean"), "gain_sem": last_round.get("gain_sem"),
+        "p_auc_loss": a.get("audit_mia_personal_loss_auc"), "p_auc_cal": a.get("audit_mia_personal_calibrated_auc"),
+        "p_tpr1%_loss": a.get("audit_mia_personal_loss_tpr_at_1pct_fpr"),
+        "p_tpr1%_cal": a.get("audit_mia_personal_calibrated_tpr_at_1pct_fpr"),
+        "p_eps_lb": a.get("audit_eps_lower_bound_personal"),
+        "p_clients": a.get("audit_mia_personal_clients"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tinyshakespeare.txt: clients are speakers instead of synthetic")
     parser.add_argument("--mia-records", type=int, default=100,
                         help="with --shakespeare: members and non-members per client")
+    parser.add_argument("--personalization", default="", metavar="METHODS",
+                        help="comma-separated personalization methods: every setting once per method")
+    parser.add_argument("--heterogeneity", type=float, default=None, help="data.heterogeneity (synthetic)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without DP")
     parser.add_argument("--tiny", action="store_true", help="2 clients x 1 round x 2 steps")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
@@ -87,21 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.clients, args.rounds, args.steps, args.docs, args.candidates = 2, 1, 2, 8, 63
     settings = ([] if args.no_baseline else [None]) + noises
+    methods = [m.strip() for m in args.personalization.split(",") if m.strip()]
+    runs = [(m, z) for m in methods or ["none"] for z in settings]
     rows = []
-    for i, noise in enumerate(settings):
+    for i, (method, noise) in enumerate(runs):
         label = "none" if noise is None else f"dp_sgd z={noise:g}"
-        cfg = experiment(setting_overrides(args, noise), run_name=f"audit-{i}")
-        print(f"[audit] run {i + 1}/{len(settings)}: {label}", flush=True)
+        cfg = experiment(setting_overrides(args, noise, method), run_name=f"audit-{i}")
+        print(f"[audit] run {i + 1}/{len(runs)}: {method} {label}", flush=True)
         run = run_engine(cfg, echo=args.echo)
         if run.summary.get("status") != "ok":
-            print(f"error: {label}: the run did not finish ({run.summary})")
+            print(f"error: {method} {label}: the run did not finish ({run.summary})")
             return 1
-        report = json.loads((Path(cfg.output_dir) / "privacy_report.json").read_text())
-        rows.append({**row_of(report, label), "output_dir": cfg.output_dir,
-                     "seconds": round(run.wall, 1)})
-    print(table(rows, COLUMNS))
+        out = Path(cfg.output_dir)
+        report = json.loads((out / "privacy_report.json").read_text())
+        row = row_of(report, label) if not methods else personal_row_of(
+            report, read_rounds(out / "rounds.csv")[-1], label, method)
+        rows.append({**row, "output_dir": cfg.output_dir, "seconds": round(run.wall, 1)})
+    print(table(rows, PERSONAL_COLUMNS if methods else COLUMNS))
     path = write_json("audit", {"machine": machine(), "setting": {
         k: getattr(args, k) for k in ("clients", "rounds", "steps", "docs", "test_fraction", "canaries",
-                                      "candidates", "shakespeare")}, "rows": rows}, args.out)
+                                      "candidates", "shakespeare", "personalization", "heterogeneity")},
+        "rows": rows}, args.out)
     print(f"JSON: {path}")
     return 0

@@ -1,5 +1,9 @@
 """Personal adapters on disk, in each client's own dir (``fedslm.client.node``): ``<client dir>/personal/``.
 
+In the shared package because both sides read it: the client keeps its state here, and
+in simulation the server's privacy audit (``fedslm.audit.personal``) attacks the
+personal adapters the simulated clients left in their dirs.
+
 On disk, not in memory: in simulation one process serves many clients round after
 round, and memory must not grow with the population; a client sampled again resumes
 from its dir. A device agent passes its own state dir. Each dir is a PEFT-format
@@ -45,9 +49,15 @@ def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
     "" means the ServerApp's default ``~/.cache/fedslm/runs/<run_id>``). A device uses
     its agent's ``state-dir`` instead (``fedslm.client.node``).
     """
+    return clients_dir_of_run(cfg, output_dir_for(cfg.output_dir, run_id))
+
+
+def clients_dir_of_run(cfg: ExperimentConfig, output_dir: Path) -> Path:
+    """``resolve_state_dir`` for a run whose output dir is known (the audit reads the
+    simulated clients' personal adapters from it after the run)."""
     if cfg.personalization.state_dir:
         return Path(cfg.personalization.state_dir).expanduser()
-    return output_dir_for(cfg.output_dir, run_id) / "clients"
+    return Path(output_dir) / "clients"
 
 
 def personal_dir(client_dir: Path) -> Path:
