@@ -31,20 +31,21 @@ NUM_CLIENTS = 2
 LOGITS_ATOL = 1e-5  # merged fp32 vs base + LoRA: the same sums in another order
 
 
-def experiment(method: str, out: Path) -> ExperimentConfig:
+def experiment(method: str, out: Path, task: str = "causal_lm") -> ExperimentConfig:
     return ExperimentConfig.from_dict({
+        "task": {"name": task},
         "personalization": {"method": method, "finetune_steps": 3},
         "federation": {"num_clients": NUM_CLIENTS, "num_rounds": 1},
         "data": {"heterogeneity": 1.0, "docs_per_client": 24},
-        "training": {"local_steps": 4, "eval_max_batches": 2},
+        "training": {"local_steps": 4, "eval_max_batches": 2 if task != "classify" else 0},
         "output_dir": str(out),
     })
 
 
-def make_run(method: str, out: Path) -> tuple[ExperimentConfig, dict[int, dict]]:
+def make_run(method: str, out: Path, task: str = "causal_lm") -> tuple[ExperimentConfig, dict[int, dict]]:
     """One round of every client (fit, mean, evaluate) as the engine does it; the run's
     output dir as ``run_experiment`` writes it. Returns each client's evaluate metrics."""
-    cfg = experiment(method, out)
+    cfg = experiment(method, out, task)
     start = initial_adapter(cfg)
     updates = [fit(cfg, start, partition_id=p, server_round=1) for p in range(NUM_CLIENTS)]
     final = {n: np.mean([u[0][n] for u in updates], axis=0) for n in start}
@@ -253,3 +254,62 @@ def test_fedslm_cli_dispatches_and_names_a_bad_command(none_run, capsys):
     assert "error: --format onnx: needs optimum[onnxruntime]" in capsys.readouterr().err
     assert cli.main(["serve"]) == 2
     assert capsys.readouterr().err.strip() == "error: command: expected one of generate, export, got serve"
+
+
+# ---------------------------------------------------------------- classification runs
+
+def _predictions(spec, texts) -> list[tuple[str, float]]:
+    """(label, probability) that ``fedslm.inference.classify_text`` gives each record's text."""
+    from fedslm.inference import classify_text
+
+    model, tokenizer = spec.build()
+    out = [classify_text(model, tokenizer, json.loads(r)["text"], spec.labels, seq_len=spec.seq_len)
+           for r in texts]
+    return [(o["label"], o["probability"]) for o in out]
+
+
+@pytest.mark.parametrize("method", ["none", "split"])
+def test_classify_predictions_reproduce_the_runs_accuracy(tmp_path, method):
+    """The label generate prints is the head's argmax: over a client's test split it gives
+    exactly the accuracy that client reported, for the global and the personal model."""
+    from fedslm.data.synthetic import TOPIC_NAMES
+
+    cfg, metrics = make_run(method, tmp_path, task="classify")
+    glob = resolve(run=str(tmp_path))
+    assert glob.task == "classify" and glob.labels == tuple(TOPIC_NAMES[: cfg.data.num_topics])
+    index = {name: i for i, name in enumerate(glob.labels)}
+    for partition in range(NUM_CLIENTS):
+        records = eval_texts(resolve(run=str(tmp_path), client=partition)) if method != "none" else \
+            tuple(__import__("fedslm.client.task", fromlist=["x"]).client_texts(cfg, partition, "test"))
+        truth = [json.loads(r)["label"] for r in records]
+        specs = [("", glob)] + ([("personal_", resolve(run=str(tmp_path), client=partition))]
+                                if method != "none" else [])
+        for prefix, spec in specs:
+            predicted = _predictions(spec, records)
+            assert all(0 < p <= 1 for _, p in predicted)
+            hits = sum(index[label] == t for (label, _), t in zip(predicted, truth))
+            assert hits / len(truth) == metrics[partition][f"{prefix}accuracy"]
+
+
+def test_generate_prints_the_label_and_its_probability_for_global_personal_and_agent(tmp_path, capsys):
+    from fedslm.client import agent
+    from fedslm.inference import classify_text
+
+    make_run("split", tmp_path, task="classify")
+    text = "the team won the match in the final minute"
+    for flags in ([], ["--client", "1"]):
+        spec = resolve(run=str(tmp_path), client=int(flags[1]) if flags else None)
+        model, tokenizer = spec.build()
+        want = classify_text(model, tokenizer, text, spec.labels, seq_len=spec.seq_len)
+        probs = torch.softmax(model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt",
+                                                add_special_tokens=False)).logits[0], -1)
+        assert want["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+        assert want["label"] == spec.labels[int(probs.argmax())]
+        assert generate_cli.main(["--run", str(tmp_path), *flags, "--prompt", text]) == 0
+        assert capsys.readouterr().out == f"{want['label']}\t{want['probability']:.4f}\n"
+    # a device's state dir alone (task and label names kept with the personal adapter)
+    assert agent.main(["generate", "--state-dir", str(tmp_path / "clients" / "1"), "--prompt", text]) == 0
+    assert capsys.readouterr().out == f"{want['label']}\t{want['probability']:.4f}\n"
+    assert generate_cli.main(["--run", str(tmp_path), "--prompt", text, "--task", "instruct"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --task: instruct does not fit this model, trained for task classify"]
