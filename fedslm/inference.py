@@ -230,7 +230,7 @@ def check_device(name: str) -> str:
 
 
 def latency_per_token(model, tokenizer, *, prompt_tokens: int = 32, new_tokens: int = 32,
-                      runs: int = 5, threads: int = 1) -> dict[str, float]:
+                      runs: int = 5, threads: int = 1) -> dict[str, object]:
     """Median seconds per generated token over ``runs`` greedy generations of exactly
     ``new_tokens`` tokens after a ``prompt_tokens``-token prompt, on ``threads`` CPU
     threads (prefill included, one warm-up run not counted; on a GPU the clock waits
