@@ -4,7 +4,8 @@
 
 Nothing is contacted: the base model is read from where the ClientApp resolved it (the
 path stored with the personal adapter), ``split``/``dual`` use the global adapter the
-device last received (``last_global/``).
+device last received (``last_global/``). A classification model prints the predicted
+label and its probability.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fedslm.generate_cli import add_sampling_args, quiet, run_generate
+    from fedslm.generate_cli import Loaded, add_sampling_args, quiet, run_generate
 
     quiet()
     parser = argparse.ArgumentParser(prog="fedslm-agent generate", description=__doc__,
@@ -31,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
         parts = personal_parts(args.state_dir)
         model, tokenizer = assemble_model(parts.base_path, parts.peft_cfg, method=parts.method,
-                                          shared=parts.shared, personal=parts.personal)
-        return model, tokenizer, f"personal model ({parts.method}, round {parts.round})"
+                                          shared=parts.shared, personal=parts.personal,
+                                          task=parts.task, num_labels=len(parts.labels),
+                                          device=args.device)
+        return Loaded(model, tokenizer, f"personal model ({parts.method}, round {parts.round})",
+                      task=parts.task, labels=parts.labels)
 
     return run_generate(args, build)
 

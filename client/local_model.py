@@ -18,7 +18,7 @@ import numpy as np
 from fedslm.personal_state import (LAST_GLOBAL_DIR, STATE_FILE, PersonalStateError,
                             load_personal, personal_dir, personal_method)
 from fedslm.config import PeftConfig
-from fedslm.inference import NEEDS_GLOBAL, InferenceError, read_adapter
+from fedslm.inference import NEEDS_GLOBAL, InferenceError, head_size, read_adapter
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class PersonalParts:
     personal: Mapping[str, np.ndarray]
     round: int
     client_dir: Path
+    task: str = "causal_lm"  # "classify" when the adapters carry a classification head
+    labels: tuple[str, ...] = ()  # classify: class names in head order
 
 
 def client_dir_of(path: Path) -> Path:
@@ -63,6 +65,9 @@ def personal_parts(path: Path, *, method: str | None = None,
             raise InferenceError(f"--personal: a {state.method!r} personal model is global + "
                                  f"personal and {last} does not exist; pass --run <the run>")
         shared = read_adapter(last)[0]
+    classes = head_size(shared, state.arrays)
+    task = "classify" if classes else (state.task or "causal_lm")
+    labels = tuple(state.labels) if len(state.labels) == classes else tuple(map(str, range(classes)))
     return PersonalParts(base_path=base_path, peft_cfg=peft_cfg, method=state.method,
                          shared=shared, personal=state.arrays, round=state.round,
-                         client_dir=client_dir)
+                         client_dir=client_dir, task=task, labels=labels)

@@ -67,9 +67,12 @@ def _load(model, global_arrays: Mapping[str, np.ndarray], state: PersonalState |
 
 def _save(cfg: ExperimentConfig, client_dir: Path, arrays, *,
           server_round: int, updates: int) -> None:
+    from fedslm.tasks.classify import label_names
+
     save_personal(client_dir, arrays, method=cfg.personalization.method,
                   server_round=server_round, updates=updates, peft_cfg=cfg.peft,
-                  base_model=model_path(cfg.model, cfg.data.seed))
+                  base_model=model_path(cfg.model, cfg.data.seed), task=cfg.task.name,
+                  labels=tuple(label_names(cfg)) if cfg.task.name == "classify" else ())
 
 
 def fit_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *,

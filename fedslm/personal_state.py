@@ -40,6 +40,8 @@ class PersonalState:
     method: str  # personalization method that wrote it
     round: int  # server round of the last update
     updates: int  # how many rounds updated it
+    task: str = ""  # the task it was trained for ("" in dirs written before this was kept)
+    labels: tuple[str, ...] = ()  # classify: class names in head order (generate prints them)
 
 
 def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
@@ -84,14 +86,19 @@ def load_personal(client_dir: Path, *, method: str) -> PersonalState | None:
             f"this run uses {method!r}; use another output_dir or personalization.state_dir")
     arrays = {name: value for name, value in load_file(str(directory / ADAPTER_WEIGHTS_FILE)).items()}
     return PersonalState(arrays=arrays, method=method, round=int(meta["round"]),
-                         updates=int(meta["updates"]))
+                         updates=int(meta["updates"]), task=str(meta.get("task", "")),
+                         labels=tuple(str(v) for v in meta.get("labels", ())))
 
 
 def save_personal(client_dir: Path, arrays: Mapping[str, np.ndarray], *,
                   method: str, server_round: int, updates: int, peft_cfg: PeftConfig,
-                  base_model: str) -> Path:
-    """Atomically replace the client's personal state with ``arrays``."""
-    meta = {"method": method, "round": int(server_round), "updates": int(updates)}
+                  base_model: str, task: str = "causal_lm",
+                  labels: tuple[str, ...] = ()) -> Path:
+    """Atomically replace the client's personal state with ``arrays``; the task and its
+    class names are kept with it, so a device can use the model from this dir alone."""
+    meta = {"method": method, "round": int(server_round), "updates": int(updates), "task": task}
+    if labels:
+        meta["labels"] = list(labels)
     return save_adapter(arrays, peft_cfg, base_model=base_model,
                         out_dir=personal_dir(client_dir),
                         extra_files={STATE_FILE: json.dumps(meta, indent=2)})

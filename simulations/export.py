@@ -3,6 +3,7 @@
     python -m fedslm.simulations.export --run outputs/runs/<date>/<time> --format hf   --out exports/hf
     python -m fedslm.simulations.export --run <run> --client 3 --format int8 --out exports/c3-int8
     python -m fedslm.simulations.export --run <run> --format gguf --gguf-type q8_0 --out exports/gguf
+    python -m fedslm.simulations.export --run <run> --format onnx --out exports/onnx   # pip install 'fedslm[export]'
 
 The adapter(s) are merged into the base (``merge_and_unload``), the model is written in
 the format, read back from what was written, and ``report.json`` + ``report.md`` in
@@ -11,7 +12,9 @@ split (global) or the client's own test split (personal) before export (base + a
 and after (the exported files), CPU latency per generated token (median of
 ``--latency-runs``, prompt length and threads stated) of the export and of the fp32
 merged model measured in the same process, and a warning when perplexity rises by more
-than ``--max-quality-loss`` percent. Bad input: one line on stderr, exit 2.
+than ``--max-quality-loss`` percent. ``--device cuda`` builds, scores and times the
+model before export (and the ``hf`` export) on the GPU; int8, gguf and onnx are CPU
+formats, written, scored and timed on the CPU. Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from pathlib import Path
 
 from fedslm.export_formats import dir_bytes, load_hf, load_int8, save_hf, save_int8
 from fedslm.gguf_export import GGUF_TYPES, GGUFError, read_back, write_gguf
-from fedslm.inference import InferenceError, latency_per_token, merged_model
+from fedslm.inference import InferenceError, check_device, latency_per_token, merged_model
 from fedslm.model import ModelError, count_parameters
-from fedslm.generate_cli import EXIT_BAD_INPUT, quiet
+from fedslm.generate_cli import EXIT_BAD_INPUT, add_device_arg, quiet
+from fedslm.onnx_export import OnnxError, load_onnx, missing_packages, write_onnx
 from fedslm.simulations.generate import add_model_args
 
 FORMATS = ("hf", "int8", "gguf", "onnx")
@@ -47,20 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-prompt-tokens", type=int, default=32)
     parser.add_argument("--latency-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the latency runs")
+    add_device_arg(parser)
     return parser.parse_args(argv)
 
 
 def check_format(args: argparse.Namespace) -> None:
     if args.format not in FORMATS:
         raise InferenceError(f"--format: unknown value {args.format!r}; expected one of {', '.join(FORMATS)}")
-    if args.format == "onnx":
-        try:
-            import onnxruntime  # noqa: F401
-            import optimum.exporters.onnx  # noqa: F401
-        except ImportError:
-            raise InferenceError("--format onnx: needs optimum[onnxruntime], which is not "
-                                 "installed here (hf, int8 and gguf work)") from None
-        raise InferenceError("--format onnx: not implemented yet (hf, int8 and gguf work)")
+    if args.format == "onnx" and missing_packages():
+        raise InferenceError(f"--format onnx: needs {missing_packages()}, not installed here "
+                             "(pip install 'fedslm[export]'; hf, int8 and gguf work without)")
     if args.gguf_type not in GGUF_TYPES:
         raise InferenceError(f"--gguf-type: unknown value {args.gguf_type!r}; expected one of {', '.join(GGUF_TYPES)}")
 
@@ -69,12 +69,16 @@ def export(args: argparse.Namespace) -> dict:
     from fedslm.simulations.model_source import eval_texts, resolve, score
 
     check_format(args)
+    device = check_device(args.device)
     spec = resolve(run=args.run, client=args.client, personal=args.personal,
                    tracking_uri=args.tracking_uri)
+    if spec.task == "classify":  # scoring, int8/gguf loading and latency are causal-LM only
+        raise InferenceError(f"--run: {spec.label} is a classify model; export supports causal_lm "
+                             "and instruct models (fedslm generate classifies with it)")
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise InferenceError(f"--out: {out} exists and is not empty")
-    model, tokenizer = spec.build()
+    model, tokenizer = spec.build(device)
     texts = eval_texts(spec)
     before = score(spec, model, tokenizer, texts)
     merged = merged_model(model)
@@ -82,10 +86,14 @@ def export(args: argparse.Namespace) -> dict:
     latency = {}
     if args.latency_runs:
         latency["fp32_merged"] = _latency(args, merged, tokenizer)
+    merged = merged.cpu()  # every format is written from CPU tensors
     if args.format == "hf":
         save_hf(merged, tokenizer, out)
-        exported, _ = load_hf(out)
+        exported = load_hf(out)[0].to(device)
         files = out
+    elif args.format == "onnx":
+        files = write_onnx(copy.deepcopy(merged), tokenizer, out)
+        exported, _ = load_onnx(out, threads=args.threads)
     elif args.format == "int8":
         save_int8(copy.deepcopy(merged), tokenizer, out)
         exported, _ = load_int8(out)
@@ -98,6 +106,12 @@ def export(args: argparse.Namespace) -> dict:
     if args.latency_runs:
         if args.format == "gguf":
             latency["export"] = _gguf_latency(args, files)
+        elif args.format == "onnx":
+            from fedslm.onnx_export import latency_per_token as onnx_latency
+
+            latency["export"] = onnx_latency(exported, tokenizer, prompt_tokens=args.latency_prompt_tokens,
+                                             new_tokens=args.latency_new_tokens,
+                                             runs=args.latency_runs, threads=args.threads)
         else:
             latency["export"] = _latency(args, exported, tokenizer)
     report = _report(args, spec, files, params, before, after, latency, len(texts))
@@ -173,7 +187,8 @@ def report_markdown(report: dict) -> str:
         if "seconds_per_token" in lat:
             lines.append(f"- latency {name}: {1000 * lat['seconds_per_token']:.2f} ms/token "
                          f"(median of {lat['runs']}, prompt {lat['prompt_tokens']} tokens, "
-                         f"{lat['new_tokens']} new, {lat['threads']} thread(s))")
+                         f"{lat['new_tokens']} new, {lat['threads']} thread(s), "
+                         f"{lat.get('device', 'cpu')}{'; ' + lat['note'] if 'note' in lat else ''})")
         else:
             lines.append(f"- latency {name}: n/a ({lat['unavailable']})")
     if report["warning"]:
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = export(args)
-    except (InferenceError, ModelError, GGUFError) as err:
+    except (InferenceError, ModelError, GGUFError, OnnxError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(report_markdown(report), end="")

@@ -4,7 +4,9 @@
     python -m fedslm.simulations.generate --run <MLflow run id> --client 3 --prompt "..." --temperature 0.8 --top-p 0.9
     python -m fedslm.simulations.generate --personal /var/lib/fedslm --prompt "..."   # a device's model
 
-Tokens are streamed as they are generated. Bad input: one line on stderr, exit 2.
+Tokens are streamed as they are generated; a classification run's model prints the
+predicted label and its probability (softmax over the task head) instead. Bad input:
+one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedslm.generate_cli import add_sampling_args, quiet, run_generate
+from fedslm.generate_cli import Loaded, add_sampling_args, quiet, run_generate
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = resolve(run=args.run, client=args.client, personal=args.personal,
                        tracking_uri=args.tracking_uri)
-        model, tokenizer = spec.build()
-        return model, tokenizer, f"{spec.label} model ({spec.method})"
+        model, tokenizer = spec.build(args.device)
+        return Loaded(model, tokenizer, f"{spec.label} model ({spec.method})", task=spec.task,
+                      labels=spec.labels, seq_len=spec.seq_len)
 
     return run_generate(args, build)
 

@@ -43,12 +43,19 @@ class ModelSpec:
     cfg: ExperimentConfig | None  # the run's config (None: a device state dir alone)
     partition_id: int | None  # whose test split scores a personal model
     run_dir: Path | None
+    task: str = "causal_lm"  # the task the model was trained for
+    labels: tuple[str, ...] = ()  # classify: class names in head order
 
-    def build(self):
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.training.seq_len if self.cfg else 128
+
+    def build(self, device: str = "cpu"):
         seed = self.cfg.training.seed if self.cfg else 0
         dtype = self.cfg.model.dtype if self.cfg else "float32"
         return assemble_model(self.base_path, self.peft_cfg, method=self.method, dtype=dtype,
-                              shared=self.shared, personal=self.personal, seed=seed)
+                              shared=self.shared, personal=self.personal, seed=seed,
+                              task=self.task, num_labels=len(self.labels), device=device)
 
 
 def run_dir_of(run: str, *, tracking_uri: str = "") -> Path:
@@ -101,7 +108,8 @@ def resolve(*, run: str = "", client: int | None = None, personal: str = "",
         parts = personal_parts(Path(personal))
         return ModelSpec(label=f"personal {parts.client_dir}", base_path=parts.base_path,
                          peft_cfg=parts.peft_cfg, method=parts.method, shared=parts.shared,
-                         personal=parts.personal, cfg=None, partition_id=None, run_dir=None)
+                         personal=parts.personal, cfg=None, partition_id=None, run_dir=None,
+                         task=parts.task, labels=parts.labels)
     run_dir = run_dir_of(run, tracking_uri=tracking_uri)
     cfg = read_run(run_dir)
     shared, peft_cfg, base_path = read_adapter(run_dir / "adapter")
@@ -110,9 +118,11 @@ def resolve(*, run: str = "", client: int | None = None, personal: str = "",
         from fedslm.runtime import model_path
 
         base_path = model_path(cfg.model, cfg.data.seed)
+    task, labels = cfg.task.name, _labels(cfg)
     if client is None and not personal:
         return ModelSpec(label="global", base_path=base_path, peft_cfg=peft_cfg, method=method,
-                         shared=shared, personal=None, cfg=cfg, partition_id=None, run_dir=run_dir)
+                         shared=shared, personal=None, cfg=cfg, partition_id=None, run_dir=run_dir,
+                         task=task, labels=labels)
     if method == "none":
         raise InferenceError(f"--run: {run_dir} was trained without personalization; "
                              "it has only the global model")
@@ -124,7 +134,18 @@ def resolve(*, run: str = "", client: int | None = None, personal: str = "",
     partition = client if client is not None else _partition_of(parts.client_dir)
     return ModelSpec(label=f"client {partition}" if partition is not None else f"personal {where}",
                      base_path=base_path, peft_cfg=peft_cfg, method=method, shared=shared,
-                     personal=parts.personal, cfg=cfg, partition_id=partition, run_dir=run_dir)
+                     personal=parts.personal, cfg=cfg, partition_id=partition, run_dir=run_dir,
+                     task=task, labels=labels)
+
+
+def _labels(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """A classify run's class names in head order (``fedslm.tasks.classify``); () otherwise."""
+    if cfg.task.name != "classify":
+        return ()
+    from fedslm.tasks.classify import label_names, num_labels
+
+    names = tuple(label_names(cfg))
+    return names if len(names) == num_labels(cfg) else tuple(map(str, range(num_labels(cfg))))
 
 
 def _partition_of(client_dir: Path) -> int | None:

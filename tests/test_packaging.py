@@ -96,3 +96,10 @@ def test_the_wheel_installs_only_fedslm_and_its_scripts_run(tmp_path):
         check=True,
     )
     assert where.stdout.strip() == str(target / "fedslm" / "client" / "task.py")
+
+
+def test_ci_installs_the_export_extra_with_the_test_extra():
+    """CI installs .[test]: the ONNX export test must find onnx and onnxruntime there."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "fedslm[export]" in extras["test"]
+    assert {d.split(">")[0] for d in extras["export"]} == {"onnx", "onnxruntime"}

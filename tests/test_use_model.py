@@ -31,20 +31,21 @@ NUM_CLIENTS = 2
 LOGITS_ATOL = 1e-5  # merged fp32 vs base + LoRA: the same sums in another order
 
 
-def experiment(method: str, out: Path) -> ExperimentConfig:
+def experiment(method: str, out: Path, task: str = "causal_lm") -> ExperimentConfig:
     return ExperimentConfig.from_dict({
+        "task": {"name": task},
         "personalization": {"method": method, "finetune_steps": 3},
         "federation": {"num_clients": NUM_CLIENTS, "num_rounds": 1},
         "data": {"heterogeneity": 1.0, "docs_per_client": 24},
-        "training": {"local_steps": 4, "eval_max_batches": 2},
+        "training": {"local_steps": 4, "eval_max_batches": 2 if task != "classify" else 0},
         "output_dir": str(out),
     })
 
 
-def make_run(method: str, out: Path) -> tuple[ExperimentConfig, dict[int, dict]]:
+def make_run(method: str, out: Path, task: str = "causal_lm") -> tuple[ExperimentConfig, dict[int, dict]]:
     """One round of every client (fit, mean, evaluate) as the engine does it; the run's
     output dir as ``run_experiment`` writes it. Returns each client's evaluate metrics."""
-    cfg = experiment(method, out)
+    cfg = experiment(method, out, task)
     start = initial_adapter(cfg)
     updates = [fit(cfg, start, partition_id=p, server_round=1) for p in range(NUM_CLIENTS)]
     final = {n: np.mean([u[0][n] for u in updates], axis=0) for n in start}
@@ -75,6 +76,13 @@ def test_personal_model_reproduces_the_clients_own_evaluation(tmp_path, method):
         texts = eval_texts(spec)  # the global model on the same client's split
         assert score(glob, model, tokenizer, texts)["loss"] == pytest.approx(
             metrics[partition]["loss"], abs=1e-6)
+    if method == "split":  # the export bench's per-client gains are the ones clients reported
+        from fedslm.simulations.bench.export import client_gains
+
+        gains = client_gains(str(tmp_path))
+        assert [g["client"] for g in gains] == list(range(NUM_CLIENTS))
+        assert [g["gain_pct"] for g in gains] == pytest.approx(
+            [metrics[p]["personal_gain"] for p in range(NUM_CLIENTS)], abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["split", "dual"])
@@ -170,6 +178,46 @@ def test_gguf_file_reads_back_with_llama_names_and_shapes(none_run, tmp_path):
     assert abs(report["quality"]["perplexity_change_pct"]) < export_cli.DEFAULT_MAX_QUALITY_LOSS
 
 
+ONNX_LOGITS_ATOL = 1e-4  # onnxruntime's fp32 kernels vs torch's: measured 5e-6 on the tiny model
+
+
+def test_onnx_export_has_the_logits_of_the_merged_model(none_run, tmp_path):
+    from fedslm.onnx_export import greedy, load_onnx
+
+    out = tmp_path / "onnx"
+    assert export_cli.main(["--run", str(none_run), "--format", "onnx", "--out", str(out),
+                            "--latency-runs", "1", "--latency-new-tokens", "3"]) == 0
+    spec = resolve(run=str(none_run))
+    peft_model, tokenizer = spec.build()
+    onnx_model, _ = load_onnx(out)
+    ids = torch.tensor([[5, 17, 40, 3, 9, 120, 77, 2, 11, 12, 13], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    got = onnx_model(input_ids=ids).logits  # batch and length differ from the traced example
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=ONNX_LOGITS_ATOL, rtol=0)
+    prompt = ids[:1, :6]
+    with torch.no_grad():
+        want = peft_model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, 6:]
+    assert torch.equal(greedy(onnx_model, prompt, 5), want)
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "onnx" and report["warning"] == ""
+    assert report["quality"]["after"] == score(spec, onnx_model, tokenizer, eval_texts(spec))
+    assert abs(report["quality"]["perplexity_change_pct"]) < 0.01
+    assert report["size_bytes"] == sum(p.stat().st_size for p in out.iterdir()
+                                       if p.name not in ("report.json", "report.md"))
+    assert report["latency"]["export"]["runs"] == 1 and "no key/value cache" in report["latency"]["export"]["note"]
+
+
+def test_onnx_without_its_packages_is_one_line(none_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_cli, "missing_packages", lambda: "onnxruntime")
+    assert export_cli.main(["--run", str(none_run), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --format onnx: needs onnxruntime, not installed here (pip install 'fedslm[export]'; "
+        "hf, int8 and gguf work without)"]
+
+
 def test_gguf_generates_through_llama_cpp(none_run, tmp_path):
     """Only where llama-cpp-python installs from a wheel (not here: it builds from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -219,7 +267,17 @@ def test_bad_input_is_one_line_and_exit_2(none_run, tmp_path, capsys):
          "error: --format: unknown value 'tflite'; expected one of hf, int8, gguf, onnx"),
         (generate_cli, ["--run", str(none_run), "--client", "0", "--prompt", "x"],
          f"error: --run: {none_run} was trained without personalization; it has only the global model"),
+        (export_cli, ["--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "o")],
+         f"error: --run: {tmp_path / 'missing'} is neither an output dir nor an MLflow run id"),
+        (export_cli, ["--run", str(tmp_path / "no-adapter"), "--format", "int8", "--out", str(tmp_path / "o")],
+         f"error: --run: {tmp_path / 'no-adapter'} has no adapter/ (the run did not finish)"),
+        (generate_cli, ["--run", str(none_run), "--prompt", "x", "--device", "tpu"],
+         "error: --device: unknown value 'tpu'; expected cpu or cuda"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((export_cli, ["--run", str(none_run), "--format", "hf", "--out", str(tmp_path / "o"),
+                                   "--device", "cuda"],
+                      "error: --device: cuda was requested but torch sees no CUDA GPU on this machine"))
     for module, argv, line in cases:
         assert module.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -249,7 +307,44 @@ def test_agent_generate_uses_the_devices_personal_model_offline(tmp_path, capsys
 def test_fedslm_cli_dispatches_and_names_a_bad_command(none_run, capsys):
     from fedslm.simulations import cli
 
-    assert cli.main(["export", "--run", str(none_run), "--format", "onnx", "--out", "/tmp/none"]) == 2
-    assert "error: --format onnx: needs optimum[onnxruntime]" in capsys.readouterr().err
+    assert cli.main(["export", "--run", str(none_run), "--format", "tflite", "--out", "/tmp/none"]) == 2
+    assert "error: --format: unknown value 'tflite'" in capsys.readouterr().err
     assert cli.main(["serve"]) == 2
     assert capsys.readouterr().err.strip() == "error: command: expected one of generate, export, got serve"
+
+
+# ---------------------------------------------------------------- classification runs
+
+def test_classify_generate_prints_the_heads_label_and_probability(tmp_path, capsys):
+    """Global and personal models of a classify run, and a device's state dir alone: the
+    label printed is the head's argmax with its softmax probability, and over a client's
+    test split those labels give exactly the accuracy the client reported."""
+    from fedslm.client import agent
+    from fedslm.data.synthetic import TOPIC_NAMES
+    from fedslm.inference import classify_text
+
+    cfg, metrics = make_run("split", tmp_path, task="classify")
+    text = "the team won the match in the final minute"
+    for flags, prefix in (([], ""), (["--client", "1"], "personal_")):
+        spec = resolve(run=str(tmp_path), client=1 if flags else None)
+        assert spec.task == "classify" and spec.labels == tuple(TOPIC_NAMES[: cfg.data.num_topics])
+        model, tokenizer = spec.build()
+        records = eval_texts(resolve(run=str(tmp_path), client=1))  # client 1's test split
+        predicted = [classify_text(model, tokenizer, json.loads(r)["text"], spec.labels,
+                                   seq_len=spec.seq_len) for r in records]
+        hits = sum(p["index"] == json.loads(r)["label"] for p, r in zip(predicted, records))
+        assert hits / len(records) == metrics[1][f"{prefix}accuracy"]
+        want = classify_text(model, tokenizer, text, spec.labels, seq_len=spec.seq_len)
+        with torch.no_grad():
+            probs = torch.softmax(model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt",
+                                                    add_special_tokens=False)).logits[0], -1)
+        assert want["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+        assert want["label"] == spec.labels[int(probs.argmax())]
+        assert generate_cli.main(["--run", str(tmp_path), *flags, "--prompt", text]) == 0
+        assert capsys.readouterr().out == f"{want['label']}\t{want['probability']:.4f}\n"
+    # the device's state dir alone: task and class names are kept with the personal adapter
+    assert agent.main(["generate", "--state-dir", str(tmp_path / "clients" / "1"), "--prompt", text]) == 0
+    assert capsys.readouterr().out == f"{want['label']}\t{want['probability']:.4f}\n"
+    assert generate_cli.main(["--run", str(tmp_path), "--prompt", text, "--task", "instruct"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --task: instruct does not fit this model, trained for task classify"]
