@@ -9,7 +9,10 @@ and overwritten by the next round's key stage; a round that was abandoned leaves
 most one such file, whose secrets belong to a round that never released a sum.
 
 Stage 3 trains exactly as the plain train handler does (``fedslm.client.task.fit``), then
-sends only the masked ring vector and its metrics.
+sends only the masked ring vector and its metrics. In a weighted round
+(``fedslm.secagg.protocol.weighted``) stage 1 also sends the client's example count
+(as plain FedAvg's reply does) and stage 3 scales the update by the w/W the server
+returns.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from fedslm.client import secagg
 from fedslm.client.handlers import node, use_threads
 from fedslm.client.node import record_participation
 from fedslm.client.privacy import BudgetExhausted
-from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
-from fedslm.client.task import fit
+from fedslm.keys import BUDGET_EXHAUSTED, PARTITION_ID, STATUS_KEY, STATUS_RECORD, WEIGHT_KEY
+from fedslm.client.task import fit, train_examples
 from fedslm.adapters import from_array_record
 from fedslm.atomic import atomic_write
 from fedslm.config import ExperimentConfig
@@ -66,8 +69,13 @@ def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
     if stage == "keys":
         state, adv = secagg.advertise_keys(rnd, self_id)
         _save(path, state)
+        claim = {}
+        if P.weighted(cfg):  # the weight the server caps, in clear (as plain FedAvg's)
+            claim = {WEIGHT_KEY: train_examples(cfg, me.partition_id, me.data_path),
+                     PARTITION_ID: me.partition_id}
         return _reply(msg, started, {P.RECORD: ConfigRecord({P.PK_ENC: adv["pk-enc"], P.PK_MASK: adv["pk-mask"],
-                                                               P.COMMIT: adv["commit"]})})
+                                                               P.COMMIT: adv["commit"]}),
+                                     "metrics": claim})
     state = _load(path, rnd, self_id)
     if stage == "shares":
         peers = {int(i): (e, m) for i, e, m in zip(rec[P.PEERS], rec[P.PK_ENC], rec[P.PK_MASK], strict=True)}
@@ -116,8 +124,9 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     std = secagg.noise_std(noise_multiplier=p.user_level_noise(), clipping_norm=p.clipping_norm,
                            threshold=state.threshold) if dp else 0.0
     rng = np.random.default_rng(np.frombuffer(Secrets.from_entropy(state.entropy).local_seed, dtype=np.uint64))
+    scale = secagg.weight_scale(rec.get(P.WEIGHT), rec.get(P.WEIGHT_MAX)) if P.weighted(cfg) else 1.0
     values, clipped = secagg.prepare_update(update, sa=sa, clip_norm=p.clipping_norm if dp else 0.0,
-                                            noise_std=std, rng=rng)
+                                            noise_std=std, rng=rng, scale=scale)
     masked = secagg.mask(state, values, modulus_bits=sa.modulus_bits)
     wire = masked.astype(np.uint32 if sa.modulus_bits <= 32 else np.uint64)
     metrics = {**metrics, "secagg-undecryptable": len(bad)}
