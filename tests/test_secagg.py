@@ -182,6 +182,28 @@ def test_a_client_whose_shares_no_one_can_decrypt_is_named_when_the_round_is_aba
         run_round(values, sa=SA, server_round=2, tamper=_replaying(values, {100, 102, 103, 104}))
 
 
+@pytest.mark.parametrize("forge, why", [
+    (lambda own, other: other, "public key reused (replayed or copied)"),          # 100's keys, replayed
+    (lambda own, other: (own[1], own[1], own[2]), "public key reused"),             # one key for both uses
+    (lambda own, other: (b"\x05" + bytes(32), own[1], own[2]), "not a P-256 point"),
+    (lambda own, other: (own[0], own[1], own[2][:16]), "commitment is not 32 bytes"),
+])
+def test_a_bad_key_advertisement_is_refused_and_the_round_sums_the_others(forge, why) -> None:
+    values = inputs(5)
+    advertised = {}
+
+    def tamper(stage, node, reply):
+        if stage == "keys":
+            advertised[node] = reply
+            if node == 101:
+                return forge(reply, advertised[100])
+        return reply
+
+    run, total = run_round(values, sa=SA, tamper=tamper)
+    assert why in run.server.rejected[101] and 101 not in run.server.shared
+    np.testing.assert_array_equal(total, exact_sum(values, set(values) - {101}))
+
+
 @pytest.mark.parametrize("bad, why", [
     (lambda v: v[:-1], "shape"),
     (lambda v: v.astype(np.int64), "dtype"),
