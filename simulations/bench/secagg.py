@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import random
 import sys
 import time
@@ -48,6 +50,14 @@ def size_of(obj: Any) -> int:
 def _memory_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(field))
+
+
+def release_freed_memory() -> None:
+    """glibc: serve every block of 4 KiB or more by mmap, so that memory freed by one
+    stage is returned to the kernel instead of being reused silently by the next (which
+    would hide the next stage's growth from the resident high-water mark)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4096)  # M_MMAP_THRESHOLD
 
 
 def peak_growth(fn, *args, **kwargs) -> tuple[Any, float, int]:
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     sa_kwargs = {"threshold_fraction": args.threshold_fraction}
     rows = []
     if counts:  # warm-up: first-use costs (lazy imports, crypto backend) in no row
+        release_freed_memory()
         protocol_row(3, 0.0, size=64, neighbours=0, sa_kwargs=sa_kwargs)
     for n, k, drop in protocol_settings(counts, graphs, dropouts):
         print(f"[secagg] protocol: {n} clients, {k or 'all'} neighbours, dropout {drop:g}", flush=True)
