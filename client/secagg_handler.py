@@ -55,13 +55,13 @@ def _load(path: Path, server_round: int, self_id: int) -> secagg.ClientRound:
 
 def _reply(msg: Message, started: float, records: dict) -> Message:
     metrics = records.pop("metrics", {})
-    metrics["secagg-cpu-seconds"] = time.thread_time() - started
+    metrics["secagg-cpu-seconds"] = time.process_time() - started
     return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     """One SecAgg+ stage for this client (the stage is named in the ``secagg`` record)."""
-    started = time.thread_time()
+    started = time.process_time()
     use_threads(int(cfg.federation.client_num_cpus))
     rec, me = msg.content[P.RECORD], node(cfg, context, msg)
     stage, rnd, self_id = str(rec[P.STAGE]), int(rec[P.ROUND]), int(rec[P.SELF_ID])
@@ -106,7 +106,7 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
         raise RuntimeError("simulated dropout (secure_aggregation.simulate_dropout)")
     _save(path, state)
     received = from_array_record(msg.content["arrays"])
-    train_started = time.thread_time()
+    train_started = time.process_time()
     try:
         arrays, metrics = fit(cfg, received, partition_id=me.partition_id, server_round=state.server_round,
                               proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -114,7 +114,7 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     except BudgetExhausted as exc:  # a status instead of an input: the server recovers its masks
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
         return Message(RecordDict({"metrics": MetricRecord(exc.metrics), STATUS_RECORD: status}), reply_to=msg)
-    trained = time.thread_time() - train_started
+    trained = time.process_time() - train_started
     record_participation(me.participation_log, run_id=context.run_id, server_round=state.server_round,
                          phase="train", metrics=metrics)
     update = [np.asarray(arrays[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
