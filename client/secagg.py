@@ -123,9 +123,11 @@ def receive_shares(state: ClientRound, ciphertexts: dict[int, bytes]) -> list[in
 
 
 def prepare_update(update: list[np.ndarray], *, sa: SecureAggregationConfig, clip_norm: float,
-                   noise_std: float, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+                   noise_std: float, rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, bool]:
     """The update as ring values: finite, L2-clipped to ``clip_norm`` (0: not), plus
-    Gaussian noise of ``noise_std`` per value, quantized. Returns (values, clipped)."""
+    Gaussian noise of ``noise_std`` per value, clipped per value to the quantization
+    range, times ``scale`` (a weighted round's w/W, in (0, 1]), quantized. Returns
+    (values, clipped)."""
     vector = ring.flatten(update)
     if not np.isfinite(vector).all():
         raise ValueError("update has non-finite values; not sending it")
@@ -134,8 +136,19 @@ def prepare_update(update: list[np.ndarray], *, sa: SecureAggregationConfig, cli
         vector, clipped = ring.clip_l2(vector, clip_norm)
     if noise_std > 0:
         vector = vector + rng.normal(0.0, noise_std, vector.shape)
+    if scale != 1.0:
+        vector = np.clip(vector, -sa.clipping_range, sa.clipping_range) * scale
     return ring.quantize(vector, clipping_range=sa.clipping_range,
                          quantization_bits=sa.quantization_bits, rng=rng), clipped
+
+
+def weight_scale(weight: object, weight_max: object) -> float:
+    """A weighted round's factor w/W for this client's update: its capped weight over
+    the round's largest, both from the server; anything but 0 < w <= W is refused."""
+    if (isinstance(weight, int) and isinstance(weight_max, int) and not isinstance(weight, bool)
+            and not isinstance(weight_max, bool) and 0 < weight <= weight_max):
+        return weight / weight_max
+    raise ProtocolAbort(f"server sent weight {weight!r} of {weight_max!r}; expected 0 < w <= W")
 
 
 def mask(state: ClientRound, values: np.ndarray, *, modulus_bits: int) -> np.ndarray:

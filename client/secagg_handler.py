@@ -9,7 +9,10 @@ and overwritten by the next round's key stage; a round that was abandoned leaves
 most one such file, whose secrets belong to a round that never released a sum.
 
 Stage 3 trains exactly as the plain train handler does (``fedslm.client.task.fit``), then
-sends only the masked ring vector and its metrics.
+sends only the masked ring vector and its metrics. In a weighted round
+(``fedslm.secagg.protocol.weighted``) stage 1 also sends the client's example count
+(as plain FedAvg's reply does) and stage 3 scales the update by the w/W the server
+returns.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from fedslm.client import secagg
 from fedslm.client.handlers import node, use_threads
 from fedslm.client.node import record_participation
 from fedslm.client.privacy import BudgetExhausted
-from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
-from fedslm.client.task import fit
+from fedslm.keys import BUDGET_EXHAUSTED, PARTITION_ID, STATUS_KEY, STATUS_RECORD, WEIGHT_KEY
+from fedslm.client.task import fit, train_examples
 from fedslm.adapters import from_array_record
 from fedslm.atomic import atomic_write
 from fedslm.config import ExperimentConfig
@@ -52,13 +55,13 @@ def _load(path: Path, server_round: int, self_id: int) -> secagg.ClientRound:
 
 def _reply(msg: Message, started: float, records: dict) -> Message:
     metrics = records.pop("metrics", {})
-    metrics["secagg-cpu-seconds"] = time.thread_time() - started
+    metrics["secagg-cpu-seconds"] = time.process_time() - started
     return Message(RecordDict({**records, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     """One SecAgg+ stage for this client (the stage is named in the ``secagg`` record)."""
-    started = time.thread_time()
+    started = time.process_time()
     use_threads(int(cfg.federation.client_num_cpus))
     rec, me = msg.content[P.RECORD], node(cfg, context, msg)
     stage, rnd, self_id = str(rec[P.STAGE]), int(rec[P.ROUND]), int(rec[P.SELF_ID])
@@ -66,8 +69,13 @@ def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
     if stage == "keys":
         state, adv = secagg.advertise_keys(rnd, self_id)
         _save(path, state)
+        claim = {}
+        if P.weighted(cfg):  # the weight the server caps, in clear (as plain FedAvg's)
+            claim = {WEIGHT_KEY: train_examples(cfg, me.partition_id, me.data_path),
+                     PARTITION_ID: me.partition_id}
         return _reply(msg, started, {P.RECORD: ConfigRecord({P.PK_ENC: adv["pk-enc"], P.PK_MASK: adv["pk-mask"],
-                                                               P.COMMIT: adv["commit"]})})
+                                                               P.COMMIT: adv["commit"]}),
+                                     "metrics": claim})
     state = _load(path, rnd, self_id)
     if stage == "shares":
         peers = {int(i): (e, m) for i, e, m in zip(rec[P.PEERS], rec[P.PK_ENC], rec[P.PK_MASK], strict=True)}
@@ -98,7 +106,7 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
         raise RuntimeError("simulated dropout (secure_aggregation.simulate_dropout)")
     _save(path, state)
     received = from_array_record(msg.content["arrays"])
-    train_started = time.thread_time()
+    train_started = time.process_time()
     try:
         arrays, metrics = fit(cfg, received, partition_id=me.partition_id, server_round=state.server_round,
                               proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -106,7 +114,7 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     except BudgetExhausted as exc:  # a status instead of an input: the server recovers its masks
         status = ConfigRecord({STATUS_KEY: BUDGET_EXHAUSTED, "message": str(exc)})
         return Message(RecordDict({"metrics": MetricRecord(exc.metrics), STATUS_RECORD: status}), reply_to=msg)
-    trained = time.thread_time() - train_started
+    trained = time.process_time() - train_started
     record_participation(me.participation_log, run_id=context.run_id, server_round=state.server_round,
                          phase="train", metrics=metrics)
     update = [np.asarray(arrays[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
@@ -116,8 +124,9 @@ def _masked(cfg, msg, context, state, path, started, me) -> Message:
     std = secagg.noise_std(noise_multiplier=p.user_level_noise(), clipping_norm=p.clipping_norm,
                            threshold=state.threshold) if dp else 0.0
     rng = np.random.default_rng(np.frombuffer(Secrets.from_entropy(state.entropy).local_seed, dtype=np.uint64))
+    scale = secagg.weight_scale(rec.get(P.WEIGHT), rec.get(P.WEIGHT_MAX)) if P.weighted(cfg) else 1.0
     values, clipped = secagg.prepare_update(update, sa=sa, clip_norm=p.clipping_norm if dp else 0.0,
-                                            noise_std=std, rng=rng)
+                                            noise_std=std, rng=rng, scale=scale)
     masked = secagg.mask(state, values, modulus_bits=sa.modulus_bits)
     wire = masked.astype(np.uint32 if sa.modulus_bits <= 32 else np.uint64)
     metrics = {**metrics, "secagg-undecryptable": len(bad)}

@@ -33,6 +33,13 @@ def train_metrics(result, tensors, partition_id: int) -> Metrics:
             WEIGHT_KEY: int(tensors[0].shape[0]), PARTITION_ID: partition_id}
 
 
+def train_examples(cfg: ExperimentConfig, partition_id: int, data_path: str = "") -> int:
+    """The ``num-examples`` this client's training reply claims (its train rows), before
+    training: a weighted SecAgg+ round needs it to scale the update."""
+    _, tensors = client_data(cfg, partition_id, "train", data_path)
+    return int(tensors[0].shape[0])
+
+
 def fit(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndarray], *, partition_id: int,
         server_round: int, proximal_mu: float = 0.0, client_dir: Path | None = None,
         data_path: str = "", attack_round: int = 0) -> tuple[dict[str, np.ndarray], Metrics]:

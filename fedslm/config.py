@@ -627,6 +627,7 @@ class AggregationConfig:
 
 
 SECURE_AGGREGATION_METHODS = ("none", "secaggplus")
+SECURE_AGGREGATION_WEIGHTINGS = ("auto", "equal", "examples")
 
 
 @dataclass
@@ -644,6 +645,15 @@ class SecureAggregationConfig:
     on or stops (``on_abandon``). With ``privacy.mode=dp_fedavg`` every client clips its
     update to ``privacy.clipping_norm`` and adds Gaussian noise of variance
     (z C)^2 / threshold, so the unmasked sum carries at least DP-FedAvg's noise.
+    ``weighting``: how the unmasked sum becomes the mean. ``equal`` divides it by the
+    number of inputs; ``examples`` weights each client as plain FedAvg does (its
+    ``num-examples``, capped as the plain path caps it: ``robust.weight_cap`` times the
+    round's median claim and, in simulation, the partition's known size): the client
+    sends its claim in clear with its keys, the server returns the capped weight w and
+    the round's largest W, the client scales its clipped update by w/W before
+    quantizing, and the server divides the sum by the sum of w/W. ``auto`` (default) is
+    what plain aggregation does: ``examples``, but ``equal`` under
+    ``privacy.mode=dp_fedavg``, whose sensitivity assumes unit weights.
     ``simulate_dropout``: for benchmarks and tests, that fraction of the sampled clients
     (chosen per round by a hash) fails after sharing its keys.
     """
@@ -656,6 +666,7 @@ class SecureAggregationConfig:
     quantization_bits: int = 20
     modulus_bits: int = 32
     on_abandon: str = "continue"
+    weighting: str = "auto"
     simulate_dropout: float = 0.0
 
     def check(self, at: str) -> None:
@@ -672,6 +683,7 @@ class SecureAggregationConfig:
             _fail(f"{at}.modulus_bits", f"must be in {self.quantization_bits + 1}..62 "
                   f"(above quantization_bits), got {self.modulus_bits}")
         _one_of(f"{at}.on_abandon", self.on_abandon, ("continue", "stop"))
+        _one_of(f"{at}.weighting", self.weighting, SECURE_AGGREGATION_WEIGHTINGS)
         if not 0 <= self.simulate_dropout < 1:
             _fail(f"{at}.simulate_dropout", f"must be in [0, 1), got {self.simulate_dropout}")
 
@@ -930,6 +942,9 @@ def check_secure_aggregation_combination(cfg: ExperimentConfig) -> None:
         key = "aggregation.name" if cfg.aggregation.name in ("flora", "flexlora") else "peft.ranks"
         _fail(key, f"cannot run with secure_aggregation.method={sa.method}: the server sees only "
               "the sum of the clients' factors, not each client's factors or rank")
+    if p.user_level and sa.weighting == "examples":
+        _fail("secure_aggregation.weighting", f"must be equal or auto with privacy.mode={p.mode}: "
+              "DP-FedAvg's noise is calibrated to unit weights")
     if p.user_level and p.clipping != "fixed":
         _fail("privacy.clipping", f"must be fixed with secure_aggregation.method={sa.method}: "
               "adaptive clipping needs each client's clipped bit, which SecAgg hides")

@@ -209,7 +209,9 @@ def _is_key_of(scalar: bytes, pk_mask: bytes) -> bool:
         return False
 
 
-def mean_update(total: np.ndarray, count: int, *, sa: SecureAggregationConfig) -> np.ndarray:
-    """The equal-weight mean of the ``count`` updates summed into ``total``."""
+def mean_update(total: np.ndarray, count: int, *, sa: SecureAggregationConfig,
+                weight_total: float | None = None) -> np.ndarray:
+    """The mean of the ``count`` updates summed into ``total``: equal-weight, or, when
+    each was scaled by its weight before quantizing, divided by their ``weight_total``."""
     return ring.dequantize_sum(total, count, clipping_range=sa.clipping_range,
-                               quantization_bits=sa.quantization_bits) / count
+                               quantization_bits=sa.quantization_bits) / (weight_total or count)

@@ -2,6 +2,11 @@
 (``send_and_collect``: deadlines, message-id matching, progress) around the state
 machine of ``fedslm.server.secagg``, then the unmasked mean handed to the Flower strategy.
 
+The mean is equal-weight or, in a weighted round (``secure_aggregation.weighting``), by
+each client's capped example count, as plain FedAvg weights: the counts travel in clear
+with the keys, are capped here exactly as ``fedslm.server.screening`` caps a plain
+reply's, and each client scales its update by w/W before masking.
+
 The strategy still decides whom to sample (``configure_train``) and how the mean moves
 the global adapter (``aggregate_train`` gets one reply holding global + mean update with
 unit weight: FedAvg/FedProx take it as is, FedAvgM/FedAdam/... apply their server
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
@@ -31,12 +37,15 @@ from fedslm.adapters import payload_bytes
 from fedslm.config import ExperimentConfig
 from fedslm.secagg import protocol as P
 from fedslm.secagg.ring import unflatten
+from fedslm.replies import weight_problem
 from fedslm.wire import WireError, decode_array
 from fedslm.server.dp_fedavg import UserLevelDp
 from fedslm.server.messaging import Collected, send_and_collect
 from fedslm.server.metrics import client_rows, dropped_rows, summarize
 from fedslm.server.privacy import Release, save_server_privacy
 from fedslm.server.secagg import Abandoned, SecAggRound, mean_update
+from fedslm.server.screening import known_size_cap
+from fedslm.server.screening import weight_cap as weight_cap_of
 from fedslm.server.strategy import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 
 if TYPE_CHECKING:
@@ -63,6 +72,7 @@ class Traffic:
     update_up: int = 0  # the masked vectors themselves
     server_seconds: float = 0.0
     client_seconds: float = 0.0  # protocol work the clients report (training excluded)
+    weight_total: int = 0  # the survivors' capped weights (equal: their number)
 
 
 class SecureTrain:
@@ -70,6 +80,7 @@ class SecureTrain:
 
     def __init__(self, cfg: ExperimentConfig, strategy: Strategy) -> None:
         self.cfg, self.sa = cfg, cfg.secure_aggregation
+        self.weighted = P.weighted(cfg)
         self.dp = strategy if isinstance(strategy, UserLevelDp) else None
         self.stopped: str | None = None
         self.abandoned_total = 0
@@ -89,7 +100,8 @@ class SecureTrain:
         try:
             if not train_msgs:
                 raise Abandoned("no clients sampled")
-            total, accepted, refused, rows = self._protocol(grid, plan, rnd, train_msgs, traffic, label)
+            total, weight_total, accepted, refused, rows = self._protocol(grid, plan, rnd, train_msgs,
+                                                                          traffic, label)
         except Abandoned as why:
             self.abandoned_total += 1
             log(WARNING, "%s: round abandoned, global adapter unchanged: %s", label, why)
@@ -102,7 +114,7 @@ class SecureTrain:
             rows += [{"round": server_round, "phase": "train", "node_id": n, "status": "rejected",
                       "error": why[:200]} for n, why in sorted(rnd.rejected.items())]
             return arrays, metrics, rows
-        mean = unflatten(mean_update(total, len(rnd.masked), sa=self.sa), like)
+        mean = unflatten(mean_update(total, len(rnd.masked), sa=self.sa, weight_total=weight_total), like)
         new = ArrayRecord({k: Array(np.asarray(a + d, dtype=a.dtype))
                            for k, a, d in zip(arrays.keys(), like, mean, strict=True)})
         inner = self.dp.strategy if self.dp is not None else strategy
@@ -137,26 +149,34 @@ class SecureTrain:
             return got
 
         def timed(fn, *args):
-            start = time.thread_time()
+            # process time: Flower's Shamir helpers work in a thread pool, which a thread
+            # clock misses (~90 % of the cost); it also counts the process's other threads
+            start = time.process_time()
             try:
                 return fn(*args)
             finally:
-                traffic.server_seconds += time.thread_time() - start
+                traffic.server_seconds += time.process_time() - start
 
         def head(node: int, stage: str, **extra) -> ConfigRecord:
             return ConfigRecord({P.STAGE: stage, P.ROUND: rnd.server_round, P.SELF_ID: node,
                                  P.NUM_SAMPLED: len(rnd.sampled), **extra})
 
-        # 1. keys
+        # 1. keys (weighted: and each client's example count, in clear)
         got = trip("keys", {n: RecordDict({P.RECORD: head(n, "keys")}) for n in rnd.sampled})
-        keys = {}
+        keys, claims = {}, {}
         for m in got.ok:
             rec = m.content.config_records.get(P.RECORD, {})
-            if all(isinstance(rec.get(k), bytes) for k in (P.PK_ENC, P.PK_MASK, P.COMMIT)):
-                keys[m.metadata.src_node_id] = (rec[P.PK_ENC], rec[P.PK_MASK], rec[P.COMMIT])
-            else:
+            claim = m.content.metric_records.get(METRICS_KEY, MetricRecord())
+            if not all(isinstance(rec.get(k), bytes) for k in (P.PK_ENC, P.PK_MASK, P.COMMIT)):
                 rnd.rejected[m.metadata.src_node_id] = "malformed key advertisement"
+            elif self.weighted and (why := weight_problem(claim.get(WEIGHT_KEY))) is not None:
+                rnd.rejected[m.metadata.src_node_id] = f"key advertisement: {why}"
+            else:
+                keys[m.metadata.src_node_id] = (rec[P.PK_ENC], rec[P.PK_MASK], rec[P.COMMIT])
+                claims[m.metadata.src_node_id] = claim
         peers = timed(rnd.on_keys, keys)
+        weights = capped_weights({n: claims[n] for n in rnd.keys}, weight_cap=plan.robust.weight_cap,
+                                 known_sizes=plan.known_sizes) if self.weighted else {}
         # 2. shares
         requests = {}
         for node, nbrs in peers.items():
@@ -174,10 +194,12 @@ class SecureTrain:
         inbox = timed(rnd.on_shares, shares)
         # 3. masked input (the client trains here)
         requests = {}
+        top = max((weights[n] for n in inbox), default=1) if self.weighted else 1
         for node, cts in inbox.items():
             ids = sorted(cts)
+            weight = {P.WEIGHT: weights[node], P.WEIGHT_MAX: top} if self.weighted else {}
             record = head(node, "masked", **{P.PEERS: ids, P.CIPHERTEXTS: [cts[i] for i in ids],
-                                            P.THRESHOLD: rnd.threshold})
+                                            P.THRESHOLD: rnd.threshold, **weight})
             requests[node] = RecordDict({**dict(train_msgs[node].content.items()), P.RECORD: record})
         got = trip("masked", requests)
         replies, undecryptable, refused = {}, {}, []
@@ -223,7 +245,10 @@ class SecureTrain:
             log(WARNING, "%s: node %s %s", label, liar, why)
         log(INFO, "%s: unmasked the sum of %d update(s) (%d dropped after sharing keys)",
             label, len(rnd.masked), len(rnd.dropped))
-        return total, list(accepted.values()), refused, rows
+        # the sum is of w/W-scaled updates: its weight is sum(w)/W (equal: one per input)
+        weight_total = sum(weights[n] for n in rnd.masked) / top if self.weighted else None
+        traffic.weight_total = sum(weights[n] for n in rnd.masked) if self.weighted else len(rnd.masked)
+        return total, weight_total, list(accepted.values()), refused, rows
 
     def _metrics(self, rnd: SecAggRound, traffic: Traffic, *, abandoned: bool) -> dict[str, float]:
         return {
@@ -231,6 +256,7 @@ class SecureTrain:
             "secagg_survivors": float(len(rnd.masked)), "secagg_dropped": float(len(rnd.dropped)),
             "secagg_rejected": float(len(rnd.rejected)), "secagg_liars": float(len(rnd.liars)),
             "secagg_threshold": float(rnd.threshold if rnd.sampled else 0),
+            "secagg_weighted": float(self.weighted), "secagg_weight_total": float(traffic.weight_total),
             "secagg_server_cpu_seconds": traffic.server_seconds,
             "secagg_client_cpu_seconds": traffic.client_seconds / max(1, len(rnd.sampled)),
             "bytes_down": float(traffic.down), "bytes_up": float(traffic.up),
@@ -264,6 +290,23 @@ def distributed_release(server_round: int, *, noise_multiplier: float, survivors
     if survivors < threshold:
         raise ValueError(f"{survivors} survivors is below the threshold {threshold}; nothing is released")
     return Release(server_round, noise_multiplier * math.sqrt(survivors / threshold), sampled, population)
+
+
+def capped_weights(claims: Mapping[int, Mapping], *, weight_cap: float,
+                   known_sizes: Mapping[int, int] | None) -> dict[int, int]:
+    """Each client's weight as plain aggregation caps it (``bound_influence``): its
+    claimed ``num-examples``, at most ``weight_cap`` times the round's median claim and,
+    in simulation, its partition's known train size (both only while capping is on)."""
+    cap = weight_cap_of([int(c[WEIGHT_KEY]) for c in claims.values()], weight_cap)
+    out = {}
+    for node, claim in claims.items():
+        limits = [int(claim[WEIGHT_KEY])]
+        if cap is not None:
+            limits.append(cap)
+        if known_sizes and weight_cap > 0:
+            limits.append(known_size_cap(claim, known_sizes))
+        out[node] = max(1, min(limits))
+    return out
 
 
 def setup_secure(cfg: ExperimentConfig, strategy: Strategy) -> SecureTrain | None:

@@ -9,7 +9,7 @@ from fedslm.client import secagg as client
 from fedslm.config import SecureAggregationConfig
 from fedslm.secagg import crypto, ring
 from fedslm.secagg.protocol import Graph, threshold
-from fedslm.server.secagg import Abandoned
+from fedslm.server.secagg import Abandoned, mean_update
 from tests.secagg_util import entropy, run_round
 
 SA = SecureAggregationConfig(method="secaggplus", quantization_bits=8, modulus_bits=16, threshold=3)
@@ -57,6 +57,35 @@ def test_sparse_neighbourhoods_sum_exactly_with_a_dropout() -> None:
     run, total = run_round(values, sa=sa, drop_after_shares={104})
     assert all(len(p) == 4 for p in run.server.graph.neighbours.values())
     np.testing.assert_array_equal(total, exact_sum(values, set(values) - {104}))
+
+
+@pytest.mark.parametrize("dropped", [set(), {102}])
+def test_a_weighted_sum_is_bit_exact_and_divides_by_the_survivors_weights(dropped) -> None:
+    """Hand-built updates on the quantization grid (multiples of 1/32, 8 bits over [-1, 1]:
+    step 1/128) scaled by w/W with W = 4: every scaled value is a grid point, so
+    stochastic rounding never rounds and the ring sum is known exactly."""
+    updates = {100: np.array([0.5, -1.0, 0.25, 0.0]), 101: np.array([-0.5, 1.0, 0.75, -0.25]),
+               102: np.array([1.0, 1.0, -1.0, 0.125]), 103: np.array([0.0, -0.5, 0.5, 1.0])}
+    weights, top = {100: 1, 101: 2, 102: 4, 103: 2}, 4
+    values = {}
+    for node, x in updates.items():
+        values[node], _ = client.prepare_update([x], sa=SA, clip_norm=0.0, noise_std=0.0, scale=weights[node] / top,
+                                                rng=np.random.default_rng(node))
+        np.testing.assert_array_equal(values[node], (x * weights[node] / top + 1) * 128)
+    run, total = run_round(values, sa=SA, drop_after_shares=dropped)
+    survivors = sorted(set(updates) - dropped)
+    np.testing.assert_array_equal(total, sum((updates[n] * weights[n] / top + 1) * 128 for n in survivors))
+    weight_total = sum(weights[n] for n in survivors) / top
+    expected = sum(weights[n] * updates[n] for n in survivors) / sum(weights[n] for n in survivors)
+    np.testing.assert_allclose(mean_update(total, len(survivors), sa=SA, weight_total=weight_total), expected,
+                               rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("weight, top", [(0, 4), (5, 4), (True, 4), (2.0, 4), (None, None)])
+def test_a_client_refuses_a_weight_outside_0_to_the_rounds_largest(weight, top) -> None:
+    with pytest.raises(client.ProtocolAbort, match="expected 0 < w <= W"):
+        client.weight_scale(weight, top)
+    assert client.weight_scale(3, 4) == 0.75
 
 
 def test_graph_is_symmetric_and_k_regular() -> None:
@@ -153,6 +182,28 @@ def test_a_client_whose_shares_no_one_can_decrypt_is_named_when_the_round_is_aba
         run_round(values, sa=SA, server_round=2, tamper=_replaying(values, {100, 102, 103, 104}))
 
 
+@pytest.mark.parametrize("forge, why", [
+    (lambda own, other: other, "public key reused (replayed or copied)"),          # 100's keys, replayed
+    (lambda own, other: (own[1], own[1], own[2]), "public key reused"),             # one key for both uses
+    (lambda own, other: (b"\x05" + bytes(32), own[1], own[2]), "not a P-256 point"),
+    (lambda own, other: (own[0], own[1], own[2][:16]), "commitment is not 32 bytes"),
+])
+def test_a_bad_key_advertisement_is_refused_and_the_round_sums_the_others(forge, why) -> None:
+    values = inputs(5)
+    advertised = {}
+
+    def tamper(stage, node, reply):
+        if stage == "keys":
+            advertised[node] = reply
+            if node == 101:
+                return forge(reply, advertised[100])
+        return reply
+
+    run, total = run_round(values, sa=SA, tamper=tamper)
+    assert why in run.server.rejected[101] and 101 not in run.server.shared
+    np.testing.assert_array_equal(total, exact_sum(values, set(values) - {101}))
+
+
 @pytest.mark.parametrize("bad, why", [
     (lambda v: v[:-1], "shape"),
     (lambda v: v.astype(np.int64), "dtype"),
@@ -211,6 +262,16 @@ def test_quantization_is_unbiased_and_dequantizes_a_sum() -> None:
     assert abs(ring.dequantize_sum(draws, 1, clipping_range=1.0, quantization_bits=3).mean() - 0.1) < 0.01
 
 
+def test_auto_weighting_is_what_plain_aggregation_does() -> None:
+    from fedslm.config import ExperimentConfig
+    from fedslm.secagg.protocol import weighted
+
+    def cfg(**data):
+        return ExperimentConfig.from_dict({"secure_aggregation": {"method": "secaggplus"}, **data})
+    assert weighted(cfg()) and not weighted(cfg(privacy={"mode": "dp_fedavg"}))
+    assert not weighted(cfg(secure_aggregation={"method": "secaggplus", "weighting": "equal"}))
+
+
 @pytest.mark.parametrize("override, message", [
     ({"compression": {"method": "int8"}}, "compression.method: must be none with secure_aggregation.method=secaggplus"),
     ({"privacy": {"mode": "dp_fedavg", "clipping": "adaptive", "clipped_count_stddev": 1.0}},
@@ -220,6 +281,9 @@ def test_quantization_is_unbiased_and_dequantizes_a_sum() -> None:
     ({"secure_aggregation": {"num_neighbours": 3}}, "secure_aggregation.num_neighbours: must be an even number"),
     ({"secure_aggregation": {"threshold": 1}}, "secure_aggregation.threshold: must be 0"),
     ({"personalization": {"method": "dual"}}, "personalization.method: must be none with secure_aggregation"),
+    ({"secure_aggregation": {"weighting": "examples"}, "privacy": {"mode": "dp_fedavg"}},
+     "secure_aggregation.weighting: must be equal or auto with privacy.mode=dp_fedavg"),
+    ({"secure_aggregation": {"weighting": "by_loss"}}, "secure_aggregation.weighting: unknown value 'by_loss'"),
 ])
 def test_config_refuses_what_secagg_cannot_combine_with(override, message) -> None:
     from fedslm.config import ConfigError, ExperimentConfig

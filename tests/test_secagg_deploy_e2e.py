@@ -49,5 +49,8 @@ def test_agent_killed_mid_protocol_round_unmasks_the_others(federation: Deployme
     # deadline passes first ("timed_out"): either way it is a dropout, recovered from shares
     assert status.pop(str(victim_id)) in ("failed", "timed_out")
     assert sorted(status.values()) == ["ok", "ok"]
+    # no DP: weighted as plain FedAvg (auto), by the survivors' example counts sent in clear
+    assert r1["secagg_weighted"] == 1
+    assert r1["secagg_weight_total"] == sum(int(r["num-examples"]) for r in train if r["status"] == "ok")
     wait_for(lambda: log.read_text().count(f"SuperNode ID: {victim_id}") >= 2, 120,
              "the rebooted agent to be accepted again", dep)

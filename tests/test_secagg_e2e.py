@@ -36,6 +36,7 @@ def test_four_clients_two_rounds_with_a_dropout_and_distributed_dp(tmp_path: Pat
         assert (r["secagg_survivors"], r["secagg_dropped"], r["secagg_abandoned"]) == (3, 1, 0)
         assert r["secagg_threshold"] == 3 and r["secagg_protocol_bytes_up"] > 0
         assert r["dp_effective_noise_multiplier"] == 0.5  # 3 survivors = threshold
+        assert (r["secagg_weighted"], r["secagg_weight_total"]) == (0, 3)  # auto: equal under dp_fedavg
     # the ledger: two releases of z=0.5, 4 of 4 sampled, exactly DP-FedAvg's epsilon
     privacy = summary["privacy"]
     assert privacy["releases"] == 2

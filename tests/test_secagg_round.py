@@ -17,7 +17,7 @@ from fedslm.secagg import protocol as P
 from fedslm.server.dp_fedavg import UserLevelDp
 from fedslm.server.privacy import Release, new_server_state, user_level_epsilon
 from fedslm.server.rounds import RoundPlan, run_rounds
-from fedslm.server.secagg_round import SecureTrain, distributed_release
+from fedslm.server.secagg_round import SecureTrain, capped_weights, distributed_release
 from tests.secagg_util import entropy
 
 DELTA = {1: 0.25, 2: -0.5, 3: 0.125, 4: 0.5}  # each node's update: the same value everywhere
@@ -32,8 +32,10 @@ def cfg(**sa) -> ExperimentConfig:
 class Devices:
     """Nodes 1..4 run the real client stages; ``silent`` never answer the masked stage."""
 
-    def __init__(self, config: ExperimentConfig, silent=()) -> None:
+    def __init__(self, config: ExperimentConfig, silent=(), claims=None) -> None:
         self.cfg, self.silent, self.outbox, self.states = config, set(silent), {}, {}
+        self.claims = claims or dict.fromkeys(DELTA, 10)  # num-examples sent with the keys
+        self.scales: dict[int, float] = {}
         self.received: list[Message] = []
         self.sent_inputs: dict[int, np.ndarray] = {}
 
@@ -68,7 +70,8 @@ class Devices:
         if kind == P.MESSAGE_TYPES["keys"]:
             self.states[node], adv = client.advertise_keys(rnd, node, entropy=entropy(node, rnd))
             return RecordDict({P.RECORD: ConfigRecord({P.PK_ENC: adv["pk-enc"], P.PK_MASK: adv["pk-mask"],
-                                                       P.COMMIT: adv["commit"]})})
+                                                       P.COMMIT: adv["commit"]}),
+                               "metrics": MetricRecord({"num-examples": self.claims[node], "partition-id": node})})
         state = self.states[node]
         if kind == P.MESSAGE_TYPES["shares"]:
             peers = {int(i): (e, m) for i, e, m in zip(rec[P.PEERS], rec[P.PK_ENC], rec[P.PK_MASK])}
@@ -81,8 +84,10 @@ class Devices:
             if node in self.silent:
                 return None
             update = [np.full(a.numpy().shape, DELTA[node]) for a in msg.content["arrays"].values()]
+            scale = client.weight_scale(rec[P.WEIGHT], rec[P.WEIGHT_MAX]) if P.weighted(self.cfg) else 1.0
+            self.scales[node] = scale
             values, _ = client.prepare_update(update, sa=self.cfg.secure_aggregation, clip_norm=0.0,
-                                              noise_std=0.0, rng=np.random.default_rng(node))
+                                              noise_std=0.0, rng=np.random.default_rng(node), scale=scale)
             self.sent_inputs[node] = values
             masked = client.mask(state, values, modulus_bits=self.cfg.secure_aggregation.modulus_bits)
             return RecordDict({P.MASKED_KEY: ArrayRecord({P.MASKED_ARRAY: Array(masked.astype(np.uint32))}),
@@ -133,6 +138,42 @@ def test_the_global_adapter_moves_by_the_mean_of_the_survivors_updates() -> None
             for arr in record.values():
                 for x in devices.sent_inputs.values():
                     assert not np.array_equal(arr.numpy().astype(np.uint64), x)
+
+
+def test_a_weighted_round_moves_by_the_capped_example_weighted_mean() -> None:
+    """Claims 10, 30, 20, 1000: node 4 is capped at 4 x median 25 = 100, as the plain path
+    caps it; node 3 drops. Survivors scale by w/W (W = 100): 0.1, 0.3, 1."""
+    devices = Devices(cfg(), silent={3}, claims={1: 10, 2: 30, 3: 20, 4: 1000})
+    arrays, history = run(cfg(), devices)
+    mean = (10 * 0.25 + 30 * -0.5 + 100 * 0.5) / 140
+    np.testing.assert_allclose(arrays["a"].numpy(), np.full((2, 3), mean), atol=2 ** -14)
+    assert devices.scales == {1: 0.1, 2: 0.3, 4: 1.0}
+    r = history.rounds[0]
+    assert (r["secagg_weighted"], r["secagg_weight_total"], r["secagg_survivors"]) == (1.0, 140.0, 3.0)
+
+
+def test_equal_weighting_ignores_the_claims() -> None:
+    config = cfg(weighting="equal")
+    arrays, history = run(config, Devices(config, silent={3}, claims={1: 10, 2: 30, 3: 20, 4: 1000}))
+    np.testing.assert_allclose(arrays["a"].numpy(), np.full((2, 3), (0.25 - 0.5 + 0.5) / 3), atol=2 ** -14)
+    assert (history.rounds[0]["secagg_weighted"], history.rounds[0]["secagg_weight_total"]) == (0.0, 3.0)
+
+
+def test_a_bad_example_count_with_the_keys_is_rejected_and_the_round_goes_on() -> None:
+    devices = Devices(cfg(), claims={1: 10, 2: 0, 3: 10, 4: 10})
+    arrays, history = run(cfg(), devices)
+    np.testing.assert_allclose(arrays["a"].numpy(), np.full((2, 3), (0.25 + 0.125 + 0.5) / 3), atol=2 ** -14)
+    assert history.rounds[0]["secagg_rejected"] == 1
+    assert [c["error"] for c in history.clients if c.get("status") == "rejected"] == [
+        "key advertisement: bad num-examples: 0"]
+
+
+def test_capped_weights_follow_the_plain_paths_caps() -> None:
+    claims = {1: {"num-examples": 10, "partition-id": 0}, 2: {"num-examples": 30, "partition-id": 1},
+              3: {"num-examples": 1000, "partition-id": 2}}
+    assert capped_weights(claims, weight_cap=4.0, known_sizes=None) == {1: 10, 2: 30, 3: 120}
+    assert capped_weights(claims, weight_cap=4.0, known_sizes={0: 8, 1: 30, 2: 50}) == {1: 8, 2: 30, 3: 50}
+    assert capped_weights(claims, weight_cap=0, known_sizes={0: 8, 1: 30, 2: 50}) == {1: 10, 2: 30, 3: 1000}
 
 
 def test_below_the_threshold_the_round_is_abandoned_and_the_adapter_unchanged() -> None:

@@ -5,11 +5,13 @@ Each stage is its own Message-API round trip, a ``train.<action>`` message with 
 ``secagg`` ConfigRecord (stage 3 also carries the strategy's ``arrays`` and ``config``):
 
 1. ``keys``    server -> client: round parameters;  client -> server: two public keys
-               and a commitment to its self-mask seed.
+               and a commitment to its self-mask seed (weighted: and, in a ``metrics``
+               record, its example count and partition id, in clear).
 2. ``shares``  server -> client: its neighbours' public keys;  client -> server: Shamir
                shares of its self-mask seed and masking key, encrypted per neighbour.
-3. ``masked``  server -> client: the global adapter and the ciphertexts addressed to it;
-               client -> server: its clipped, quantized (noised) update, masked.
+3. ``masked``  server -> client: the global adapter and the ciphertexts addressed to it
+               (weighted: its capped weight and the round's largest);
+               client -> server: its clipped, (weighted,) quantized (noised) update, masked.
 4. ``unmask``  server -> client: which neighbours survived and which dropped;
                client -> server: self-mask shares of survivors, key shares of the dropped.
 """
@@ -20,7 +22,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from fedslm.config import SecureAggregationConfig
+from fedslm.config import ExperimentConfig, SecureAggregationConfig
 
 STAGES = ("keys", "shares", "masked", "unmask")
 MESSAGE_TYPES = {stage: f"train.secagg_{stage}" for stage in STAGES}
@@ -39,6 +41,14 @@ SHARE_OWNERS, SHARES = "share-owners", "shares"       # stage 4 reply: owner id,
 KEY_OWNERS, KEY_SHARES = "key-owners", "key-shares"
 UNDECRYPTABLE = "undecryptable"                       # stage 3 reply: senders ignored
 THRESHOLD, NEIGHBOURHOOD, NUM_SAMPLED = "threshold", "neighbourhood", "num-sampled"
+WEIGHT, WEIGHT_MAX = "weight", "weight-max"           # stage 3 request, weighted rounds only
+
+
+def weighted(cfg: ExperimentConfig) -> bool:
+    """Whether clients scale their updates by their capped example counts
+    (``secure_aggregation.weighting``; ``auto``: as plain aggregation weights)."""
+    w = cfg.secure_aggregation.weighting
+    return w == "examples" or (w == "auto" and not cfg.privacy.user_level)
 
 
 def neighbourhood_size(cfg: SecureAggregationConfig, sampled: int) -> int:
