@@ -19,11 +19,11 @@ def test_registry_holds_the_four_rules_and_refuses_a_second_registration() -> No
     ({"aggregation": {"name": "flora"}, "strategy": {"name": "fedadam"}}, "strategy.name", "aggregation.name=flora"),
     ({"aggregation": {"name": "flexlora"}, "strategy": {"name": "fedavgm"}}, "strategy.name",
      "aggregation.name=flexlora"),
-    ({"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg"}}, "privacy.mode", "aggregation.name=flora"),
+    ({"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg", "clip_side": "client"}},
+     "privacy.clip_side", "aggregation.name=flora"),
     ({"aggregation": {"name": "ffa"}, "personalization": {"method": "split"}}, "personalization.method",
      "aggregation.name=ffa"),
     ({"aggregation": {"name": "ffa"}, "peft": {"ranks": "50% r=4, 50% r=8"}}, "peft.ranks", "aggregation.name=ffa"),
-    ({"peft": {"ranks": "* r=4"}, "privacy": {"mode": "dp_fedavg"}}, "peft.ranks", "privacy.mode=dp_fedavg"),
     ({"peft": {"ranks": "* r=4"}, "personalization": {"method": "dual"}}, "peft.ranks", "personalization.method=dual"),
     ({"peft": {"r": 8, "ranks": "* r=16"}}, "peft.ranks", "peft.r=8"),
 ])
@@ -37,6 +37,9 @@ def test_combinations_that_cannot_work_are_refused_naming_both_keys(data, first_
 @pytest.mark.parametrize("data", [
     {"aggregation": {"name": "ffa"}, "strategy": {"name": "fedadam"}},  # B-only: optimizer is fine
     {"aggregation": {"name": "ffa"}, "privacy": {"mode": "dp_fedavg"}},
+    {"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg"}},  # product deltas clipped
+    {"aggregation": {"name": "flexlora"}, "privacy": {"mode": "dp_sgd+dp_fedavg"}, "peft": {"ranks": "* r=4"}},
+    {"peft": {"ranks": "* r=4"}, "privacy": {"mode": "dp_fedavg", "clip_side": "client"}},
     {"aggregation": {"name": "flora"}, "strategy": {"name": "fedprox", "proximal_mu": 0.1},
      "peft": {"ranks": "0-4 r=2, * r=8"}},
     {"aggregation": {"name": "flexlora"}, "privacy": {"mode": "dp_sgd"}, "compression": {"method": "int8"}},

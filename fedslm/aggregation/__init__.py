@@ -67,11 +67,11 @@ def _no_factor_optimizer(cfg: Any) -> str | None:
     return None
 
 
-def _no_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.privacy.user_level:
-        return (f"privacy.mode: {cfg.privacy.mode} clips and noises factor updates, not the product "
-                f"that aggregation.name={cfg.aggregation.name} aggregates; use aggregation=ffa "
-                "or fedavg with DP-FedAvg")
+def _no_client_side_clipping(cfg: Any) -> str | None:
+    if cfg.privacy.user_level and cfg.privacy.clip_side == "client":
+        return (f"privacy.clip_side: client clips factor updates on the device, which does not "
+                f"bound the product that aggregation.name={cfg.aggregation.name} aggregates "
+                "(the server clips product deltas); use privacy.clip_side=server")
     return None
 
 
@@ -89,13 +89,6 @@ def _no_ranks(cfg: Any) -> str | None:
     return None
 
 
-def _ranks_without_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.peft.ranks.strip() and cfg.privacy.user_level:
-        return (f"peft.ranks: per-client ranks cannot be combined with privacy.mode={cfg.privacy.mode} "
-                "yet (clipping compares each update with a global of another shape)")
-    return None
-
-
 def _ranks_without_personalization(cfg: Any) -> str | None:
     if cfg.peft.ranks.strip() and cfg.personalization.method != "none":
         return (f"peft.ranks: per-client ranks are not supported with personalization.method="
@@ -107,15 +100,15 @@ from fedslm.aggregation import flexlora, flora  # noqa: E402  (the rules' math)
 
 register_aggregation(AggregationRule(
     "fedavg", "A and B averaged separately (HetLoRA zero-padding for mixed ranks)",
-    incompatible=(_ranks_without_dp_fedavg, _ranks_without_personalization)))
+    incompatible=(_ranks_without_personalization,)))
 register_aggregation(AggregationRule(
     "ffa", "FFA-LoRA: A fixed at its seeded init, only B trains and travels",
     fixed_lora_a=True, incompatible=(_no_personalization, _no_ranks)))
 register_aggregation(AggregationRule(
     "flora", "FLoRA: stacked factors, exact weighted mean of B @ A, re-factored by thin SVD",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_space=True, incompatible=(_no_factor_optimizer, _no_client_side_clipping, _no_personalization),
     product_aggregate=flora.aggregate))
 register_aggregation(AggregationRule(
     "flexlora", "FlexLoRA: dense mean of B @ A, SVD, each client its top-r components",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_space=True, incompatible=(_no_factor_optimizer, _no_client_side_clipping, _no_personalization),
     product_aggregate=flexlora.aggregate))
