@@ -213,3 +213,20 @@ def test_product_noise_enters_the_dense_mean_before_the_svd(tmp_path, in_a_serve
 def test_padding_a_reply_keeps_its_factor_norm() -> None:
     small = _factors(2, 3)
     assert l2_norm(pad(small, 4)) == pytest.approx(l2_norm(small))
+
+
+def test_product_release_is_the_svd_of_the_sent_product_plus_the_clipped_mean_delta() -> None:
+    glob = _factors(3, 0)
+    sent = [glob, truncate(glob, 2), truncate(glob, 1)]
+    replies = [_moved(s, i, 1.0 if i else 0.01) for i, s in enumerate(sent)]
+    out, _, norms = private_aggregate(
+        replies, sent, product_space=True, rank=3, clip_norm=0.2, noise_multiplier=0.0, rng=np.random.default_rng(0)
+    )
+    mean, expected_norms = noised_mean(
+        [product_delta(r, s) for r, s in zip(replies, sent)], clip_norm=0.2, noise_multiplier=0.0, rng=None
+    )
+    assert norms == pytest.approx(expected_norms, rel=1e-12) and sum(n > 0.2 for n in norms) == 2
+    for a, b in ((A, B), (A2, B2)):
+        dense = sum(_prod(s, a, b) for s in sent) / 3 + mean[a]
+        u, s, vt = np.linalg.svd(dense)
+        np.testing.assert_allclose(_prod(out, a, b), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)

@@ -98,29 +98,56 @@ def private_aggregate(
     if len(replies) != len(sent) or not replies:
         raise ValueError(f"{len(replies)} replies but {len(sent)} sent adapters")
     m = len(replies)
-    if not product_space:
-        padded = [pad(s, rank) for s in sent]
-        base = {n: sum(np.asarray(p[n], np.float64) for p in padded) / m for n in padded[0]}
-        noisy, norms = noised_mean(
-            [factor_delta(r, s, rank) for r, s in zip(replies, sent)],
-            clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier,
-            rng=rng,
+    if product_space:
+        return _product_release(
+            replies, sent, rank=rank, clip_norm=clip_norm, noise_multiplier=noise_multiplier, rng=rng
         )
-        return {n: (base[n] + noisy[n]).astype(np.float32) for n in replies[0]}, 0.0, norms
-    bases = [sent_products(s) for s in sent]
+    padded = [pad(s, rank) for s in sent]
+    base = {n: sum(np.asarray(p[n], np.float64) for p in padded) / m for n in padded[0]}
     noisy, norms = noised_mean(
-        [product_delta(r, s) for r, s in zip(replies, sent)],
+        [factor_delta(r, s, rank) for r, s in zip(replies, sent)],
         clip_norm=clip_norm,
         noise_multiplier=noise_multiplier,
         rng=rng,
     )
-    mean = {n: sum(b[n] for b in bases) / m + noisy[n] for n in noisy}
+    return {n: (base[n] + noisy[n]).astype(np.float32) for n in replies[0]}, 0.0, norms
+
+
+def _product_release(
+    replies, sent, *, rank: int, clip_norm: float, noise_multiplier: float, rng: np.random.Generator
+) -> tuple[Arrays, float, list[float]]:
+    """Layer by layer, so only one dense ``out x in`` product is held at a time (per
+    client while measuring norms, then the layer's noised mean): memory O(out * in), not
+    O(clients * layers * out * in). Noise is drawn tensor by tensor in the order of the
+    sent names (a layer at its A's position)."""
+    m = len(replies)
     pairs = lora_pairs(list(sent[0]))
-    out: Arrays = {n: v.astype(np.float32) for n, v in mean.items() if n not in pairs}
+    partners = set(pairs.values())
+
+    def value(name: str, arrays) -> np.ndarray:  # a layer's product, or the tensor itself
+        if name in pairs:
+            return product(arrays[pairs[name]], arrays[name])
+        return np.asarray(arrays[name], np.float64)
+
+    def delta(name: str, r, s) -> np.ndarray:
+        return value(name, r) - value(name, s)
+
+    names = [n for n in sent[0] if n not in partners]
+    norms = [
+        float(np.sqrt(sum(float(np.sum(np.square(delta(n, r, s)))) for n in names))) for r, s in zip(replies, sent)
+    ]
+    scales = [min(1.0, clip_norm / n) if n > 0 else 1.0 for n in norms]
+    std = noise_multiplier * clip_norm / m
+    out: Arrays = {}
     worst = 0.0
-    for a, b in pairs.items():
-        new_b, new_a, residual = svd_factors(mean[a], rank)
-        out[a], out[b] = new_a.astype(np.float32), new_b.astype(np.float32)
-        worst = max(worst, residual)
+    for name in names:
+        mean = sum(value(name, s) + k * delta(name, r, s) for r, s, k in zip(replies, sent, scales)) / m
+        if std > 0:
+            mean = mean + rng.normal(0.0, std, size=mean.shape)
+        if name in pairs:
+            new_b, new_a, residual = svd_factors(mean, rank)
+            out[name], out[pairs[name]] = new_a.astype(np.float32), new_b.astype(np.float32)
+            worst = max(worst, residual)
+        else:
+            out[name] = mean.astype(np.float32)
     return {n: out[n] for n in replies[0]}, worst, norms
