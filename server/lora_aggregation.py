@@ -31,8 +31,9 @@ from fedslm.adapters import from_array_record, to_array_record
 from fedslm.aggregation import AggregationRule, aggregation_rule
 from fedslm.aggregation.lora_factors import Arrays, pad, rank_of, truncate
 from fedslm.aggregation.private import private_aggregate
-from fedslm.aggregation.ranks import RankSpec, assign_ranks, parse_ranks
+from fedslm.aggregation.ranks import TIER_INDEX_KEY, RankSpec, assign_ranks, parse_ranks
 from fedslm.config import ExperimentConfig
+from fedslm.server.checkpoint import StateHook
 from fedslm.server.strategy import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 
 PARTITION_KEY = "partition-id"
@@ -57,6 +58,7 @@ class LoraAggregation(Strategy):
         self.spec = spec
         self.node_rank: dict[int, int] = {}  # a device's rank, once decided, stays
         self.partitions: dict[int, int] = {}  # node id -> partition id, from its replies
+        self.tiers: dict[int, int] = {}  # node id -> reported tier index (peft.ranks by tier)
         self.aggregation_metrics: dict[str, float] = {}  # the last round's, for rounds.csv
         self.sent: dict[int, Arrays] = {}  # this round: what each node was sent (DP-FedAvg's base)
 
@@ -65,9 +67,11 @@ class LoraAggregation(Strategy):
         if node_id not in self.node_rank:
             nodes = sorted(set(grid.get_node_ids()) | {node_id} if grid is not None else {node_id})
             decided = assign_ranks(self.spec, nodes, default_rank=self.global_rank,
-                                   partitions=self.partitions)
+                                   partitions=self.partitions, tiers=self.tiers)
             rank = decided[node_id]
-            if not self.spec.by_partition or node_id in self.partitions:
+            known = ((not self.spec.by_partition or node_id in self.partitions)
+                     and (not self.spec.by_tier or node_id in self.tiers))
+            if known:  # decided for good (a partition or tier not heard of yet is not)
                 self.node_rank[node_id] = rank
             return rank
         return self.node_rank[node_id]
@@ -77,6 +81,8 @@ class LoraAggregation(Strategy):
             metrics = msg.content.metric_records.get(METRICS_KEY, {})
             if PARTITION_KEY in metrics:
                 self.partitions[msg.metadata.src_node_id] = int(metrics[PARTITION_KEY])
+            if TIER_INDEX_KEY in metrics:
+                self.tiers[msg.metadata.src_node_id] = int(metrics[TIER_INDEX_KEY])
 
     # -- Flower's Strategy interface ---------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -161,3 +167,23 @@ class LoraAggregation(Strategy):
         log(INFO, "\t└──> LoRA aggregation: %s, global rank %d, client ranks %s", self.rule.name,
             self.global_rank, sorted(set(self.node_rank.values())) or [self.global_rank])
         self.strategy.summary()
+
+
+def rank_state_hook(strategy: Strategy) -> StateHook | None:
+    """Each node's rank, partition id and tier in every checkpoint, so a resumed run
+    sends every device the rank it had (a rank decided by share over the nodes seen, or
+    by a partition or tier learned from replies, is not recomputed from scratch)."""
+    lora = strategy
+    while not isinstance(lora, LoraAggregation):
+        if (lora := getattr(lora, "strategy", None)) is None:
+            return None
+
+    def save() -> dict:
+        return {name: {str(k): v for k, v in getattr(lora, name).items()}
+                for name in ("node_rank", "partitions", "tiers")}
+
+    def load(data: dict) -> None:
+        for name in ("node_rank", "partitions", "tiers"):
+            setattr(lora, name, {int(k): int(v) for k, v in data[name].items()})
+
+    return StateHook("lora_ranks", save, load)

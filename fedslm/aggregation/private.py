@@ -141,7 +141,9 @@ def _product_release(
     out: Arrays = {}
     worst = 0.0
     for name in names:
-        mean = sum(value(name, s) + k * delta(name, r, s) for r, s, k in zip(replies, sent, scales)) / m
+        mean: np.ndarray = (
+            np.sum([value(name, s) + k * delta(name, r, s) for r, s, k in zip(replies, sent, scales)], axis=0) / m
+        )
         if std > 0:
             mean = mean + rng.normal(0.0, std, size=mean.shape)
         if name in pairs:
