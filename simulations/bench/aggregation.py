@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", choices=("synthetic", "shakespeare"), default="synthetic",
                         help="shakespeare: one client per speaker with >= 560 lines (8 speakers)")
     parser.add_argument("--only", default="", help="comma-separated run names (e.g. 'ffa,all r=4'); '' = all")
-    parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table")
+    parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table (0: skip it)")
     parser.add_argument("--no-engine", action="store_true", help="only the server-cost table")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/aggregation.json)")
@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         hets = tuple(float(h) for h in args.heterogeneity.split(",") if h)
     except ValueError:
         parser.error(f"--heterogeneity: {args.heterogeneity!r} is not comma-separated numbers")
-    cost = server_cost_rows(args.server_clients, rank=8)
-    print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
-    print(table(cost, ["rule", "clients", "layers", "rank", "seconds", "peak_mib"]))
+    cost = server_cost_rows(args.server_clients, rank=8) if args.server_clients > 0 else []
+    if cost:
+        print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
+        print(table(cost, ["rule", "clients", "layers", "rank", "seconds", "peak_mib"]))
     setting = {"clients": args.clients, "rounds": args.rounds, "steps": args.steps, "heterogeneity": hets}
     quality = [] if args.no_engine else quality_rows(
         setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None, args.data)
