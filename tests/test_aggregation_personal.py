@@ -17,10 +17,16 @@ LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def test_roles_of_ffa_with_dual() -> None:
-    role = {n: parameter_role(f"{LAYER}.{n}.weight", personalization="dual", fixed_lora_a=True)
-            for n in ("lora_A.default", "lora_B.default", "lora_A.personal", "lora_B.personal")}
-    assert role == {"lora_A.default": "fixed", "lora_B.default": "shared",
-                    "lora_A.personal": "personal", "lora_B.personal": "personal"}
+    role = {
+        n: parameter_role(f"{LAYER}.{n}.weight", personalization="dual", fixed_lora_a=True)
+        for n in ("lora_A.default", "lora_B.default", "lora_A.personal", "lora_B.personal")
+    }
+    assert role == {
+        "lora_A.default": "fixed",
+        "lora_B.default": "shared",
+        "lora_A.personal": "personal",
+        "lora_B.personal": "personal",
+    }
 
 
 def test_ffa_with_a_personal_adapter_sends_b_keeps_its_own_and_never_moves_a(tmp_path) -> None:
@@ -43,8 +49,12 @@ def test_ffa_with_a_personal_adapter_sends_b_keeps_its_own_and_never_moves_a(tmp
 
 
 def test_a_product_rule_with_dual_trains_the_sent_rank_and_a_full_personal_adapter(tmp_path) -> None:
-    cfg = _cfg(tmp_path, aggregation={"name": "flexlora"}, personalization={"method": "dual"},
-               peft={"r": 8, "ranks": "0 r=2, * r=8"})
+    cfg = _cfg(
+        tmp_path,
+        aggregation={"name": "flexlora"},
+        personalization={"method": "dual"},
+        peft={"r": 8, "ranks": "0 r=2, * r=8"},
+    )
     sent = truncate(initial_adapter(cfg), 2)
     reply = app(_message("train", to_array_record(sent)), _context(cfg, partition=0))
     back = from_array_record(reply.content["arrays"])

@@ -11,8 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedslm.adapters import from_array_record, to_array_record
 from fedslm.aggregation.lora_factors import rank_of
-from fedslm.aggregation.ranks import (RankSpecError, assign_ranks, parse_ranks, rank_for_tier,
-                                      tier_index, tier_metrics)
+from fedslm.aggregation.ranks import RankSpecError, assign_ranks, parse_ranks, rank_for_tier, tier_index, tier_metrics
 from fedslm.client.agent import AgentConfig, parse_args, write_node_config
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.replies import metric_problem
@@ -34,12 +33,15 @@ def test_tier_spec_parses_and_maps_tiers_to_ranks() -> None:
     assert assign_ranks(spec, [7, 8, 9], default_rank=8, tiers={7: 1, 8: -1}) == {7: 8, 8: 4, 9: 2}
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("tier=a r=2, 0-3 r=4", "mixes tiers ('tier=NAME r=R') and partition ids"),
-    ("tier=a r=2, 50% r=4, 50% r=8", "mixes shares"),
-    ("tier=a r=2, tier=a r=4", "tier 'a' is named twice"),
-    ("tier=a b r=2", "expected 'P% r=R', 'FIRST-LAST r=R', 'tier=NAME r=R' or '* r=R'"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("tier=a r=2, 0-3 r=4", "mixes tiers ('tier=NAME r=R') and partition ids"),
+        ("tier=a r=2, 50% r=4, 50% r=8", "mixes shares"),
+        ("tier=a r=2, tier=a r=4", "tier 'a' is named twice"),
+        ("tier=a b r=2", "expected 'P% r=R', 'FIRST-LAST r=R', 'tier=NAME r=R' or '* r=R'"),
+    ],
+)
 def test_bad_tier_specs_name_the_problem(bad, why) -> None:
     import re
 
@@ -60,15 +62,40 @@ def test_a_client_reports_its_tier_as_a_metric_the_server_accepts() -> None:
 def test_the_agent_writes_its_tier_into_the_node_config(tmp_path) -> None:
     import tomllib
 
-    cfg = AgentConfig(superlink="h:1", root_certificates=tmp_path / "ca", auth_key=tmp_path / "k",
-                      data_path=tmp_path, state_dir=tmp_path, tier="small")
+    cfg = AgentConfig(
+        superlink="h:1",
+        root_certificates=tmp_path / "ca",
+        auth_key=tmp_path / "k",
+        data_path=tmp_path,
+        state_dir=tmp_path,
+        tier="small",
+    )
     assert tomllib.loads(write_node_config(cfg).read_text())["tier"] == "small"
-    no_tier = AgentConfig(superlink="h:1", root_certificates=tmp_path / "ca", auth_key=tmp_path / "k",
-                          data_path=tmp_path, state_dir=tmp_path)
+    no_tier = AgentConfig(
+        superlink="h:1",
+        root_certificates=tmp_path / "ca",
+        auth_key=tmp_path / "k",
+        data_path=tmp_path,
+        state_dir=tmp_path,
+    )
     assert "tier" not in tomllib.loads(write_node_config(no_tier).read_text())
     with pytest.raises(SystemExit):
-        parse_args(["--superlink", "h:1", "--root-certificates", "c", "--auth-key", "k", "--data-path", "d",
-                    "--state-dir", "s", "--tier", "big one"])
+        parse_args(
+            [
+                "--superlink",
+                "h:1",
+                "--root-certificates",
+                "c",
+                "--auth-key",
+                "k",
+                "--data-path",
+                "d",
+                "--state-dir",
+                "s",
+                "--tier",
+                "big one",
+            ]
+        )
 
 
 @pytest.fixture
@@ -82,13 +109,16 @@ def in_a_serverapp(monkeypatch):
 
 def _factors(rank: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(rank)
-    return {"m.q.lora_A.weight": rng.standard_normal((rank, 5)).astype(np.float32),
-            "m.q.lora_B.weight": rng.standard_normal((6, rank)).astype(np.float32)}
+    return {
+        "m.q.lora_A.weight": rng.standard_normal((rank, 5)).astype(np.float32),
+        "m.q.lora_B.weight": rng.standard_normal((6, rank)).astype(np.float32),
+    }
 
 
 def _cfg(tmp_path) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({"federation": {"num_clients": 3}, "peft": {"r": 8, "ranks": SPEC},
-                                       "output_dir": str(tmp_path)})
+    return ExperimentConfig.from_dict(
+        {"federation": {"num_clients": 3}, "peft": {"r": 8, "ranks": SPEC}, "output_dir": str(tmp_path)}
+    )
 
 
 def _strategy(tmp_path) -> LoraAggregation:
@@ -99,9 +129,11 @@ def _strategy(tmp_path) -> LoraAggregation:
 
 
 def _evaluate_reply(node: int, tier_index_: int) -> Message:
-    return fakes.reply(node, RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 1.0,
-                                                                  "tier-index": tier_index_})}),
-                       kind="evaluate")
+    return fakes.reply(
+        node,
+        RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 1.0, "tier-index": tier_index_})}),
+        kind="evaluate",
+    )
 
 
 def test_the_server_sends_each_node_its_tiers_rank_and_checkpoints_it(tmp_path, in_a_serverapp) -> None:
@@ -113,8 +145,9 @@ def test_the_server_sends_each_node_its_tiers_rank_and_checkpoints_it(tmp_path, 
     hook = rank_state_hook(strategy)
     assert hook is not None and rank_state_hook(FedAvg()) is None
     path = tmp_path / "checkpoint.npz"
-    save_checkpoint(path, make_checkpoint(1, _factors(8), strategy, History(), mlflow_run_id="r",
-                                          cfg=_cfg(tmp_path), hooks=[hook]))
+    save_checkpoint(
+        path, make_checkpoint(1, _factors(8), strategy, History(), mlflow_run_id="r", cfg=_cfg(tmp_path), hooks=[hook])
+    )
     fresh = _strategy(tmp_path)
     restore_hooks(load_checkpoint(path), [rank_state_hook(fresh)])  # type: ignore[list-item]
     assert fresh.node_rank == {1: 2, 2: 8, 3: 4} and fresh.tiers == {1: 0, 2: 1, 3: -1}
