@@ -153,3 +153,16 @@ def test_the_server_sends_each_node_its_tiers_rank_and_checkpoints_it(tmp_path, 
     assert fresh.node_rank == {1: 2, 2: 8, 3: 4} and fresh.tiers == {1: 0, 2: 1, 3: -1}
     again = fresh.configure_train(2, to_array_record(_factors(8)), ConfigRecord(), fakes.NodesGrid(3))
     assert {m.metadata.dst_node_id: rank_of(from_array_record(m.content["arrays"])) for m in again} == got
+
+
+def test_bounding_keeps_the_partition_and_tier_the_lora_wrapper_learns_ranks_from() -> None:
+    """The round loop rebuilds train replies before aggregation; the LoRA wrapper must still
+    see each node's tier (a node that is only ever trained, never evaluated, learns it here)."""
+    from fedslm.config import RobustConfig
+    from fedslm.server.screening import bound_influence
+
+    sent = to_array_record(_factors(8))
+    reply = fakes.train_reply(5, _factors(8), **{"tier-index": 1, "partition-id": 3, "loss": 1.0})
+    bounded = bound_influence([reply], {5: sent}, RobustConfig())
+    kept = bounded.replies[0].content["metrics"]
+    assert kept["tier-index"] == 1 and kept["partition-id"] == 3 and "loss" not in kept
