@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -66,6 +67,7 @@ class AgentConfig:
     max_wait_time: float = 0.0  # 0: keep retrying the SuperLink forever
     task: str = "causal_lm"  # the format --data-path is checked in (fedslm.tasks)
     device: str = "auto"  # training.device for this node's ClientApps
+    tier: str = ""  # the device tier peft.ranks may give a rank to ("" = none)
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -92,11 +94,16 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where this device trains and evaluates (overrides the run's "
                              "training.device; auto: cuda when available, else cpu)")
+    parser.add_argument("--tier", default="",
+                        help="this device's tier (node config 'tier'), which a run's peft.ranks "
+                             "can map to a LoRA rank: 'tier=small r=4, tier=large r=16'")
     a = parser.parse_args(argv)
+    if a.tier and not re.fullmatch(r"[A-Za-z0-9_.-]+", a.tier):
+        parser.error(f"--tier: {a.tier!r} must be letters, digits, '_', '.' or '-'")
     return AgentConfig(superlink=a.superlink, root_certificates=a.root_certificates.expanduser(),
                        auth_key=a.auth_key.expanduser(), data_path=a.data_path.expanduser(),
                        state_dir=a.state_dir.expanduser(), runtime_port=a.runtime_port,
-                       max_wait_time=a.max_wait_time, task=a.task, device=a.device)
+                       max_wait_time=a.max_wait_time, task=a.task, device=a.device, tier=a.tier)
 
 
 # ---------------------------------------------------------------- checks
@@ -201,7 +208,8 @@ def write_node_config(cfg: AgentConfig) -> Path:
     path = cfg.state_dir / "node-config.toml"
     path.write_text(f'"data-path" = {toml_string(str(cfg.data_path.resolve()))}\n'
                     f'"state-dir" = {toml_string(str(cfg.state_dir.resolve()))}\n'
-                    f'"device" = {toml_string(cfg.device)}\n')
+                    f'"device" = {toml_string(cfg.device)}\n'
+                    + (f'"tier" = {toml_string(cfg.tier)}\n' if cfg.tier else ""))
     return path
 
 

@@ -25,6 +25,7 @@ from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.task import evaluate, fit
 from fedslm.adapters import from_array_record
 from fedslm.aggregation.lora_factors import fit_to_shapes, pad, shapes_of
+from fedslm.aggregation.ranks import tier_metrics
 from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
 from fedslm.keys import (ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, METRICS_KEY, PARTITION_ID,
@@ -72,6 +73,7 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
         return Message(RecordDict({METRICS_KEY: MetricRecord(exc.metrics), STATUS_RECORD: status}),
                        reply_to=msg)
     arrays = fit_to_shapes(arrays, shapes_of(received))
+    metrics.update(tier_metrics(cfg.peft.ranks, context.node_config))  # peft.ranks by device tier
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="train", metrics=metrics)
     arrays, metrics = attack.apply(cfg.attack, context.node_config, arrays, received, metrics,
@@ -91,6 +93,7 @@ def evaluate_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Mes
     metrics = evaluate(cfg, from_array_record(msg.content[ARRAYS_KEY]),
                        partition_id=me.partition_id, server_round=server_round,
                        client_dir=me.state_dir, data_path=me.data_path)
+    metrics.update(tier_metrics(cfg.peft.ranks, context.node_config))
     record_participation(me.participation_log, run_id=context.run_id, server_round=server_round,
                          phase="evaluate", metrics=metrics)
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

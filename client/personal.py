@@ -172,7 +172,8 @@ def evaluate_personal(cfg: ExperimentConfig, global_arrays: Mapping[str, np.ndar
                                   personal_round=-1, partition_id=partition_id)
     load_adapter_arrays(model, state.arrays, "personal")
     if method in ("split", "dual"):  # their personal model needs it: kept for offline use
-        save_last_global(client_dir, global_arrays, server_round=server_round,
+        # with ffa the global's A never travels: the seeded one completes the saved adapter
+        save_last_global(client_dir, {**global_arrays, **adapter_arrays(model, "fixed")}, server_round=server_round,
                          peft_cfg=cfg.peft, base_model=model_path(cfg.model, cfg.data.seed))
     return comparison_metrics(cfg, global_result, score(), has_personal=True,
                               personal_round=state.round, partition_id=partition_id)

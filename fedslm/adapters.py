@@ -73,8 +73,8 @@ def parameter_role(name: str, *, bias: str = "none", personalization: str = "non
     """
     parts = name.split(".")
     lora = _LORA_PARTS.intersection(parts)
-    if fixed_lora_a and _is_fixed_after_init(lora):
-        return "fixed"
+    if fixed_lora_a and _is_fixed_after_init(lora) and PERSONAL_ADAPTER not in parts:
+        return "fixed"  # FFA fixes the global adapter's A; dual's personal adapter trains both
     if lora or HEAD_PART in parts:
         trainable: Role = "shared"
     elif parts[-1] == "bias" and (

@@ -151,7 +151,8 @@ class PeftConfig:
     ``target_modules`` ``auto`` (or empty) takes PEFT's own per-architecture defaults
     (Llama/Qwen: ``q_proj, v_proj``; GPT-2: ``c_attn``); ``all-linear`` every linear layer.
     ``ranks`` gives clients their own ranks (<= ``r``, the global and model rank):
-    ``"30% r=4, 50% r=8, 20% r=16"`` or by partition id ``"0-2 r=4, * r=8"``;
+    ``"30% r=4, 50% r=8, 20% r=16"``, by partition id ``"0-2 r=4, * r=8"`` or by the
+    device tier in the node config ``"tier=small r=4, * r=8"``;
     "" = everyone at ``r`` (``fedslm.aggregation.ranks``).
     """
 

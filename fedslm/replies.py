@@ -31,6 +31,7 @@ MAX_PARAM_ABS = 1e4  # any adapter value, sent or decoded (LoRA weights are O(1)
 # Known metrics with a narrower range than MAX_METRIC_ABS: (low, high), both inclusive.
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "loss": (0.0, 1e4),
+    "tier-index": (-1, 2**31 - 1),  # a device's tier among peft.ranks' (fedslm.aggregation.ranks)
     "perplexity": (1.0, math.inf),
     "accuracy": (0.0, 1.0),
     "macro_f1": (0.0, 1.0),
@@ -41,7 +42,7 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "dp-delta": (0.0, 1.0),
     "norm_bit": (0, 1),  # Flower's adaptiveclipping_mod: 1 if the client clipped
 }
-INT_METRICS = frozenset({WEIGHT_KEY, "partition-id", "norm_bit"})
+INT_METRICS = frozenset({WEIGHT_KEY, "partition-id", "norm_bit", "tier-index"})
 
 
 def metric_problem(key: object, value: object) -> str | None:

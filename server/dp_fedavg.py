@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_adaptive_noise_params, get_norm
 
 from fedslm.config import PrivacyConfig
+from fedslm.server.lora_aggregation import LoraAggregation
 from fedslm.server.privacy import Release, ServerPrivacyState, save_server_privacy
 
 UNIT_WEIGHT_KEY = "dp-unit-weight"
@@ -48,12 +49,17 @@ def _fresh_entropy() -> int:
 class UserLevelDp(Strategy):
     """DP-FedAvg around a FedAvg-family strategy; ``state`` is the server's privacy ledger."""
 
-    def __init__(self, strategy: FedAvg, state: ServerPrivacyState, *, privacy: PrivacyConfig,
-                 expected_sampled: int, state_path: Path | None = None) -> None:
+    def __init__(self, strategy: FedAvg | LoraAggregation, state: ServerPrivacyState, *,
+                 privacy: PrivacyConfig, expected_sampled: int, state_path: Path | None = None) -> None:
         super().__init__()
-        if not isinstance(strategy, FedAvg) or strategy.__class__.aggregate_train is not FedAvg.aggregate_train:
-            raise ValueError(f"dp_fedavg needs a strategy that aggregates like FedAvg, got {type(strategy).__name__}")
-        self.strategy = strategy
+        # per-client ranks or a product-space rule: the LoRA wrapper clips and noises in the
+        # space its rule averages (fedslm.aggregation.private); its inner strategy is FedAvg's
+        self.lora = strategy if isinstance(strategy, LoraAggregation) else None
+        base = strategy.strategy if isinstance(strategy, LoraAggregation) else strategy
+        if not isinstance(base, FedAvg) or base.__class__.aggregate_train is not FedAvg.aggregate_train:
+            raise ValueError(f"dp_fedavg needs a strategy that aggregates like FedAvg, got {type(base).__name__}")
+        self.fedavg = base
+        self.strategy: Strategy = strategy
         self.state = state
         self.state_path = state_path
         self.max_epsilon = privacy.max_epsilon
@@ -89,7 +95,7 @@ class UserLevelDp(Strategy):
         self.last_round = {}
         population = len(list(grid.get_node_ids()))
         if self.max_epsilon > 0:
-            m = min(population, max(int(population * self.strategy.fraction_train), self.strategy.min_train_nodes))
+            m = min(population, max(int(population * self.fedavg.fraction_train), self.fedavg.min_train_nodes))
             projected = self.state.epsilon(Release(server_round, self.state.noise_multiplier, m, population))
             if projected > self.max_epsilon:
                 log(WARNING, "round %d not started: user-level epsilon would reach %.4g > "
@@ -108,6 +114,9 @@ class UserLevelDp(Strategy):
         if not replies or self._dp is None or self._current is None:
             return None, None
         clip = self.state.clipping_norm
+        if self.lora is not None:
+            arrays, metrics, clipped = self._lora_release(server_round, replies, clip)
+            return self._released(server_round, arrays, metrics, clipped, sampled, population, clip, replies)
         clipped = []
         for reply in replies:
             was_clipped = self._clip_update(reply, clip)  # a no-op for a client that clipped
@@ -116,16 +125,41 @@ class UserLevelDp(Strategy):
         for reply in replies:
             _metrics(reply)[UNIT_WEIGHT_KEY] = 1
         self._dp.num_sampled_clients = len(replies)  # noise z*C/m for the m updates averaged
-        saved, weight_key = np.random.get_state(), self.strategy.weighted_by_key
+        saved, weight_key = np.random.get_state(), self.fedavg.weighted_by_key
         np.random.seed(_fresh_entropy() % 2**32)
-        self.strategy.weighted_by_key = UNIT_WEIGHT_KEY  # training only; evaluation keeps its weights
+        self.fedavg.weighted_by_key = UNIT_WEIGHT_KEY  # training only; evaluation keeps its weights
         try:
             arrays, metrics = self._dp.aggregate_train(server_round, replies)
         finally:
             np.random.set_state(saved)
-            self.strategy.weighted_by_key = weight_key
+            self.fedavg.weighted_by_key = weight_key
             for reply in replies:
                 _metrics(reply).pop(UNIT_WEIGHT_KEY, None)
+        return self._released(server_round, arrays, metrics, clipped, sampled, population, clip, replies)
+
+    def _lora_release(self, server_round: int, replies: list[Message], clip: float
+                      ) -> tuple[ArrayRecord | None, MetricRecord | None, list[bool]]:
+        """The LoRA wrapper's release: clipped and noised in its rule's space, equal weights."""
+        assert self.lora is not None
+        for reply in replies:
+            _metrics(reply)[UNIT_WEIGHT_KEY] = 1
+        try:
+            arrays, metrics, server_clipped = self.lora.aggregate_train_private(
+                server_round, replies, clip_norm=clip, noise_multiplier=self.update_noise_multiplier,
+                rng=self._rng, weight_key=UNIT_WEIGHT_KEY)
+        finally:
+            for reply in replies:
+                _metrics(reply).pop(UNIT_WEIGHT_KEY, None)
+        clipped = []
+        for reply, was_clipped in zip(replies, server_clipped):
+            bit = _metrics(reply).get(KEY_NORM_BIT) if self.state.clip_side == "client" else None
+            clipped.append(bool(bit) if bit is not None and not self.lora.rule.product_space else was_clipped)
+        return arrays, metrics, clipped
+
+    def _released(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,
+                  clipped: list[bool], sampled: int, population: int, clip: float, replies: list[Message]
+                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record a release in the ledger (and move an adaptive clip) after aggregation."""
         if arrays is None:
             return None, None
         self.state.releases.append(Release(server_round, self.state.noise_multiplier, sampled, population))
@@ -174,6 +208,11 @@ class UserLevelDp(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+    @property
+    def aggregation_metrics(self) -> dict[str, float]:
+        """The LoRA wrapper's per-round figures (ranks, truncation), for rounds.csv."""
+        return self.lora.aggregation_metrics if self.lora is not None else {}
 
 
 def _metrics(reply: Message) -> MetricRecord:

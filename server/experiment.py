@@ -46,7 +46,7 @@ from fedslm.server.registry import best_round_hook, register_run, with_best_roun
 from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
-from fedslm.server.lora_aggregation import with_aggregation
+from fedslm.server.lora_aggregation import rank_state_hook, with_aggregation
 from fedslm.server.secagg_round import setup_secure
 from fedslm.skeleton import has_skeleton, skeleton_model
 
@@ -200,7 +200,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
     strategy, privacy = setup_privacy(cfg, with_aggregation(cfg, build_strategy(cfg)), output_dir)
     # Server state beyond the strategy that must survive a restart registers here.
     state_hooks: list[StateHook] = [h for h in (privacy_state_hook(strategy),
-                                                privacy and privacy.state_hook()) if h]
+                                                privacy and privacy.state_hook(),
+                                                rank_state_hook(strategy)) if h]
     resumed = resume_state(cfg, strategy, state_hooks)
     if resumed is not None:
         arrays = to_array_record(resumed.arrays)

@@ -18,7 +18,7 @@ from fedslm.keys import METRICS_KEY, PARTITION_ID, WEIGHT_KEY
 if TYPE_CHECKING:
     from fedslm.tasks.base import Task
 
-BOOKKEEPING = {WEIGHT_KEY, PARTITION_ID, "status", "error"}
+BOOKKEEPING = {WEIGHT_KEY, PARTITION_ID, "status", "error", "tier-index"}
 SPREAD_KEYS = {"loss", "perplexity"}
 DP_PREFIX = "dp-"  # privacy figures: summarized by fedslm.server.privacy_rounds, not averaged here
 

@@ -37,6 +37,7 @@ from fedslm.config import ExperimentConfig, sampled_train_clients
 from fedslm.keys import BUDGET_EXHAUSTED, STATUS_KEY, STATUS_RECORD
 from fedslm.server.checkpoint import StateHook
 from fedslm.server.dp_fedavg import UserLevelDp
+from fedslm.server.lora_aggregation import LoraAggregation
 from fedslm.server.privacy import expected_release, restore_or_new, server_privacy_path
 from fedslm.server.strategy import METRICS_KEY
 
@@ -228,7 +229,7 @@ def setup_privacy(cfg: ExperimentConfig, strategy: Strategy, output_dir: Path
         return strategy, None
     if not cfg.privacy.user_level:
         return strategy, RoundPrivacy(cfg)
-    if not isinstance(strategy, FedAvg):
+    if not isinstance(strategy.strategy if isinstance(strategy, LoraAggregation) else strategy, FedAvg):
         raise ValueError(f"strategy.name: dp_fedavg cannot wrap {type(strategy).__name__}")
     path = server_privacy_path(output_dir)
     state = restore_or_new(cfg, path)

@@ -31,7 +31,9 @@ from fedslm.replies import (ARRAYS_KEY, BUDGET_EXHAUSTED, MAX_PARAM_ABS, METRICS
                             weight_problem)
 from fedslm.wire import WireError, decode_array
 
-STRATEGY_KEYS = (KEY_NORM_BIT,)  # metrics a strategy reads besides the weight (DP-FedAvg)
+# metrics a strategy reads besides the weight: DP-FedAvg's norm bit, and the partition id
+# and device tier from which the LoRA wrapper decides ranks (fedslm.server.lora_aggregation)
+STRATEGY_KEYS = (KEY_NORM_BIT, "partition-id", "tier-index")
 NOTE_KEY = "screening"  # per-client text column: what bounding changed
 
 

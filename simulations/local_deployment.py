@@ -145,6 +145,7 @@ class Deployment:
     agents: dict[int, subprocess.Popen] = field(default_factory=dict)
     data: list[Path] = field(default_factory=list)  # each started device's data dir
     logs: list[Path] = field(default_factory=list)
+    tiers: dict[int, str] = field(default_factory=dict)  # device -> its agent's --tier (kept on restart)
 
     @property
     def address(self) -> str:
@@ -200,7 +201,7 @@ class Deployment:
         return [sys.executable, "-m", "fedslm.client.agent", "--superlink", self.address,
                 "--root-certificates", str(self.ca), "--auth-key", str(key or self.node_key(i)),
                 "--data-path", str(data_dir), "--state-dir", str(self.state_dir(i)),
-                "--runtime-port", str(free_port())]
+                "--runtime-port", str(free_port())] + (["--tier", self.tiers[i]] if i in self.tiers else [])
 
     def state_dir(self, i: int) -> Path:
         return self.root / f"device-{i}-state"

@@ -19,12 +19,21 @@ def test_registry_holds_the_four_rules_and_refuses_a_second_registration() -> No
     ({"aggregation": {"name": "flora"}, "strategy": {"name": "fedadam"}}, "strategy.name", "aggregation.name=flora"),
     ({"aggregation": {"name": "flexlora"}, "strategy": {"name": "fedavgm"}}, "strategy.name",
      "aggregation.name=flexlora"),
-    ({"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg"}}, "privacy.mode", "aggregation.name=flora"),
+    ({"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg", "clip_side": "client"}},
+     "privacy.clip_side", "aggregation.name=flora"),
     ({"aggregation": {"name": "ffa"}, "personalization": {"method": "split"}}, "personalization.method",
      "aggregation.name=ffa"),
     ({"aggregation": {"name": "ffa"}, "peft": {"ranks": "50% r=4, 50% r=8"}}, "peft.ranks", "aggregation.name=ffa"),
-    ({"peft": {"ranks": "* r=4"}, "privacy": {"mode": "dp_fedavg"}}, "peft.ranks", "privacy.mode=dp_fedavg"),
-    ({"peft": {"ranks": "* r=4"}, "personalization": {"method": "dual"}}, "peft.ranks", "personalization.method=dual"),
+    ({"peft": {"ranks": "* r=4"}, "personalization": {"method": "split"}}, "peft.ranks",
+     "personalization.method=split"),
+    ({"peft": {"ranks": "* r=4"}, "personalization": {"method": "local_only"}}, "peft.ranks",
+     "personalization.method=local_only"),
+    ({"aggregation": {"name": "ffa"}, "personalization": {"method": "local_only"}}, "personalization.method",
+     "aggregation.name=ffa"),
+    ({"aggregation": {"name": "flora"}, "personalization": {"method": "split"}}, "personalization.method",
+     "aggregation.name=flora"),
+    ({"aggregation": {"name": "flexlora"}, "personalization": {"method": "local_only"}}, "personalization.method",
+     "aggregation.name=flexlora"),
     ({"peft": {"r": 8, "ranks": "* r=16"}}, "peft.ranks", "peft.r=8"),
 ])
 def test_combinations_that_cannot_work_are_refused_naming_both_keys(data, first_key, other_key) -> None:
@@ -37,11 +46,26 @@ def test_combinations_that_cannot_work_are_refused_naming_both_keys(data, first_
 @pytest.mark.parametrize("data", [
     {"aggregation": {"name": "ffa"}, "strategy": {"name": "fedadam"}},  # B-only: optimizer is fine
     {"aggregation": {"name": "ffa"}, "privacy": {"mode": "dp_fedavg"}},
+    {"aggregation": {"name": "flora"}, "privacy": {"mode": "dp_fedavg"}},  # product deltas clipped
+    {"aggregation": {"name": "flexlora"}, "privacy": {"mode": "dp_sgd+dp_fedavg"}, "peft": {"ranks": "* r=4"}},
+    {"peft": {"ranks": "* r=4"}, "privacy": {"mode": "dp_fedavg", "clip_side": "client"}},
     {"aggregation": {"name": "flora"}, "strategy": {"name": "fedprox", "proximal_mu": 0.1},
      "peft": {"ranks": "0-4 r=2, * r=8"}},
     {"aggregation": {"name": "flexlora"}, "privacy": {"mode": "dp_sgd"}, "compression": {"method": "int8"}},
 ])
 def test_combinations_that_work_are_accepted(data) -> None:
+    ExperimentConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "ffa", "flora", "flexlora"])
+@pytest.mark.parametrize("method", ["finetune", "dual"])
+def test_finetune_and_dual_compose_with_every_rule_and_with_ranks(rule, method) -> None:
+    """Both send a whole LoRA adapter (dual: the global one of two), so every rule
+    aggregates it; ranks slice it (ffa excepted: its A is fixed at peft.r)."""
+    data = {"aggregation": {"name": rule}, "personalization": {"method": method}}
+    ExperimentConfig.from_dict(data)
+    if rule != "ffa":
+        ExperimentConfig.from_dict({**data, "peft": {"ranks": "0 r=4, * r=8"}})
     ExperimentConfig.from_dict(data)
 
 

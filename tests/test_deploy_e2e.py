@@ -89,7 +89,7 @@ def mlflow_run(root: Path, run_id: str):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """A TLS SuperLink with node authentication, 3 registered agents on local data."""
-    dep = Deployment(tmp_path_factory.mktemp("federation"))
+    dep = Deployment(tmp_path_factory.mktemp("federation"), tiers={1: "small"})  # issue 16: ranks by tier
     try:
         dep.node_ids = dep.start_federation(3, unregistered=1)  # type: ignore[attr-defined]  # node-4
         yield dep
@@ -133,7 +133,7 @@ def each_test_stops_what_it_started(request):
 def test_three_agents_with_tls_and_node_auth_run_two_rounds(federation: Deployment) -> None:
     dep = federation
     proc = dep.submit(*FAST, "federation.num_clients=3", "federation.round_timeout=120",
-                      *tracking(dep.root), name="two-rounds")
+                      'peft.ranks="tier=small r=4, * r=8"', *tracking(dep.root), name="two-rounds")
     finish(proc, dep)
     out = dep.root / "hydra" / "two-rounds"
     result = summary(out)
@@ -146,6 +146,16 @@ def test_three_agents_with_tls_and_node_auth_run_two_rounds(federation: Deployme
     assert mlflow_run(dep.root, run_id).info.status == "FINISHED"
     trained = {int(r["node_id"]) for r in client_rows(out) if r["phase"] == "train"}
     assert trained == set(dep.node_ids.values())  # type: ignore[attr-defined]
+    # Mixed ranks by device tier: every reply came back at the rank its node was sent (a
+    # reply at another rank is rejected); once each node has reported its tier (round 1;
+    # a node not heard from yet gets the smallest rank), device 1 (--tier small) trains
+    # rank 4 and the others rank 8.
+    tiers = {int(r["node_id"]): r["tier-index"] for r in client_rows(out) if r["phase"] == "train"}
+    assert tiers == {n: "0" if i == 1 else "-1" for i, n in dep.node_ids.items()}  # type: ignore[attr-defined]
+    assert [r["clients_rejected"] for r in result["rounds"][1:]] == [0.0, 0.0]
+    last = result["rounds"][2]
+    assert (last["agg_rank_min"], last["agg_rank_max"]) == (4.0, 8.0)
+    assert last["bytes_up"] == 9216 + 2 * 17408  # rank 4 + 2 x rank 8 (docs/aggregation.md)
     # The state dir reached every ClientApp: each device logged its own two train rounds.
     flower_runs = set()
     for i in (1, 2, 3):

@@ -67,19 +67,34 @@ def _no_factor_optimizer(cfg: Any) -> str | None:
     return None
 
 
-def _no_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.privacy.user_level:
-        return (f"privacy.mode: {cfg.privacy.mode} clips and noises factor updates, not the product "
-                f"that aggregation.name={cfg.aggregation.name} aggregates; use aggregation=ffa "
-                "or fedavg with DP-FedAvg")
+def _no_client_side_clipping(cfg: Any) -> str | None:
+    if cfg.privacy.user_level and cfg.privacy.clip_side == "client":
+        return (f"privacy.clip_side: client clips factor updates on the device, which does not "
+                f"bound the product that aggregation.name={cfg.aggregation.name} aggregates "
+                "(the server clips product deltas); use privacy.clip_side=server")
     return None
+
+
+# Personalization methods that compose with a LoRA-aware rule or per-client ranks: those
+# whose travelling set is a whole LoRA adapter (finetune: the adapter; dual: the global
+# one of two). local_only sends nothing to aggregate; split sends only A (no B to pair
+# with, and ffa fixes A, so nothing at all would travel).
+PERSONAL_WITH_LORA_RULES = ("none", "finetune", "dual")
+_PERSONAL_WHY = {
+    "local_only": "it sends nothing to aggregate",
+    "split": "it shares only LoRA A ({why_split})",
+}
 
 
 def _no_personalization(cfg: Any) -> str | None:
-    if cfg.personalization.method != "none":
-        return (f"personalization.method: {cfg.personalization.method} is not supported with "
-                f"aggregation.name={cfg.aggregation.name} yet; use personalization=none")
-    return None
+    method, rule = cfg.personalization.method, cfg.aggregation.name
+    if method in PERSONAL_WITH_LORA_RULES:
+        return None
+    why = _PERSONAL_WHY.get(method, "not supported").format(
+        why_split="which ffa fixes at its seeded init: nothing would travel" if rule == "ffa"
+        else "a product rule needs A and B from every client")
+    return (f"personalization.method: {method} cannot run with aggregation.name={rule}: {why}; "
+            f"use one of {', '.join(PERSONAL_WITH_LORA_RULES)}")
 
 
 def _no_ranks(cfg: Any) -> str | None:
@@ -89,17 +104,11 @@ def _no_ranks(cfg: Any) -> str | None:
     return None
 
 
-def _ranks_without_dp_fedavg(cfg: Any) -> str | None:
-    if cfg.peft.ranks.strip() and cfg.privacy.user_level:
-        return (f"peft.ranks: per-client ranks cannot be combined with privacy.mode={cfg.privacy.mode} "
-                "yet (clipping compares each update with a global of another shape)")
-    return None
-
-
 def _ranks_without_personalization(cfg: Any) -> str | None:
-    if cfg.peft.ranks.strip() and cfg.personalization.method != "none":
-        return (f"peft.ranks: per-client ranks are not supported with personalization.method="
-                f"{cfg.personalization.method} yet; use personalization=none")
+    if cfg.peft.ranks.strip() and cfg.personalization.method not in PERSONAL_WITH_LORA_RULES:
+        return (f"peft.ranks: per-client ranks cannot run with personalization.method="
+                f"{cfg.personalization.method} (only {', '.join(PERSONAL_WITH_LORA_RULES)}: a whole "
+                "LoRA adapter must travel to be sliced by rank)")
     return None
 
 
@@ -107,15 +116,15 @@ from fedslm.aggregation import flexlora, flora  # noqa: E402  (the rules' math)
 
 register_aggregation(AggregationRule(
     "fedavg", "A and B averaged separately (HetLoRA zero-padding for mixed ranks)",
-    incompatible=(_ranks_without_dp_fedavg, _ranks_without_personalization)))
+    incompatible=(_ranks_without_personalization,)))  # any personalization at one rank
 register_aggregation(AggregationRule(
     "ffa", "FFA-LoRA: A fixed at its seeded init, only B trains and travels",
-    fixed_lora_a=True, incompatible=(_no_personalization, _no_ranks)))
+    fixed_lora_a=True, incompatible=(_no_personalization, _no_ranks)))  # dual: FFA global + personal adapter
 register_aggregation(AggregationRule(
     "flora", "FLoRA: stacked factors, exact weighted mean of B @ A, re-factored by thin SVD",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_space=True, incompatible=(_no_factor_optimizer, _no_client_side_clipping, _no_personalization),
     product_aggregate=flora.aggregate))
 register_aggregation(AggregationRule(
     "flexlora", "FlexLoRA: dense mean of B @ A, SVD, each client its top-r components",
-    product_space=True, incompatible=(_no_factor_optimizer, _no_dp_fedavg, _no_personalization),
+    product_space=True, incompatible=(_no_factor_optimizer, _no_client_side_clipping, _no_personalization),
     product_aggregate=flexlora.aggregate))

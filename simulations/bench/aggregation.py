@@ -9,7 +9,9 @@ forms each layer's dense ``576 x 576`` mean product and takes its SVD.
 Quality (simulation engine, built-in synthetic data): each rule at data heterogeneity 0
 and 1, then per-client ranks (a 4/8/16 mix, global rank 16) against everyone at r=4 and
 everyone at r=16, with ``peft.alpha = 2 r`` so the LoRA scale is the same everywhere;
-and fedavg against ffa under DP-FedAvg at noise 0.5 and 1.0 (same clipping, same ε).
+and every rule (and the 4/8/16 mix) under DP-FedAvg at noise 0.5 and 1.0 (same clipping,
+same ε; ``fedslm.aggregation.private``). ``--data shakespeare``: the same runs on
+Shakespeare by speaker.
 Reported: final eval and central perplexity, bytes up and down per round (train +
 evaluate), the server's aggregation time per round. One run per row: differences of a
 few hundredths of perplexity are within run-to-run noise (client sampling is seeded,
@@ -38,17 +40,25 @@ RANK_RUNS = {  # name: overrides
     "all r=4": {"peft.r": 4, "peft.alpha": 8.0},
     "all r=16": {"peft.r": 16, "peft.alpha": 32.0},
 }
-DP_RUNS = {  # DP-FedAvg (user level) is defined for fedavg and ffa (docs/aggregation.md)
+DP_RUNS = {  # DP-FedAvg (user level): each rule clips and noises what it aggregates
     f"{rule} dp z={z:g}": {"aggregation.name": rule, "privacy.mode": "dp_fedavg",
                             "privacy.noise_multiplier": z}
-    for z in (0.5, 1.0) for rule in ("fedavg", "ffa")
+    for z in (0.5, 1.0) for rule in RULES
+} | {
+    f"mix 4/8/16 {rule} dp z={z:g}": {**RANK_RUNS[f"mix 4/8/16 {rule}"], "privacy.mode": "dp_fedavg",
+                                      "privacy.noise_multiplier": z}
+    for z in (0.5, 1.0) for rule in ("fedavg", "flexlora")
 }
+# Shakespeare by speaker (conf/data/shakespeare.yaml; the file is read-only shared data)
+SHAKESPEARE = {"data.source": "shakespeare", "data.path": "/work/shared/data/tinyshakespeare.txt",
+               "data.min_lines": 560}
 
 
 def server_cost_rows(clients: int, rank: int, layers: int = 60, dim: int = 576) -> list[dict[str, Any]]:
     from threadpoolctl import threadpool_limits
 
     from fedslm.aggregation import fedavg, ffa, flexlora, flora
+    from fedslm.aggregation.private import private_aggregate
 
     rng = np.random.default_rng(0)
     replies = [{**{f"l{i}.lora_A.weight": rng.standard_normal((rank, dim)).astype(np.float32)
@@ -57,10 +67,16 @@ def server_cost_rows(clients: int, rank: int, layers: int = 60, dim: int = 576) 
                    for i in range(layers)}} for _ in range(clients)]
     counts = list(range(10, 10 + clients))
     b_only = [ffa.travelling(r) for r in replies]
+    dp = dict(rank=rank, clip_norm=0.1, noise_multiplier=1.0, rng=np.random.default_rng(0))
+    sent = [{k: v * 0.99 for k, v in replies[0].items()}] * clients
     calls = {"fedavg": lambda: fedavg.aggregate(replies, counts, rank=rank),
              "ffa": lambda: ffa.aggregate(b_only, counts),
              "flora": lambda: flora.aggregate(replies, counts, rank=rank),
-             "flexlora": lambda: flexlora.aggregate(replies, counts, rank=rank)}
+             "flexlora": lambda: flexlora.aggregate(replies, counts, rank=rank),
+             # DP-FedAvg: factor deltas (fedavg, ffa at half the size), or dense product
+             # deltas, noise and one SVD per layer (flora and flexlora alike)
+             "fedavg + DP": lambda: private_aggregate(replies, sent, product_space=False, **dp),
+             "flora/flexlora + DP": lambda: private_aggregate(replies, sent, product_space=True, **dp)}
     rows = []
     with threadpool_limits(1):  # one BLAS thread: a shared, loaded machine oversubscribes more
         for name, call in calls.items():
@@ -82,9 +98,11 @@ def _cost(name: str, call) -> dict[str, Any]:
     return {"rule": name, "seconds": statistics.median(times), "peak_mib": peak / 2**20}
 
 
-def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None) -> list[dict[str, Any]]:
+def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None,
+                 data: str = "synthetic") -> list[dict[str, Any]]:
     runs: list[tuple[str, float, dict[str, Any]]] = []
-    for het in setting["heterogeneity"]:
+    hets = setting["heterogeneity"] if data == "synthetic" else (1.0,)
+    for het in hets:
         runs += [(rule, het, {"aggregation.name": rule}) for rule in RULES]
     runs += [(name, 1.0, overrides) for name, overrides in RANK_RUNS.items()]
     runs += [(name, 1.0, overrides) for name, overrides in DP_RUNS.items()]
@@ -92,17 +110,20 @@ def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None) -> 
         runs = [r for r in runs if r[0] in only]
     rows = []
     for i, (name, het, overrides) in enumerate(runs):
+        source = SHAKESPEARE if data == "shakespeare" else {"data.heterogeneity": het}
         cfg = experiment({"federation.num_clients": setting["clients"],
                           "federation.num_rounds": setting["rounds"],
                           "training.local_steps": setting["steps"],
-                          "data.heterogeneity": het, **overrides},
+                          **source, **overrides},
                          run_name=f"aggregation-{i}")
-        print(f"[aggregation] run {i + 1}/{len(runs)}: {name} at heterogeneity {het:g}", flush=True)
+        print(f"[aggregation] run {i + 1}/{len(runs)}: {name} on {data}"
+              + (f" at heterogeneity {het:g}" if data == "synthetic" else ""), flush=True)
         run = run_engine(cfg, echo=echo)
         trained = [r for r in run.summary["rounds"] if r["round"] >= 1]
         last = trained[-1]
         rows.append({
-            "run": name, "heterogeneity": het, "global_r": cfg.peft.r,
+            "run": name, "data": data, "heterogeneity": het if data == "synthetic" else None,
+            "global_r": cfg.peft.r,
             "eval_ppl": last["eval_perplexity"], "central_ppl": last.get("central_perplexity"),
             "eval_ppl_round0": run.summary["rounds"][0]["eval_perplexity"],
             "up_bytes": statistics.fmean(r["bytes_up"] for r in trained),
@@ -122,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="local steps per round")
     parser.add_argument("--heterogeneity", default="0,1", help="comma-separated data.heterogeneity values")
+    parser.add_argument("--data", choices=("synthetic", "shakespeare"), default="synthetic",
+                        help="shakespeare: one client per speaker with >= 560 lines (8 speakers)")
     parser.add_argument("--only", default="", help="comma-separated run names (e.g. 'ffa,all r=4'); '' = all")
-    parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table")
+    parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table (0: skip it)")
     parser.add_argument("--no-engine", action="store_true", help="only the server-cost table")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/aggregation.json)")
@@ -132,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         hets = tuple(float(h) for h in args.heterogeneity.split(",") if h)
     except ValueError:
         parser.error(f"--heterogeneity: {args.heterogeneity!r} is not comma-separated numbers")
-    cost = server_cost_rows(args.server_clients, rank=8)
-    print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
-    print(table(cost, ["rule", "clients", "layers", "rank", "seconds", "peak_mib"]))
+    cost = server_cost_rows(args.server_clients, rank=8) if args.server_clients > 0 else []
+    if cost:
+        print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
+        print(table(cost, ["rule", "clients", "layers", "rank", "seconds", "peak_mib"]))
     setting = {"clients": args.clients, "rounds": args.rounds, "steps": args.steps, "heterogeneity": hets}
     quality = [] if args.no_engine else quality_rows(
-        setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None)
+        setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None, args.data)
     if quality:
         print(f"\nAfter {args.rounds} rounds, {args.clients} clients x {args.steps} steps "
-              "(tiny-llama, synthetic):")
-        print(table(quality, ["run", "heterogeneity", "global_r", "eval_ppl_round0", "eval_ppl",
+              f"(tiny-llama, {args.data}):")
+        print(table(quality, ["run", "data", "heterogeneity", "global_r", "eval_ppl_round0", "eval_ppl",
                               "central_ppl", "up_bytes", "down_bytes", "server_agg_ms", "truncation",
                               "epsilon_user"]))
     result = {"benchmark": "aggregation", "server_cost": cost, "quality_setting": setting,
