@@ -179,17 +179,52 @@ def test_adaptive_clip_and_weight_cap_on_a_ten_to_the_twelve_claim() -> None:
     replies = [_update(1, np.full(4, 0.5, np.float32), 10), _update(2, np.full(4, 1.0, np.float32), 10),
                _update(3, np.full(4, 1.5, np.float32), 20), _update(4, np.full(4, 50.0, np.float32), 10**12)]
     bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, RobustConfig())
-    # bound = 2 x median(1, 2, 3, 100) = 5; cap = 4 x median(10, 10, 20, 10^12) = 60
-    assert bounded.metrics == {"robust_clip_bound": 5.0, "robust_clipped_fraction": 0.25,
+    # default bound = 1 x median(1, 2, 3, 100) = 2.5 (the median norm); cap = 4 x median(10, 10, 20, 10^12) = 60
+    assert bounded.metrics == {"robust_clip_bound": 2.5, "robust_clipped_fraction": 0.5,
                                "robust_weights_capped": 1.0, "robust_weight_cap": 60.0,
                                "robust_update_norm_median": 2.5}
+    assert bounded.notes[3] == {"update_norm": 3.0, "num-examples": 20,
+                                "screening": "delta norm 3 clipped to 2.5"}
     assert bounded.notes[4] == {"update_norm": 100.0, "num-examples": 60,
-                                "screening": "delta norm 100 clipped to 5; num-examples "
+                                "screening": "delta norm 100 clipped to 2.5; num-examples "
                                              "1000000000000 capped to 60"}
-    np.testing.assert_array_equal(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 2.5))
+    np.testing.assert_array_equal(bounded.replies[2].content["arrays"]["w"].numpy(), np.full(4, 1.25))
+    np.testing.assert_array_equal(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 1.25))
     arrays, _ = FedAvg().aggregate_train(1, bounded.replies)
-    # (10 * 0.5 + 10 * 1 + 20 * 1.5 + 60 * 2.5) / 100
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.95), rtol=1e-6)
+    # (10 * 0.5 + 10 * 1 + 20 * 1.25 + 60 * 1.25) / 100
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.15), rtol=1e-6)
+    # clip_multiple=2: bound 5, only the scaled update is clipped
+    twice = bound_influence(screen_train_replies(
+        [_update(n, np.full(4, v, np.float32), 10) for n, v in ((1, 0.5), (2, 1.0), (3, 1.5), (4, 50.0))],
+        REF).accepted, REF, RobustConfig(clip_multiple=2.0))
+    assert twice.metrics["robust_clip_bound"] == 5.0 and twice.metrics["robust_clipped_fraction"] == 0.25
+    np.testing.assert_array_equal(twice.replies[3].content["arrays"]["w"].numpy(), np.full(4, 2.5))
+
+
+@pytest.mark.parametrize(("robust", "mean"), [
+    (RobustConfig(clip="none", weight_cap=0), -1.2),  # no bounds: (4 - 10) / 5
+    (RobustConfig(clip_multiple=2.0), 0.4),  # twice the median norm: (4 - 2) / 5
+    (RobustConfig(), 0.6),  # the default, the median norm: (4 - 1) / 5
+])
+def test_a_sign_flipped_update_weighs_at_most_one_honest_update(robust, mean) -> None:
+    # four honest clients send delta u (norm 1), one sends -10 u (attack.kind=sign_flip, scale 10)
+    u = np.full(4, 0.5, np.float32)
+    replies = [_update(n, u, 10) for n in (1, 2, 3, 4)] + [_update(5, -10 * u, 10)]
+    bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, robust)
+    arrays, _ = FedAvg().aggregate_train(1, bounded.replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), mean * u, rtol=1e-6)
+
+
+def test_a_same_value_update_is_clipped_to_the_median_norm() -> None:
+    # honest deltas of norm 1, 1.2, 1.4; node 4 sets every value to 1 (norm 2): the bound is
+    # the median norm 1.3, so node 4 counts no more than a typical honest update
+    replies = [_update(1, np.full(4, 0.5, np.float32), 10), _update(2, np.full(4, 0.6, np.float32), 10),
+               _update(3, np.full(4, 0.7, np.float32), 10), _update(4, np.full(4, 1.0, np.float32), 10)]
+    bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, RobustConfig())
+    assert bounded.metrics["robust_clip_bound"] == pytest.approx(1.3)  # median(1, 1.2, 1.4, 2)
+    np.testing.assert_allclose(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 0.65), rtol=1e-6)
+    np.testing.assert_allclose(bounded.replies[2].content["arrays"]["w"].numpy(), np.full(4, 0.65), rtol=1e-6)
+    np.testing.assert_allclose(bounded.replies[1].content["arrays"]["w"].numpy(), np.full(4, 0.6), rtol=1e-6)
 
 
 def _claim(node: int, n: int, **metrics) -> Message:
