@@ -43,7 +43,7 @@ from fedslm.server.population import population_grid
 from fedslm.server.privacy import ServerPrivacyState, resumed_state
 from fedslm.server.privacy_rounds import setup_privacy
 from fedslm.server.registry import best_round_hook, register_run, with_best_round
-from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
+from fedslm.server.rounds import CentralEval, History, RoundPlan, freeze_startup_objects, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
 from fedslm.server.lora_aggregation import with_aggregation
@@ -222,6 +222,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                          round_end_saver(cfg, output_dir, strategy, history, tracker,
                                          run_id=run_id, hooks=state_hooks),
                          best_round_hook(cfg, output_dir, base_model=base_path)))
+    freeze_startup_objects()  # full garbage collections skip the ~10^5 objects above
     try:
         # 5. rounds
         arrays, history = run_rounds(
