@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
@@ -59,7 +59,8 @@ class RoundPlan:
     class_names: list[str] | None = None
     secure: SecureTrain | None = None  # SecAgg+ replaces the train phase (fedslm.server.secagg_round)
     robust: RobustConfig = field(default_factory=RobustConfig)  # bounded influence (on)
-    known_sizes: dict[int, int] | None = None  # simulation: partition id -> train examples (cap)
+    known_sizes: Mapping[int, int] | None = None  # simulation: partition id -> train examples (cap)
+    known_test_sizes: Mapping[int, int] | None = None  # simulation: partition id -> evaluate examples
     compression: str | None = None  # the configured method; None accepts any (tests)
 
 
@@ -82,7 +83,7 @@ def evaluate_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round
     screened = screen_evaluate_replies(got.ok)
     _log_rejected(label, screened.rejected)
     rows = client_rows("evaluate", server_round, screened.accepted)
-    cap = cap_evaluate_weights(rows, plan.robust.weight_cap)
+    cap = cap_evaluate_weights(rows, plan.robust.weight_cap, known_sizes=plan.known_test_sizes)
     strategy.aggregate_evaluate(server_round, for_flower_evaluate(screened.accepted, rows))
     metrics = summarize(rows, "eval_", task=plan.task, class_names=plan.class_names)
     if cap is not None:

@@ -142,7 +142,9 @@ def test_a_reply_that_stopped_the_run_is_screened_and_the_round_goes_on(in_a_ser
         assert [r["status"] for r in rows] == ["rejected", "rejected"]
         assert all(r["error"].startswith(reason) for r in rows), rows[0]["error"]
     honest_only = phase == "train" and reason is not None
-    per_round = 5 / 3 if honest_only else (1 + 4 + 9) / 6  # FedAvg of +1 (1), +2 (2) [, +3 (3)]
+    # FedAvg of +1 (1 example), +2 (2) [, +3 (3)], each delta clipped to the median norm
+    # (default bounds): +1, +1.5 (median of norms 2, 4) [or +1, +2, +2 (median of 2, 4, 6)]
+    per_round = (1 + 2 * 1.5) / 3 if honest_only else (1 + 2 * 2 + 3 * 2) / 6
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 2 * per_round), rtol=1e-6)
     assert arrays["w"].numpy().dtype == np.float32
 
@@ -249,20 +251,48 @@ def test_in_simulation_a_weight_is_capped_at_its_partitions_known_size() -> None
 
 
 def test_the_known_sizes_are_what_each_simulated_client_counts() -> None:
-    from fedslm.client.task import fit
-    from fedslm.server.experiment import initial_adapter, partition_train_sizes
+    import dataclasses
+
+    from fedslm.client.records import client_tensors
+    from fedslm.client.task import evaluate, fit
+    from fedslm.runtime import experiment_model
+    from fedslm.server.experiment import initial_adapter, partition_test_sizes, partition_train_sizes
 
     cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
                                       "training": {"local_steps": 1}})
-    sizes = partition_train_sizes(cfg)
+    sizes, test_sizes = partition_train_sizes(cfg), partition_test_sizes(cfg)
     assert sorted(sizes) == [0, 1, 2] and min(sizes.values()) > 0
     for pid in (0, 2):
         _, metrics = fit(cfg, initial_adapter(cfg), partition_id=pid, server_round=1)
         assert metrics["num-examples"] == sizes[pid]
-    import dataclasses
-
+        assert evaluate(cfg, initial_adapter(cfg), partition_id=pid)["num-examples"] == test_sizes[pid]
+    # at most eval_max_batches x batch_size evaluated; one row per document under unit=document
+    short = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                        "training": {"eval_max_batches": 1, "batch_size": 2}})
+    assert partition_test_sizes(short)[0] == 2 == evaluate(short, initial_adapter(short),
+                                                           partition_id=0)["num-examples"]
+    docs = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                       "privacy": {"mode": "dp_sgd", "unit": "document"}})
+    _, tokenizer = experiment_model(docs)  # fit reports its train tensors' rows
+    rows = client_tensors(docs, 1, "train", tokenizer)[0].shape[0]
+    assert partition_train_sizes(docs)[1] == rows != sizes[1]
     remote = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, engine="remote"))
-    assert partition_train_sizes(remote) is None
+    assert partition_train_sizes(remote) is None and partition_test_sizes(remote) is None
+
+
+def test_in_simulation_an_evaluate_weight_is_capped_at_its_partitions_known_test_size() -> None:
+    rows = [{"node_id": 1, "num-examples": 6, "partition-id": 0},
+            {"node_id": 2, "num-examples": 10**12, "partition-id": 1},
+            {"node_id": 3, "num-examples": 10**12, "partition-id": 9},
+            {"node_id": 4, "num-examples": 6}]
+    # median cap 4 x median(6, 6, 1e12, 1e12) is no bound here; the known test sizes are:
+    # partition 1 -> 8; an unknown partition (9) or none -> the largest, 12
+    assert cap_evaluate_weights(rows, 4.0, known_sizes={0: 6, 1: 8, 2: 12}) == 2 * 10**12 + 12
+    assert [r["num-examples"] for r in rows] == [6, 8, 12, 6]
+    assert rows[1]["screening"] == "num-examples 1000000000000 capped to 8"
+    off = [{"node_id": 1, "num-examples": 10**12, "partition-id": 1}]
+    assert cap_evaluate_weights(off, 0.0, known_sizes={0: 6, 1: 8}) is None  # robust=off
+    assert off[0]["num-examples"] == 10**12
 
 
 def test_fixed_clip_and_no_bounds() -> None:
