@@ -696,9 +696,10 @@ class RobustConfig:
     Each accepted update's delta (what it adds to the global adapter the server sent) is
     scaled down to L2 norm at most the round's bound: ``clip`` ``adaptive`` (default)
     takes ``clip_multiple`` times the median delta norm of the round's accepted updates
-    (honest updates are rarely clipped; a scaled one is brought back to honest size
-    whatever its factor, as long as most clients are honest); ``fixed`` takes
-    ``clip_norm``; ``none`` clips nothing. A client's averaging weight, train and
+    (default 1: clipping to the median norm, Sun et al. 2019, "Can you really backdoor
+    federated learning?"; while most clients are honest no update, whatever its factor,
+    weighs more than a typical honest one, and honest updates of similar size lose
+    little); ``fixed`` takes ``clip_norm``; ``none`` clips nothing. A client's averaging weight, train and
     evaluate, is capped at ``weight_cap`` times the round's median claimed example
     count (0: no cap) and, in train and in simulation, at its partition's known train
     size. Both are logged per round (rounds.csv) and per client (clients.csv).
@@ -706,7 +707,7 @@ class RobustConfig:
 
     clip: str = "adaptive"
     clip_norm: float = 1.0
-    clip_multiple: float = 2.0
+    clip_multiple: float = 1.0
     weight_cap: float = 4.0
 
     def check(self, at: str) -> None:

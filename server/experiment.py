@@ -43,7 +43,7 @@ from fedslm.server.population import population_grid
 from fedslm.server.privacy import ServerPrivacyState, resumed_state
 from fedslm.server.privacy_rounds import setup_privacy
 from fedslm.server.registry import best_round_hook, register_run, with_best_round
-from fedslm.server.rounds import CentralEval, History, RoundPlan, run_rounds
+from fedslm.server.rounds import CentralEval, History, RoundPlan, freeze_startup_objects, run_rounds
 from fedslm.server.strategy import build_strategy
 from fedslm.server.tracking import NoTracker, Tracker
 from fedslm.server.lora_aggregation import rank_state_hook, with_aggregation
@@ -110,18 +110,28 @@ def make_central_eval(cfg: ExperimentConfig, texts: tuple[str, ...], *,
 
 def partition_train_sizes(cfg: ExperimentConfig) -> Mapping[int, int] | None:
     """Simulation: each partition's train example count exactly as its client counts it
-    (rows of its encoded train split, audit canaries included), which caps its averaging
-    weight (``fedslm.server.screening.known_size_cap``); None outside simulation.
+    (rows of its encoded train split, audit canaries included; one row per document with
+    ``privacy.unit=document``), which caps its averaging weight
+    (``fedslm.server.screening.known_size_cap``); None outside simulation.
     Counted per partition on first use: a large federation's server encodes only the
     partitions that reply, not all of them at start-up."""
     if cfg.federation.engine != "simulation":
         return None
-    return _PartitionSizes(cfg)
+    return _PartitionSizes(cfg, "train")
+
+
+def partition_test_sizes(cfg: ExperimentConfig) -> Mapping[int, int] | None:
+    """Simulation: each partition's evaluate example count as its client counts it (rows
+    of its encoded test split, at most ``training.eval_max_batches`` batches), which caps
+    the weight of its evaluate metrics in the round's means; None outside simulation."""
+    if cfg.federation.engine != "simulation":
+        return None
+    return _PartitionSizes(cfg, "test")
 
 
 class _PartitionSizes(Mapping[int, int]):
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg, self._sizes = cfg, {}
+    def __init__(self, cfg: ExperimentConfig, split: str) -> None:
+        self.cfg, self.split, self._sizes = cfg, split, {}
 
     def __len__(self) -> int:
         return self.cfg.federation.num_clients
@@ -133,13 +143,25 @@ class _PartitionSizes(Mapping[int, int]):
         if not (isinstance(pid, int) and 0 <= pid < len(self)):
             raise KeyError(pid)
         if pid not in self._sizes:
-            from fedslm.audit.canaries import with_canaries
-
-            cfg = self.cfg
-            _, tokenizer = experiment_model(cfg)
-            split = client_split(cfg.data, num_clients=len(self), partition_id=pid, task=cfg.task.name)
-            self._sizes[pid] = int(encoded(cfg, with_canaries(cfg, pid, split).train, tokenizer)[0].shape[0])
+            self._sizes[pid] = self._count(pid)
         return self._sizes[pid]
+
+    def _count(self, pid: int) -> int:
+        from fedslm.audit.canaries import with_canaries
+
+        cfg = self.cfg
+        _, tokenizer = experiment_model(cfg)
+        split = client_split(cfg.data, num_clients=len(self), partition_id=pid, task=cfg.task.name)
+        if self.split == "test":
+            rows = int(encoded(cfg, split.test, tokenizer)[0].shape[0])
+            limit = cfg.training.eval_max_batches * cfg.training.batch_size
+            return min(rows, limit) if limit else rows
+        texts = with_canaries(cfg, pid, split).train
+        if cfg.privacy.unit == "document":  # as fedslm.client.records.client_tensors
+            from fedslm.tasks.causal_lm import document_blocks
+
+            return int(document_blocks(texts, tokenizer, seq_len=cfg.training.seq_len).shape[0])
+        return int(encoded(cfg, texts, tokenizer)[0].shape[0])
 
 
 def class_names(cfg: ExperimentConfig) -> list[str] | None:
@@ -221,11 +243,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, output_dir: Path) -> dict[
                      initial_evaluation=cfg.federation.initial_evaluation,
                      robust=cfg.robust, compression=cfg.compression.method,
                      known_sizes=partition_train_sizes(cfg),
+                     known_test_sizes=partition_test_sizes(cfg),
                      secure=setup_secure(cfg, strategy),
                      on_round_end=with_best_round(
                          round_end_saver(cfg, output_dir, strategy, history, tracker,
                                          run_id=run_id, hooks=state_hooks),
                          best_round_hook(cfg, output_dir, base_model=base_path)))
+    freeze_startup_objects()  # full garbage collections skip the ~10^5 objects above
     try:
         # 5. rounds
         arrays, history = run_rounds(

@@ -10,7 +10,8 @@ difference between replies, always pass.
 Bounded influence (``RobustConfig``, on by default): each accepted update's delta from
 the global adapter is clipped to an L2 bound and each client's averaging weight capped
 at a multiple of the round's median claim and, in simulation, at its partition's known
-train size (``known_size_cap``).
+train size (``known_size_cap``); evaluate weights the same way, at the partition's known
+test size.
 """
 
 from __future__ import annotations
@@ -244,16 +245,22 @@ def bound_influence(replies: list[Message], reference: ArrayRecord | dict[int, A
     return Bounded(out, metrics, notes)
 
 
-def cap_evaluate_weights(rows: list[dict], multiple: float) -> int | None:
+def cap_evaluate_weights(rows: list[dict], multiple: float, *,
+                         known_sizes: Mapping[int, int] | None = None) -> int | None:
     """Cap each evaluate row's example count in place (the weight of its metrics in the
-    round's means); the claim is kept in the row's note. Returns the cap."""
+    round's means) at ``multiple`` times the round's median claim and, with
+    ``known_sizes`` (simulation: partition id -> evaluate examples), at ``known_size_cap``;
+    the claim is kept in the row's note. Returns the median cap (None: capping off)."""
     cap = weight_cap([int(r[WEIGHT_KEY]) for r in rows if WEIGHT_KEY in r], multiple)
     if cap is None:
         return None
     for row in rows:
-        if row.get(WEIGHT_KEY, 0) > cap:
-            row[NOTE_KEY] = f"{WEIGHT_KEY} {row[WEIGHT_KEY]} capped to {cap}"
-            row[WEIGHT_KEY] = cap
+        if WEIGHT_KEY not in row:
+            continue
+        limit = min(cap, known_size_cap(row, known_sizes)) if known_sizes else cap
+        if row[WEIGHT_KEY] > limit:
+            row[NOTE_KEY] = f"{WEIGHT_KEY} {row[WEIGHT_KEY]} capped to {limit}"
+            row[WEIGHT_KEY] = limit
     return cap
 
 

@@ -127,3 +127,66 @@ def test_the_fuzz_pipeline_flags_what_escapes() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(screening, "_train_problem", lambda msg, expected: None)
         assert check_round([HONEST["none"], bad], [], REFERENCE, "none") != []
+
+
+def _declared(dtype: str, shape: tuple[int, ...], header_shape: tuple[int, ...] | bytes) -> Array:
+    """An Array declaring ``shape`` whose npy header claims ``header_shape`` over 16 bytes."""
+    data = (_npy("<f4" if dtype == "float32" else "|i1", header_shape, b"\0" * 16)
+            if isinstance(header_shape, tuple) else header_shape)
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+# the largest sizes the fuzzers generate, each declared over a payload of a few bytes
+WORST = {
+    "declared 2^70": _declared("float32", (2**70,), (2**70,)),
+    "declared 10^11 x 2^31": _declared("int8", (10**11, 2**31), (10**11, 2**31)),
+    "header 2^62 under a small declared shape": _declared("float32", (2, 3), (2**62,)),
+    "header of 20 digits": _declared("float32", (2, 3), (10**20,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORST))
+def test_the_worst_known_inputs_are_rejected_before_any_allocation(name: str) -> None:
+    """Every size check comes before numpy reads: rejecting a reply that declares 2^70
+    values allocates a few kB (the traced peak), never anything of the declared size,
+    in wire decoding, compressed decoding and train screening alike."""
+    import tracemalloc
+
+    from fedslm.server.screening import screen_train_replies
+    from fedslm.simulations.bench.fuzz import message
+
+    array = WORST[name]
+    plain = RecordDict({"arrays": ArrayRecord({**dict(REFERENCE.items()), "l0.lora_A.weight": array}),
+                        "metrics": MetricRecord({"num-examples": 3})})
+    packed = RecordDict({"arrays": ArrayRecord({"delta": array, "scales": Array(np.ones(2, np.float32))}),
+                         "metrics": MetricRecord({"num-examples": 3}),
+                         "compression": ConfigRecord({"method": "int8"})})
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError):
+            decode_array(array, shape=(2, 3))
+        with pytest.raises(CompressionError, match="delta: "):
+            decode_update(packed, REFERENCE)
+        screened = screen_train_replies([message(1, plain)], REFERENCE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert screened.accepted == [] and list(screened.rejected) == [1]
+    assert peak < 64 * 1024
+
+
+def test_the_servers_startup_objects_are_left_out_of_full_collections() -> None:
+    """The fuzz run's slowest cases (0.23-1.25 s) were full garbage collections walking
+    every object torch and the rest had created; the ServerApp freezes those first."""
+    import gc
+
+    from fedslm.server.rounds import freeze_startup_objects
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 1000
+        assert len(gc.get_objects(generation=2)) < frozen  # what a full collection walks
+    finally:
+        gc.unfreeze()

@@ -63,9 +63,10 @@ def test_silent_node_is_dropped_each_round_and_every_round_is_checkpointed(in_a_
     start = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     strategy = FedAvg(min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3)
     arrays, history = run_rounds(Devices(), strategy, plan, start, log_metrics=lambda m, s: None)
-    # FedAvg of +1 (1 example) and +2 (2 examples): +5/3 per round; node 3 never counts.
-    assert ended == [(1, pytest.approx(5 / 3), 1.0), (2, pytest.approx(10 / 3), 1.0)]
-    np.testing.assert_allclose(arrays["w"].numpy(), [10 / 3, 10 / 3], rtol=1e-6)
+    # FedAvg of +1 (1 example) and +2 (2 examples), the +2 clipped to the median norm
+    # (default bounds) +1.5: +4/3 per round; node 3 never counts.
+    assert ended == [(1, pytest.approx(4 / 3), 1.0), (2, pytest.approx(8 / 3), 1.0)]
+    np.testing.assert_allclose(arrays["w"].numpy(), [8 / 3, 8 / 3], rtol=1e-6)
     assert [r["round"] for r in history.rounds] == ([0, 1, 2] if initial else [1, 2])
     dropped = [(r["round"], r["phase"], r["node_id"], r["status"]) for r in history.clients
                if r["status"] != "ok"]

@@ -142,7 +142,9 @@ def test_a_reply_that_stopped_the_run_is_screened_and_the_round_goes_on(in_a_ser
         assert [r["status"] for r in rows] == ["rejected", "rejected"]
         assert all(r["error"].startswith(reason) for r in rows), rows[0]["error"]
     honest_only = phase == "train" and reason is not None
-    per_round = 5 / 3 if honest_only else (1 + 4 + 9) / 6  # FedAvg of +1 (1), +2 (2) [, +3 (3)]
+    # FedAvg of +1 (1 example), +2 (2) [, +3 (3)], each delta clipped to the median norm
+    # (default bounds): +1, +1.5 (median of norms 2, 4) [or +1, +2, +2 (median of 2, 4, 6)]
+    per_round = (1 + 2 * 1.5) / 3 if honest_only else (1 + 2 * 2 + 3 * 2) / 6
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 2 * per_round), rtol=1e-6)
     assert arrays["w"].numpy().dtype == np.float32
 
@@ -179,17 +181,52 @@ def test_adaptive_clip_and_weight_cap_on_a_ten_to_the_twelve_claim() -> None:
     replies = [_update(1, np.full(4, 0.5, np.float32), 10), _update(2, np.full(4, 1.0, np.float32), 10),
                _update(3, np.full(4, 1.5, np.float32), 20), _update(4, np.full(4, 50.0, np.float32), 10**12)]
     bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, RobustConfig())
-    # bound = 2 x median(1, 2, 3, 100) = 5; cap = 4 x median(10, 10, 20, 10^12) = 60
-    assert bounded.metrics == {"robust_clip_bound": 5.0, "robust_clipped_fraction": 0.25,
+    # default bound = 1 x median(1, 2, 3, 100) = 2.5 (the median norm); cap = 4 x median(10, 10, 20, 10^12) = 60
+    assert bounded.metrics == {"robust_clip_bound": 2.5, "robust_clipped_fraction": 0.5,
                                "robust_weights_capped": 1.0, "robust_weight_cap": 60.0,
                                "robust_update_norm_median": 2.5}
+    assert bounded.notes[3] == {"update_norm": 3.0, "num-examples": 20,
+                                "screening": "delta norm 3 clipped to 2.5"}
     assert bounded.notes[4] == {"update_norm": 100.0, "num-examples": 60,
-                                "screening": "delta norm 100 clipped to 5; num-examples "
+                                "screening": "delta norm 100 clipped to 2.5; num-examples "
                                              "1000000000000 capped to 60"}
-    np.testing.assert_array_equal(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 2.5))
+    np.testing.assert_array_equal(bounded.replies[2].content["arrays"]["w"].numpy(), np.full(4, 1.25))
+    np.testing.assert_array_equal(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 1.25))
     arrays, _ = FedAvg().aggregate_train(1, bounded.replies)
-    # (10 * 0.5 + 10 * 1 + 20 * 1.5 + 60 * 2.5) / 100
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.95), rtol=1e-6)
+    # (10 * 0.5 + 10 * 1 + 20 * 1.25 + 60 * 1.25) / 100
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, 1.15), rtol=1e-6)
+    # clip_multiple=2: bound 5, only the scaled update is clipped
+    twice = bound_influence(screen_train_replies(
+        [_update(n, np.full(4, v, np.float32), 10) for n, v in ((1, 0.5), (2, 1.0), (3, 1.5), (4, 50.0))],
+        REF).accepted, REF, RobustConfig(clip_multiple=2.0))
+    assert twice.metrics["robust_clip_bound"] == 5.0 and twice.metrics["robust_clipped_fraction"] == 0.25
+    np.testing.assert_array_equal(twice.replies[3].content["arrays"]["w"].numpy(), np.full(4, 2.5))
+
+
+@pytest.mark.parametrize(("robust", "mean"), [
+    (RobustConfig(clip="none", weight_cap=0), -1.2),  # no bounds: (4 - 10) / 5
+    (RobustConfig(clip_multiple=2.0), 0.4),  # twice the median norm: (4 - 2) / 5
+    (RobustConfig(), 0.6),  # the default, the median norm: (4 - 1) / 5
+])
+def test_a_sign_flipped_update_weighs_at_most_one_honest_update(robust, mean) -> None:
+    # four honest clients send delta u (norm 1), one sends -10 u (attack.kind=sign_flip, scale 10)
+    u = np.full(4, 0.5, np.float32)
+    replies = [_update(n, u, 10) for n in (1, 2, 3, 4)] + [_update(5, -10 * u, 10)]
+    bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, robust)
+    arrays, _ = FedAvg().aggregate_train(1, bounded.replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), mean * u, rtol=1e-6)
+
+
+def test_a_same_value_update_is_clipped_to_the_median_norm() -> None:
+    # honest deltas of norm 1, 1.2, 1.4; node 4 sets every value to 1 (norm 2): the bound is
+    # the median norm 1.3, so node 4 counts no more than a typical honest update
+    replies = [_update(1, np.full(4, 0.5, np.float32), 10), _update(2, np.full(4, 0.6, np.float32), 10),
+               _update(3, np.full(4, 0.7, np.float32), 10), _update(4, np.full(4, 1.0, np.float32), 10)]
+    bounded = bound_influence(screen_train_replies(replies, REF).accepted, REF, RobustConfig())
+    assert bounded.metrics["robust_clip_bound"] == pytest.approx(1.3)  # median(1, 1.2, 1.4, 2)
+    np.testing.assert_allclose(bounded.replies[3].content["arrays"]["w"].numpy(), np.full(4, 0.65), rtol=1e-6)
+    np.testing.assert_allclose(bounded.replies[2].content["arrays"]["w"].numpy(), np.full(4, 0.65), rtol=1e-6)
+    np.testing.assert_allclose(bounded.replies[1].content["arrays"]["w"].numpy(), np.full(4, 0.6), rtol=1e-6)
 
 
 def _claim(node: int, n: int, **metrics) -> Message:
@@ -214,20 +251,48 @@ def test_in_simulation_a_weight_is_capped_at_its_partitions_known_size() -> None
 
 
 def test_the_known_sizes_are_what_each_simulated_client_counts() -> None:
-    from fedslm.client.task import fit
-    from fedslm.server.experiment import initial_adapter, partition_train_sizes
+    import dataclasses
+
+    from fedslm.client.records import client_tensors
+    from fedslm.client.task import evaluate, fit
+    from fedslm.runtime import experiment_model
+    from fedslm.server.experiment import initial_adapter, partition_test_sizes, partition_train_sizes
 
     cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
                                       "training": {"local_steps": 1}})
-    sizes = partition_train_sizes(cfg)
+    sizes, test_sizes = partition_train_sizes(cfg), partition_test_sizes(cfg)
     assert sorted(sizes) == [0, 1, 2] and min(sizes.values()) > 0
     for pid in (0, 2):
         _, metrics = fit(cfg, initial_adapter(cfg), partition_id=pid, server_round=1)
         assert metrics["num-examples"] == sizes[pid]
-    import dataclasses
-
+        assert evaluate(cfg, initial_adapter(cfg), partition_id=pid)["num-examples"] == test_sizes[pid]
+    # at most eval_max_batches x batch_size evaluated; one row per document under unit=document
+    short = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                        "training": {"eval_max_batches": 1, "batch_size": 2}})
+    assert partition_test_sizes(short)[0] == 2 == evaluate(short, initial_adapter(short),
+                                                           partition_id=0)["num-examples"]
+    docs = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                       "privacy": {"mode": "dp_sgd", "unit": "document"}})
+    _, tokenizer = experiment_model(docs)  # fit reports its train tensors' rows
+    rows = client_tensors(docs, 1, "train", tokenizer)[0].shape[0]
+    assert partition_train_sizes(docs)[1] == rows != sizes[1]
     remote = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, engine="remote"))
-    assert partition_train_sizes(remote) is None
+    assert partition_train_sizes(remote) is None and partition_test_sizes(remote) is None
+
+
+def test_in_simulation_an_evaluate_weight_is_capped_at_its_partitions_known_test_size() -> None:
+    rows = [{"node_id": 1, "num-examples": 6, "partition-id": 0},
+            {"node_id": 2, "num-examples": 10**12, "partition-id": 1},
+            {"node_id": 3, "num-examples": 10**12, "partition-id": 9},
+            {"node_id": 4, "num-examples": 6}]
+    # median cap 4 x median(6, 6, 1e12, 1e12) is no bound here; the known test sizes are:
+    # partition 1 -> 8; an unknown partition (9) or none -> the largest, 12
+    assert cap_evaluate_weights(rows, 4.0, known_sizes={0: 6, 1: 8, 2: 12}) == 2 * 10**12 + 12
+    assert [r["num-examples"] for r in rows] == [6, 8, 12, 6]
+    assert rows[1]["screening"] == "num-examples 1000000000000 capped to 8"
+    off = [{"node_id": 1, "num-examples": 10**12, "partition-id": 1}]
+    assert cap_evaluate_weights(off, 0.0, known_sizes={0: 6, 1: 8}) is None  # robust=off
+    assert off[0]["num-examples"] == 10**12
 
 
 def test_fixed_clip_and_no_bounds() -> None:

@@ -10,27 +10,38 @@ every round; attacks from ``attack.start_round`` 1 by the first ``fraction`` of
 partitions.
 
 Defences: ``no-bounds`` (FedAvg, robust.clip=none, robust.weight_cap=0), ``default``
-(FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``
-and ``multikrum`` (num_malicious = the malicious count). Reported per cell: final central
-perplexity and its ratio to the honest no-bounds run, and for ``backdoor`` its success
+(FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``,
+``multikrum`` and ``bulyan`` (num_malicious = the malicious count; bulyan only where
+n >= 4f + 3), the robust rules behind the default bounds. Reported per cell: final central
+perplexity and its ratio to the honest no-bounds run (✔ within 5 %), and for ``backdoor`` its success
 rate on the central split's clean prompts carrying the trigger (``fedslm.backdoor``:
 ``bd 0.31``); per defence, its honest-run cost
 (perplexity ratio) and server seconds per round (screening + bounding + aggregation).
+Cells run fraction by fraction in the order given; each finished row is printed as a
+markdown table row and the JSON is rewritten after every cell, so a cut-short run keeps
+what it measured.
 
-    python -m fedslm.simulations.bench robustness --rounds 5 --fractions 0.2,0.3
+    python -m fedslm.simulations.bench robustness --fractions 0.2,0.3,0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+from fedslm.config import ExperimentConfig
+from fedslm.runconfig import nest
+from fedslm.simulations.bench.common import BENCH_DIR
 
 ATTACKS = {"scale": 100.0, "sign_flip": 10.0, "gaussian": 1.0, "same_value": 1.0,
            "num_examples": 1e6, "backdoor": 1.0}  # backdoor: default trigger/target, scale unused
-DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+WITHIN = 1.05  # the issue's target: within 5 % of the honest perplexity
 
 
 class InProcessGrid:
@@ -74,7 +85,7 @@ def defence_overrides(name: str, malicious: int) -> dict[str, Any]:
         return {"robust.clip": "none", "robust.weight_cap": 0.0}
     if name == "default":
         return {}
-    extra = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum") else {}
+    extra = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum", "bulyan") else {}
     return {"strategy.name": name, **extra}
 
 
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench robustness",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
@@ -147,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defences", default=",".join(DEFENCES))
     parser.add_argument("--backdoor-target", default=None,
                         help="attack.target of the backdoor runs (default: the config's)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON path (default outputs/bench/robustness.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cells --out already holds (same settings) and run the rest")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the table of what --out holds ('not run' for the rest)")
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     defences = [d for d in args.defences.split(",") if d]
@@ -165,45 +180,87 @@ def main(argv: list[str] | None = None) -> int:
     base = {"federation.num_clients": args.clients, "federation.num_rounds": args.rounds,
             "training.local_steps": args.local_steps,
             **({"attack.target": args.backdoor_target} if args.backdoor_target else {})}
-    start = initial_perplexity(base)
+    out_path = Path(args.out) if args.out else BENCH_DIR / "robustness.json"
+    old: dict[str, Any] = {}
+    if args.resume or args.table_only:
+        old = json.loads(out_path.read_text()) if out_path.exists() else {}
+        if old and {k: old["settings"].get(k) for k in base} != base:
+            print(f"error: {out_path} was measured with other settings; --resume needs the same",
+                  file=sys.stderr)
+            return 2
+    start = old.get("initial_perplexity") or initial_perplexity(base)
     print(f"initial adapter: central perplexity {start:.4g}", flush=True)
+    result: dict[str, Any] = {"machine": machine(), "settings": {
+        **base, "fractions": fractions, "attack_scales": ATTACKS}, "initial_perplexity": start,
+        "honest": dict(old.get("honest", {})), "cells": list(old.get("cells", []))}
+    measured = {(c["attack"], c["fraction"], c["defence"]): c for c in result["cells"]}
+
+    def measure(key: tuple[str, float, str], overrides: dict[str, Any]) -> dict[str, Any] | None:
+        """A cell's result: measured before (--resume), now, or None (--table-only)."""
+        attack, fraction, defence = key
+        have = result["honest"].get(defence) if attack == "honest" else measured.get(key)
+        if have is not None or args.table_only:
+            return have
+        res = run_one(overrides, name=f"{attack}-{fraction}-{defence}")
+        if attack == "honest":
+            result["honest"][defence] = res
+        else:
+            measured[key] = {"attack": attack, "fraction": fraction, "defence": defence, **res}
+            result["cells"].append(measured[key])
+        write_json("robustness", result, str(out_path))
+        return res
+
     # with backdoor among the attacks the honest runs measure its baseline rate too
     # (attack.kind=backdoor with fraction 0: nobody poisons, the server still measures)
     watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if "backdoor" in attacks else {}
-    honest = {d: run_one({**base, **defence_overrides(d, 0), **watch}, name=f"honest-{d}")
+    honest = {d: measure(("honest", 0.0, d), {**base, **defence_overrides(d, 0), **watch})
               for d in defences}
-    reference = honest[defences[0]]["perplexity"]
-    rows = [{"attack": "honest", "fraction": 0.0,
-             **{d: f"{honest[d]['perplexity']:.3f} ({honest[d]['perplexity'] / reference:.3f})" + (
-                 f" bd {honest[d]['backdoor_success']:.2f}" if "backdoor_success" in honest[d] else "")
-                for d in defences}}]
-    cells = []
-    for attack in attacks:
-        for fraction in fractions:
-            malicious = int(round(fraction * args.clients))
+    first = result["honest"].get("no-bounds") or next((h for h in honest.values() if h), None)
+    if first is None:
+        print("error: no honest run measured yet", file=sys.stderr)
+        return 2
+    reference = result["reference_perplexity"] = first["perplexity"]
+    columns = ["attack", "fraction", *defences]
+    rows = [{"attack": "honest", "fraction": 0.0, **{d: cell(honest[d], reference) for d in defences}}]
+    print(markdown_row(columns, rows[0], header=True), flush=True)
+    for fraction in fractions:
+        malicious = int(round(fraction * args.clients))
+        for attack in attacks:
             row: dict[str, Any] = {"attack": attack, "fraction": fraction}
             for d in defences:
                 overrides = {**base, **defence_overrides(d, malicious), "attack.kind": attack,
                              "attack.fraction": fraction, "attack.scale": ATTACKS[attack]}
                 try:
-                    res = run_one(overrides, name=f"{attack}-{fraction}-{d}")
-                except Exception as err:  # noqa: BLE001 - a config refusal (e.g. krum's n)
-                    row[d] = f"refused: {str(err).splitlines()[0][:40]}"
+                    ExperimentConfig.from_dict(nest(overrides))
+                except ValueError as err:  # a config refusal: krum's or bulyan's n >= ... f
+                    row[d] = f"n/a ({str(err).splitlines()[0].split(': ', 1)[-1].split(' sampled')[0][:48]})"
                     continue
-                cells.append({"attack": attack, "fraction": fraction, "defence": d, **res})
-                row[d] = f"{res['perplexity']:.3f} ({res['perplexity'] / reference:.3f})" + (
-                    f" bd {res['backdoor_success']:.2f}" if "backdoor_success" in res else "")
+                row[d] = cell(measure((attack, fraction, d), overrides), reference, mark=True)
             rows.append(row)
-    print("\nfinal central perplexity (ratio to the honest no-bounds run)")
-    print(table(rows, ["attack", "fraction", *defences]))
-    print("\nhonest-run server seconds per round: " + ", ".join(
-        f"{d} {honest[d]['server_seconds_per_round']:.3f}" for d in defences))
-    result = {"machine": machine(), "settings": {**base, "fractions": fractions,
-                                                 "attack_scales": ATTACKS},
-              "initial_perplexity": start,
-              "honest": honest, "cells": cells, "reference_perplexity": reference}
-    print(f"wrote {write_json('robustness', result, args.out)}")
+            print(markdown_row(columns, row), flush=True)
+    print("\nfinal central perplexity (ratio to the honest no-bounds run; ✔ within 5 %)")
+    print(table(rows, columns))
+    print("\nhonest-run cost per defence (perplexity ratio; server seconds per round): " + ", ".join(
+        f"{d} {h['perplexity'] / reference:.4f}, {h['server_seconds_per_round']:.3f} s"
+        for d, h in honest.items() if h))
+    print(f"wrote {write_json('robustness', result, str(out_path))}")
     return 0
+
+
+def cell(res: dict[str, Any] | None, reference: float, *, mark: bool = False) -> str:
+    """``8.515 (1.000) ✔ bd 0.00``: perplexity, its ratio to the reference, within 5 %."""
+    if res is None:
+        return "not run"
+    ratio = res["perplexity"] / reference
+    text = f"{res['perplexity']:.4g} ({ratio:.3f})" + (" ✔" if mark and ratio <= WITHIN else "")
+    return text + (f" bd {res['backdoor_success']:.2f}" if "backdoor_success" in res else "")
+
+
+def markdown_row(columns: list[str], row: dict[str, Any], *, header: bool = False) -> str:
+    line = "| " + " | ".join(str(row.get(c, "-")) for c in columns) + " |"
+    if not header:
+        return line
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + line
 
 
 if __name__ == "__main__":
