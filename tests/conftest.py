@@ -82,6 +82,12 @@ def owned_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     patch = pytest.MonkeyPatch()
     patch.setenv(CACHE_ENV, str(root))
     patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+    # the builtin model, built now rather than inside the first CLI subprocess that needs
+    # it (whose timeout would then have to cover the build too)
+    from fedslm.config import ModelConfig
+    from fedslm.runtime import model_path
+
+    model_path(ModelConfig())
     yield root
     patch.undo()
 
