@@ -62,23 +62,12 @@ def test_a_client_reports_its_tier_as_a_metric_the_server_accepts() -> None:
 def test_the_agent_writes_its_tier_into_the_node_config(tmp_path) -> None:
     import tomllib
 
-    cfg = AgentConfig(
-        superlink="h:1",
-        root_certificates=tmp_path / "ca",
-        auth_key=tmp_path / "k",
-        data_path=tmp_path,
-        state_dir=tmp_path,
-        tier="small",
-    )
-    assert tomllib.loads(write_node_config(cfg).read_text())["tier"] == "small"
-    no_tier = AgentConfig(
-        superlink="h:1",
-        root_certificates=tmp_path / "ca",
-        auth_key=tmp_path / "k",
-        data_path=tmp_path,
-        state_dir=tmp_path,
-    )
-    assert "tier" not in tomllib.loads(write_node_config(no_tier).read_text())
+    def agent(**tier: str) -> AgentConfig:
+        paths = dict(root_certificates=tmp_path / "ca", auth_key=tmp_path / "k", data_path=tmp_path)
+        return AgentConfig(superlink="h:1", state_dir=tmp_path, **paths, **tier)  # type: ignore[arg-type]
+
+    assert tomllib.loads(write_node_config(agent(tier="small")).read_text())["tier"] == "small"
+    assert "tier" not in tomllib.loads(write_node_config(agent()).read_text())
     with pytest.raises(SystemExit):
         parse_args(
             [

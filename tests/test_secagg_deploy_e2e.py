@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 SECAGG = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
           "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
           "strategy.min_train_clients=3", "federation.num_clients=3", "federation.num_rounds=1",
-          "federation.initial_evaluation=false", "federation.round_timeout=60",
+          "federation.initial_evaluation=false", "federation.round_timeout=90",
           "secure_aggregation=secaggplus", "secure_aggregation.threshold=2"]
 
 
@@ -36,6 +36,7 @@ def test_agent_killed_mid_protocol_round_unmasks_the_others(federation: Deployme
              "agent 3 to receive its masked-input stage", dep)
     kill_tree(dep.agents[victim].pid)  # the device dies after sharing its keys
     dep.agents[victim].wait(timeout=10)
+    dep.start_agent(victim, dep.data[victim - 1])  # type: ignore[attr-defined]
     finish(proc, dep, timeout=360)
     out = dep.root / "hydra" / "secagg-agent-killed"
     result = summary(out)
@@ -51,4 +52,5 @@ def test_agent_killed_mid_protocol_round_unmasks_the_others(federation: Deployme
     # no DP: weighted as plain FedAvg (auto), by the survivors' example counts sent in clear
     assert r1["secagg_weighted"] == 1
     assert r1["secagg_weight_total"] == sum(int(r["num-examples"]) for r in train if r["status"] == "ok")
-    # (that a rebooted agent is accepted again is test_deploy_e2e's agent-killed test)
+    wait_for(lambda: log.read_text().count(f"SuperNode ID: {victim_id}") >= 2, 120,
+             "the rebooted agent to be accepted again", dep)
