@@ -74,20 +74,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def owned_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Nothing a test runs writes to ~/.cache: the builtin model is built once per session
-    into this dir (every engine process a test starts inherits the variable), and
-    Hugging Face datasets cache here too."""
+def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nothing a test runs writes to ~/.cache: runs, Hugging Face datasets and the builtin
+    model live in this session's dir (every engine process a test starts inherits the
+    variable).
+
+    The builtin model itself is built in pytest's own cache dir (``.pytest_cache``, under
+    the repository) and linked here: built once per clone rather than once per xdist worker
+    and session (a build is ~200 CPU-seconds on a busy machine); its name carries the
+    recipe's hash, and the build's file lock lets the workers share it.
+    """
     root = tmp_path_factory.mktemp("fedslm-cache")
     patch = pytest.MonkeyPatch()
-    patch.setenv(CACHE_ENV, str(root))
     patch.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+    from tests.proc_util import RUNS_ENV
+
+    patch.setenv(RUNS_ENV, str(tmp_path_factory.mktemp("cli-runs")))  # not /tmp itself
     # the builtin model, built now rather than inside the first CLI subprocess that needs
     # it (whose timeout would then have to cover the build too)
     from fedslm.config import ModelConfig
-    from fedslm.runtime import model_path
+    from fedslm.runtime import _model_path, model_path
 
-    model_path(ModelConfig())
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    patch.setenv(CACHE_ENV, str(cache.mkdir("fedslm-builtin-model") if cache is not None else root))
+    built = Path(model_path(ModelConfig()))
+    if built.parent != root:
+        (root / built.name).symlink_to(built, target_is_directory=True)
+    patch.setenv(CACHE_ENV, str(root))
+    _model_path.cache_clear()  # in this process too, the model resolves under root
     yield root
     patch.undo()
 

@@ -14,6 +14,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "FEDSLM_TEST_MARKER"
+RUNS_ENV = "FEDSLM_TEST_RUNS"  # set by conftest: run dirs live under pytest's own tmp (cleaned)
 
 
 def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
@@ -22,7 +23,8 @@ def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
     every process it spawns (SuperLink, ServerApp, Ray) inherits the marker."""
     marker = uuid.uuid4().hex
     if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
-        args = [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix='fedslm-cli-')}"]  # not ./outputs
+        run_dir = tempfile.mkdtemp(prefix="fedslm-cli-", dir=os.environ.get(RUNS_ENV))  # not ./outputs
+        args = [*args, f"hydra.run.dir={run_dir}"]
     full_env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "fedslm.simulations.run", *args], cwd=REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)

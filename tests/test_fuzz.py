@@ -186,7 +186,10 @@ def test_the_servers_startup_objects_are_left_out_of_full_collections() -> None:
     assert gc.get_freeze_count() == 0
     try:
         frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 1000
+        assert frozen > 1000
+        # frozen objects still die by reference count (here: pytest-xdist's I/O thread
+        # freed 2 once), and nothing joins the frozen set unless frozen again
+        assert 0 <= frozen - gc.get_freeze_count() < frozen // 100
         assert len(gc.get_objects(generation=2)) < frozen  # what a full collection walks
     finally:
         gc.unfreeze()

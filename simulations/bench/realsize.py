@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,17 @@ def model_bytes(model) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per step after the first: wall, and this process's CPU time (one torch
+    thread, so on a shared machine CPU time is the fairer ratio)."""
+
+    wall: float
+    cpu: float
+
+
 def bare_loop(shape: str, targets: list[str], blocks, *, batch_size: int, device: str = "cpu",
-              precision: str = "fp32", quantization: str = "none") -> tuple[float, Any]:
+              precision: str = "fp32", quantization: str = "none") -> tuple[StepTime, Any]:
     """The baseline: from_pretrained + get_peft_model + AdamW, nothing else."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -94,12 +104,12 @@ def bare_loop(shape: str, targets: list[str], blocks, *, batch_size: int, device
     model.train()
     amp = (torch.autocast(device, dtype=torch.bfloat16) if precision in ("bf16",) or quantization != "none"
            else contextlib.nullcontext())
-    start = None
+    start = cpu0 = 0.0
     steps = len(blocks) // batch_size
     for step in range(steps):
         if step == 1:  # the first step pays one-time costs in both loops
             _sync(device)
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
         ids = blocks[step * batch_size:(step + 1) * batch_size].to(device)
         with amp:
             loss = model(input_ids=ids, labels=ids).loss
@@ -107,36 +117,58 @@ def bare_loop(shape: str, targets: list[str], blocks, *, batch_size: int, device
         opt.step()
         opt.zero_grad(set_to_none=True)
     _sync(device)
-    return (time.perf_counter() - start) / (steps - 1), model
+    return StepTime((time.perf_counter() - start) / (steps - 1), (time.process_time() - cpu0) / (steps - 1)), model
 
 
-def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: str = ""):
+def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: str = "",
+                dp_batches: str = "fixed") -> StepTime:
     """FedSLM's own loop (``train_local``, or DP-SGD's with Opacus' ``dp`` grad-sample mode:
-    ``hooks`` or ``ghost``), timed after its first step."""
+    ``hooks`` or ``ghost``), timed after its first step.
+
+    DP-SGD draws Poisson batches (expected size ``batch_size``), so one run's peak memory
+    follows its largest realized batch. ``dp_batches="fixed"`` keeps FedSLM's private
+    setup (Opacus hooks, clipping, noise) but feeds the same fixed batches as the other
+    loops: the like-for-like cost of per-example clipping. ``"poisson"`` runs
+    ``train_dp_sgd`` itself."""
     from fedslm.client.train import make_training_setup, run_steps
     from fedslm.config import PrivacyConfig, TrainingConfig
 
     steps = len(blocks) // batch_size
     cfg = TrainingConfig(learning_rate=1e-4, local_steps=steps, batch_size=batch_size,
                          warmup_ratio=0.0, seq_len=blocks.shape[1], precision=precision)
-    times: list[float] = []
-    if dp:
+    privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=dp or "hooks")
+    if dp and dp_batches == "poisson":
         import tempfile
 
         from fedslm.client.dp_sgd import train_dp_sgd
 
-        # Poisson sampling: expected batch = batch_size; the mean step time is what it costs
         with tempfile.TemporaryDirectory() as state:
-            privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=dp)
             result, _ = train_dp_sgd(model, blocks, cfg, privacy,
                                      state_dir=Path(state), server_round=1, generator_seed=0)
-        return result.seconds / result.steps
+        return StepTime(result.seconds / result.steps, float("nan"))
     setup = make_training_setup(model, blocks, cfg, generator_seed=0)
-    step_hook = setup.optimizer.register_step_post_hook(lambda *a: (_sync(str(_device(model))),
-                                                                    times.append(time.perf_counter())))
-    run_steps(setup)
-    step_hook.remove()
-    return (times[-1] - times[0]) / (len(times) - 1)
+    optimizer, cleanup = setup.optimizer, None
+    if dp:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from fedslm.client.dp_sgd import make_private
+
+        private = make_private(setup, noise_multiplier=privacy.noise_multiplier,
+                               max_grad_norm=privacy.max_grad_norm, grad_sample_mode=dp,
+                               accountant=privacy.accountant_name())
+        private.setup.loader = DataLoader(TensorDataset(blocks), batch_size=batch_size, shuffle=False)
+        setup, optimizer, cleanup = private.setup, private.setup.optimizer.original_optimizer, private.hooks.cleanup
+    marks: list[tuple[float, float]] = []
+    step_hook = optimizer.register_step_post_hook(
+        lambda *a: (_sync(str(_device(model))), marks.append((time.perf_counter(), time.process_time()))))
+    try:
+        run_steps(setup)
+    finally:
+        step_hook.remove()
+        if cleanup is not None:
+            cleanup()
+    n = len(marks) - 1
+    return StepTime((marks[-1][0] - marks[0][0]) / n, (marks[-1][1] - marks[0][1]) / n)
 
 
 def _device(model):
@@ -171,10 +203,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"variant": spec["variant"], "targets": spec["targets"]}
     targets = TARGETS[spec["targets"]]
     if spec["variant"] == "bare":
-        seconds, model = bare_loop(spec["shape"], targets, blocks, batch_size=bs)
+        timing, model = bare_loop(spec["shape"], targets, blocks, batch_size=bs)
     else:
         model = build(spec["shape"], targets, gradient_checkpointing=spec["variant"] == "checkpointing")
-        seconds = fedslm_loop(model, blocks, batch_size=bs, dp=DP_VARIANTS.get(spec["variant"], ""))
+        timing = fedslm_loop(model, blocks, batch_size=bs, dp=DP_VARIANTS.get(spec["variant"], ""),
+                             dp_batches=spec.get("dp_batches", "fixed"))
         if spec["variant"] == "fedslm":
             from fedslm.adapters import adapter_arrays, to_array_record
             from fedslm.simulations.bench.comm import record_bytes
@@ -182,7 +215,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             payload, proto = record_bytes({"arrays": to_array_record(adapter_arrays(model))})
             out.update(uplink_payload_bytes=payload, uplink_message_bytes=proto)
     base = model.get_base_model()
-    out.update(seconds_per_step=seconds, tokens_per_s=bs * seq / seconds,
+    out.update(seconds_per_step=timing.wall, cpu_seconds_per_step=timing.cpu, tokens_per_s=bs * seq / timing.wall,
                peak_rss=own_peak_rss(),
                rss_before_model=rss0, model_bytes=model_bytes(base),
                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -269,7 +302,7 @@ def cpu(args) -> dict[str, Any]:
 
     model_path(ModelConfig(name_or_path=SHAPE_135M))  # built once, before anything is timed
     common = {"shape": SHAPE_135M, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "steps": args.steps + 1, "threads": 1}
+              "steps": args.steps + 1, "threads": 1, "dp_batches": args.dp_batches}
     runs = []
     for targets in TARGETS:
         for variant in ("bare", "fedslm") + (("dp_sgd", "dp_sgd_ghost", "checkpointing") if targets == "qv" else ()):
@@ -291,13 +324,16 @@ def cpu_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for (targets, variant), r in by.items():
         bare, ours = by.get((targets, "bare")), by.get((targets, "fedslm"))
-        row = {"lora": targets, "loop": variant, "s/step": r["seconds_per_step"],
+        cpu_s = r.get("cpu_seconds_per_step")
+        row = {"lora": targets, "loop": variant, "s/step": r["seconds_per_step"], "CPU s/step": cpu_s,
                "tokens/s": r["tokens_per_s"],
                "vs bare": bare["seconds_per_step"] / r["seconds_per_step"] if bare else None,
+               "CPU vs bare": _ratio(bare and bare.get("cpu_seconds_per_step"), cpu_s),
                "peak RSS MiB": r["peak_rss"] / 2**20, "model MiB": r["model_bytes"] / 2**20,
                "RSS/model": r["peak_rss"] / r["model_bytes"]}
         if variant in (*DP_VARIANTS, "checkpointing") and ours:
             row["time vs fedslm"] = r["seconds_per_step"] / ours["seconds_per_step"]
+            row["CPU vs fedslm"] = _ratio(cpu_s, ours.get("cpu_seconds_per_step"))
             row["RSS vs fedslm"] = r["peak_rss"] / ours["peak_rss"]
         rows.append(row)
     for targets, f in fed.items():
@@ -311,6 +347,13 @@ def cpu_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "RSS/model": max(f["client_peak_rss"], default=0) / model,
                      "ServerApp MiB": f["serverapp_peak_rss"] / 2**20})
     return rows
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """num / den where both were measured (older JSON and Poisson DP rows carry no CPU time)."""
+    if not num or not den or num != num or den != den:
+        return None
+    return num / den
 
 
 def uplink_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -342,13 +385,14 @@ def gpu(args) -> dict[str, Any]:
             row = {"shape": shape.rsplit(":", 1)[-1], "setting": setting}
             try:
                 torch.cuda.reset_peak_memory_stats()
-                bare_s, bare_model = bare_loop(shape, ["auto"], blocks, batch_size=args.gpu_batch,
+                bare_t, bare_model = bare_loop(shape, ["auto"], blocks, batch_size=args.gpu_batch,
                                                device="cuda", precision=precision, quantization=quant)
                 del bare_model
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 model = build(shape, ["auto"], device="cuda", precision=precision, quantization=quant)
-                ours = fedslm_loop(model, blocks, batch_size=args.gpu_batch, precision=precision)
+                ours = fedslm_loop(model, blocks, batch_size=args.gpu_batch, precision=precision).wall
+                bare_s = bare_t.wall
                 row.update({"tokens/s": args.gpu_batch * args.seq_len / ours,
                             "bare tokens/s": args.gpu_batch * args.seq_len / bare_s, "vs bare": bare_s / ours,
                             "peak GPU MiB": torch.cuda.max_memory_allocated() / 2**20,
@@ -396,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-federated", action="store_true", help="only the in-process variants")
     parser.add_argument("--variants", default="", help="comma list of in-process variants to run "
                         "(bare, dp_sgd, dp_sgd_ghost, checkpointing; fedslm always runs); default all")
+    parser.add_argument("--dp-batches", choices=("fixed", "poisson"), default="fixed",
+                        help="DP-SGD variants: the other loops' fixed batches through FedSLM's private "
+                        "setup (like for like), or train_dp_sgd's own Poisson batches")
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--out", default=None)
@@ -421,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "peak GPU MiB", "max batch", "error"]))
     else:
         result = cpu(args)
-        print(table(cpu_rows(result), ["lora", "loop", "s/step", "tokens/s", "vs bare", "peak RSS MiB",
-                                       "model MiB", "RSS/model", "time vs fedslm", "RSS vs fedslm",
-                                       "ServerApp MiB"]))
+        print(table(cpu_rows(result), ["lora", "loop", "s/step", "CPU s/step", "tokens/s", "vs bare",
+                                       "CPU vs bare", "peak RSS MiB", "model MiB", "RSS/model",
+                                       "time vs fedslm", "CPU vs fedslm", "RSS vs fedslm", "ServerApp MiB"]))
         print()
         print(table(uplink_rows(result), ["lora r=8", "trainable", "payload B", "message B",
                                           "full FT B", "full / LoRA"]))
