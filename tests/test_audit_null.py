@@ -43,3 +43,55 @@ def test_attack_rows_on_hand_built_scores():
     assert row["p"] == pytest.approx(2 / 35, abs=1e-15)
     assert row["tpr1%"] == pytest.approx(2 / 3, abs=1e-15)
     assert row["auc_low"] <= row["auc"] <= row["auc_high"] == 1.0
+
+
+def test_null_attacks_score_each_clients_texts_with_its_twins_model(tmp_path):
+    """Two IID clients (h=0: twins of each other) each train a real local_only adapter on
+    the builtin tiny Llama. The own attacks are the audit's own figures; the null scores
+    client 0's texts under client 1's model (and back); the base score is minus the base
+    model's loss; the twin-calibrated score is the twin's loss minus the own one."""
+    from fedslm.audit.attack import mean_nll
+    from fedslm.audit.metrics import roc_auc
+    from fedslm.audit.personal import load_personal_model
+    from fedslm.audit.run import client_mia_texts, run_audit
+    from fedslm.client.task import fit
+    from fedslm.config import ExperimentConfig
+    from fedslm.personal_state import load_personal
+    from fedslm.runtime import experiment_model
+    from fedslm.server.experiment import initial_adapter
+    from fedslm.simulations.bench.audit_null import null_attacks
+
+    cfg = ExperimentConfig.from_dict(
+        {
+            "personalization": {"method": "local_only"},
+            "federation": {"num_clients": 2, "num_rounds": 1},
+            "data": {"heterogeneity": 0.0, "docs_per_client": 10, "test_fraction": 0.4},
+            "training": {"local_steps": 3, "learning_rate": 0.05},
+            "output_dir": str(tmp_path),
+        }
+    )
+    start = initial_adapter(cfg)
+    for pid in (0, 1):
+        fit(cfg, start, partition_id=pid, server_round=1)
+    clients = tmp_path / "clients"
+
+    attacks, is_member, n = null_attacks(cfg, start, clients)
+
+    assert n == 2 and is_member.tolist() == ([True] * 6 + [False] * 4) * 2
+    audit = run_audit(cfg, start, delta=1e-3, canaries_inserted=False, clients_dir=clients)
+    for name in ("loss", "calibrated"):
+        scores = attacks[f"own {name}"]
+        assert roc_auc(scores[is_member], scores[~is_member]) == audit[f"audit_mia_personal_{name}_auc"]
+    # client 0's texts under client 1's personal model, and the base model, by hand
+    model, tokenizer = experiment_model(cfg)
+    _, members, non_members = client_mia_texts(cfg)[0]
+    texts, max_tokens = [*members, *non_members], model.config.max_position_embeddings
+    load_personal_model(model, "local_only", load_personal(clients / "1", method="local_only").arrays, start)
+    twin_nll = mean_nll(model, tokenizer, texts, max_tokens=max_tokens)
+    with model.disable_adapter():
+        base_nll = mean_nll(model, tokenizer, texts, max_tokens=max_tokens)
+    np.testing.assert_allclose(attacks["null loss"][:10], -twin_nll, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(attacks["base loss"][:10], -base_nll, rtol=0, atol=1e-12)
+    own_nll = -attacks["own loss"][:10]
+    np.testing.assert_allclose(attacks["twin-calibrated"][:10], twin_nll - own_nll, rtol=0, atol=1e-12)
+    assert not np.allclose(twin_nll, own_nll)  # the two personal models differ

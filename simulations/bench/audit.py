@@ -19,6 +19,15 @@ inference against the personal adapters (``audit_mia_personal_*``)::
 
     python -m fedslm.simulations.bench audit --personalization split,dual,local_only,finetune \
         --noise 1.1 --canaries 0 --heterogeneity 1 --clients 4 --rounds 4 --steps 15
+
+``--null`` adds, per run, the personal attacks on 14 twinned clients with 95% intervals
+and p-values: own model, a twin's model that saw neither split (shift check), the base
+model, and the twin as reference (``audit_null.py``). ``--mode dp_fedavg`` makes the
+``--noise`` runs user-level DP-FedAvg (the row's epsilon is then the user-level one)::
+
+    python -m fedslm.simulations.bench audit --personalization local_only,split --noise 1.3 \
+        --canaries 0 --heterogeneity 1 --num-topics 7 --clients 14 --rounds 4 --steps 15 --null
+    python -m fedslm.simulations.bench audit --mode dp_fedavg --noise 2,3.2,9 --no-baseline
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedslm.inference import read_adapter
 from fedslm.server.audit import read_rounds
 from fedslm.simulations.bench.audit_null import attack_rows, null_attacks
 from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             report, read_rounds(out / "rounds.csv")[-1], label, method)
         rows.append({**row, "output_dir": cfg.output_dir, "seconds": round(run.wall, 1)})
         if args.null:
-            attacks, is_member, clients = null_attacks(cfg, out)
+            final = read_adapter(out / "adapter")[0]
+            attacks, is_member, clients = null_attacks(cfg, final, out / "clients")
             null_rows += [{"method": method, "privacy": label, "epsilon": row["epsilon"], "clients": clients, **r}
                           for r in attack_rows(attacks, is_member)]
     print(table(rows, PERSONAL_COLUMNS if methods else COLUMNS))

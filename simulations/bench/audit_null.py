@@ -64,12 +64,14 @@ def attack_rows(attacks: Mapping[str, np.ndarray], is_member: np.ndarray, *, see
     return rows
 
 
-def null_attacks(cfg: ExperimentConfig, output_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """Every attack's scores on the twinned clients' texts of a finished run."""
+def null_attacks(
+    cfg: ExperimentConfig, arrays: Mapping[str, np.ndarray], clients_dir: Path
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """Every attack's scores on the twinned clients' texts of a finished run: ``arrays``
+    its final global adapter, ``clients_dir`` the clients' state dirs."""
     from fedslm.adapters import load_adapter_arrays, reset_to_init
     from fedslm.audit.personal import personal_scores
     from fedslm.audit.run import client_mia_texts
-    from fedslm.inference import read_adapter
     from fedslm.runtime import experiment_model
 
     d = cfg.data
@@ -80,12 +82,11 @@ def null_attacks(cfg: ExperimentConfig, output_dir: Path) -> tuple[dict[str, np.
             "data.num_topics=7, federation.num_clients=14)"
         )
     model, tokenizer = experiment_model(cfg)
-    arrays = read_adapter(Path(output_dir) / "adapter")[0]
     load_adapter_arrays(model, arrays)
     reset_to_init(model, "personal", seed=cfg.training.seed)
     max_tokens = int(getattr(model.config, "max_position_embeddings", 256) or 256)
     texts = [t for t in client_mia_texts(cfg) if t[0] in twin]
-    kwargs = {"clients_dir": Path(output_dir) / "clients", "max_tokens": max_tokens}
+    kwargs = {"clients_dir": Path(clients_dir), "max_tokens": max_tokens}
     own, is_member, clients = personal_scores(cfg, model, tokenizer, arrays, texts, **kwargs)
     null, null_member, _ = personal_scores(
         cfg, model, tokenizer, arrays, [(twin[pid], m, nm) for pid, m, nm in texts], **kwargs
