@@ -142,3 +142,52 @@ def test_mia_figures_names_each_attack_and_takes_the_best_bound():
     plain = mia_figures({"loss": (members, non_members)}, delta=0.0)
     assert set(plain) == {"audit_mia_loss_auc", "audit_mia_loss_tpr_at_1pct_fpr",
                           "audit_eps_lower_bound", "audit_eps_lower_bound_ceiling"}
+
+
+def test_auc_statistic_is_sklearns_auc_on_every_resample():
+    """The bootstrap's vectorised statistic: row k of a batch is roc_auc_score of row k."""
+    from fedslm.audit.metrics import _auc_statistic
+
+    members = np.array([[0.9, 0.8, 0.4], [0.6, 0.4, 0.1], [0.5, 0.5, 0.5]])
+    non_members = np.array([[0.7, 0.3, 0.2, 0.1], [0.8, 0.5, 0.3, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    got = _auc_statistic(members, non_members, axis=-1)
+    np.testing.assert_allclose(got, [11 / 12, 5 / 12, 0.5], rtol=0, atol=1e-15)
+    assert got[0] == roc_auc_score(*_sklearn(members[0], non_members[0]))
+    # the statistic along axis 0 (samples down the columns) gives the same numbers
+    np.testing.assert_allclose(_auc_statistic(members.T, non_members.T, axis=0), got, rtol=0, atol=1e-15)
+
+
+def test_auc_interval_on_hand_built_scores():
+    from fedslm.audit.metrics import auc_interval
+
+    assert auc_interval([3.0, 4.0, 5.0], [0.0, 1.0, 2.0]) == (1.0, 1.0)  # every resample separates
+    assert auc_interval([0.5, 0.5], [0.5, 0.5, 0.5]) == (0.5, 0.5)  # every resample ties
+    # The exact bootstrap distribution of AUC 11/12 (all 3^3 x 4^4 = 6912 resamples
+    # enumerated): P(AUC* <= 1/2) = 0.021, P(AUC* <= 2/3) = 0.070, P(AUC* = 1) = 0.52, so
+    # its 2.5th and 97.5th percentiles are 2/3 and 1; 20,000 draws land there (the count
+    # below 2/3 is ~420 of the 500 that would move the lower end, 4 standard deviations off).
+    assert auc_interval(MEMBERS, NON_MEMBERS, resamples=20_000) == (pytest.approx(2 / 3, abs=1e-15), 1.0)
+    # more texts, narrower: 300 + 300 draws of shifted normals give an interval of about
+    # +-1.96 x 0.024 around the AUC
+    rng = np.random.default_rng(0)
+    member, non_member = rng.normal(0.3, 1, 300), rng.normal(0, 1, 300)
+    low, high = auc_interval(member, non_member)
+    assert low < roc_auc(member, non_member) < high and 0.08 < high - low < 0.11
+    assert auc_interval(member, non_member) == (low, high)  # seeded: a report can be re-derived
+    assert auc_interval(member, non_member, seed=1) != (low, high)
+    with pytest.raises(ValueError, match="at least one member and one non-member"):
+        auc_interval([], [0.1])
+
+
+@pytest.mark.parametrize(("member", "non_member", "expected"), [
+    ([3.0, 4.0, 5.0], [0.0, 1.0, 2.0], 1 / 20),   # the one order of C(6, 3) = 20 with U = 9
+    (MEMBERS, NON_MEMBERS, 2 / 35),               # U = 11 or 12: 2 of C(7, 3) = 35 orders
+    ([0.0, 1.0, 2.0], [3.0, 4.0, 5.0], 1.0),      # U = 0: every order has U >= 0
+])
+def test_auc_p_value_is_the_exact_mann_whitney_tail(member, non_member, expected):
+    from fedslm.audit.metrics import auc_p_value, auc_summary
+
+    assert auc_p_value(member, non_member) == pytest.approx(expected, abs=1e-15)
+    summary = auc_summary(member, non_member)
+    assert summary["p"] == auc_p_value(member, non_member)
+    assert summary["auc"] == roc_auc(member, non_member)

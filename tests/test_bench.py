@@ -133,7 +133,8 @@ def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -
     from fedslm.simulations.bench.common import experiment
 
     args = argparse.Namespace(clients=3, rounds=2, steps=4, docs=8, test_fraction=0.5, canaries=1,
-                              candidates=63, shakespeare="", mia_records=100, heterogeneity=None)
+                              candidates=63, shakespeare="", mia_records=100, heterogeneity=None,
+                              num_topics=None, mode="dp_sgd")
     cfg = experiment(setting_overrides(args, 2.0), run_name="audit-test")
     assert (cfg.privacy.mode, cfg.privacy.noise_multiplier, cfg.privacy.audit) == ("dp_sgd", 2.0, True)
     assert cfg.audit.canary_clients == [0, 1, 2] and cfg.audit.candidates == 63
@@ -146,10 +147,18 @@ def test_audit_bench_settings_are_valid_experiments_and_rows_read_the_report() -
                   "epsilon_sample_level": 4.0}, "z=2")
     assert (row["epsilon"], row["exp@16"], row["auc_cal"], row["ppl"]) == (4.0, 3.0, 0.6, 8.0)
     assert row_of({"audit": audit, "utility": {}, "delta": 1e-5}, "none")["epsilon"] == math.inf
+    # --mode dp_fedavg: user-level noise, and the row reads the user-level epsilon
+    args.mode = "dp_fedavg"
+    cfg = experiment(setting_overrides(args, 3.0), run_name="audit-test")
+    assert (cfg.privacy.mode, cfg.privacy.noise_multiplier) == ("dp_fedavg", 3.0)
+    assert row_of({"audit": audit, "utility": {}, "delta": 0.01, "epsilon_user_level": 4.4},
+                  "dp_fedavg z=3")["epsilon"] == 4.4
+    args.mode = "dp_sgd"
     # --personalization: each setting once per method; the row adds the personal figures
-    args.heterogeneity, args.canaries = 1.0, 0
+    args.heterogeneity, args.canaries, args.num_topics = 1.0, 0, 7
     cfg = experiment(setting_overrides(args, 1.1, "split"), run_name="audit-test")
     assert (cfg.personalization.method, cfg.data.heterogeneity, cfg.audit.canaries) == ("split", 1.0, 0)
+    assert cfg.data.num_topics == 7
     personal = {**audit, "audit_mia_personal_loss_auc": 0.55, "audit_mia_personal_calibrated_auc": 0.7,
                 "audit_mia_personal_calibrated_tpr_at_1pct_fpr": 0.05, "audit_eps_lower_bound_personal": 0.9,
                 "audit_mia_personal_clients": 3}

@@ -53,7 +53,7 @@ def received_global(client_dir: Path, method: str, final: Mapping[str, np.ndarra
     return final
 
 
-def personal_membership_inference(
+def personal_scores(
     cfg: ExperimentConfig,
     model,
     tokenizer,
@@ -61,14 +61,15 @@ def personal_membership_inference(
     texts: ClientTexts,
     *,
     clients_dir: Path,
-    delta: float,
     max_tokens: int,
-) -> dict[str, float]:
-    """Pooled ROC figures of both attacks against every personal model in ``clients_dir``.
+) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """Both attacks' scores of every text under its client's personal model, pooled.
 
-    ``texts``: (partition id, members, non-members) per client. Clients without a
-    personal adapter (never trained) are skipped; ``audit_mia_personal_clients`` says how
-    many were attacked (0: nothing else is reported).
+    ``texts``: (partition id, members, non-members); the partition id names the personal
+    model that scores them, so pairing one client's texts with another client's id scores
+    them under a model that saw neither set (the null of ``bench audit --null``). Returns
+    (attack name -> scores, is-member mask, clients scored); clients without a personal
+    adapter (never trained) are skipped.
     """
     method = cfg.personalization.method
     audited: list[np.ndarray] = []
@@ -87,12 +88,36 @@ def personal_membership_inference(
             reference.append(mean_nll(model, tokenizer, batch, max_tokens=max_tokens))
         members += [True] * len(member_texts) + [False] * len(non_member_texts)
         clients += 1
+    if not clients:
+        return {}, np.zeros(0, dtype=bool), 0
+    nll, ref = np.concatenate(audited), np.concatenate(reference)
+    attacks = {"loss": loss_scores(nll), "calibrated": calibrated_scores(nll, ref)}
+    return attacks, np.array(members), clients
+
+
+def personal_membership_inference(
+    cfg: ExperimentConfig,
+    model,
+    tokenizer,
+    global_arrays: Mapping[str, np.ndarray],
+    texts: ClientTexts,
+    *,
+    clients_dir: Path,
+    delta: float,
+    max_tokens: int,
+) -> dict[str, float]:
+    """Pooled ROC figures of both attacks against every personal model in ``clients_dir``.
+
+    ``texts``: (partition id, members, non-members) per client. Clients without a
+    personal adapter (never trained) are skipped; ``audit_mia_personal_clients`` says how
+    many were attacked (0: nothing else is reported).
+    """
+    attacks, is_member, clients = personal_scores(
+        cfg, model, tokenizer, global_arrays, texts, clients_dir=clients_dir, max_tokens=max_tokens
+    )
     out: dict[str, float] = {"audit_mia_personal_clients": clients}
     if not clients:
         return out
-    is_member = np.array(members)
-    nll, ref = np.concatenate(audited), np.concatenate(reference)
-    attacks = {"loss": loss_scores(nll), "calibrated": calibrated_scores(nll, ref)}
     out["audit_mia_personal_members"] = int(is_member.sum())
     out["audit_mia_personal_non_members"] = int((~is_member).sum())
     split = {k: (v[is_member], v[~is_member]) for k, v in attacks.items()}

@@ -19,6 +19,15 @@ inference against the personal adapters (``audit_mia_personal_*``)::
 
     python -m fedslm.simulations.bench audit --personalization split,dual,local_only,finetune \
         --noise 1.1 --canaries 0 --heterogeneity 1 --clients 4 --rounds 4 --steps 15
+
+``--null`` adds, per run, the personal attacks on 14 twinned clients with 95% intervals
+and p-values: own model, a twin's model that saw neither split (shift check), the base
+model, and the twin as reference (``audit_null.py``). ``--mode dp_fedavg`` makes the
+``--noise`` runs user-level DP-FedAvg (the row's epsilon is then the user-level one)::
+
+    python -m fedslm.simulations.bench audit --personalization local_only,split --noise 1.3 \
+        --canaries 0 --heterogeneity 1 --num-topics 7 --clients 14 --rounds 4 --steps 15 --null
+    python -m fedslm.simulations.bench audit --mode dp_fedavg --noise 2,3.2,9 --no-baseline
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedslm.inference import read_adapter
 from fedslm.server.audit import read_rounds
+from fedslm.simulations.bench.audit_null import attack_rows, null_attacks
 from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 COLUMNS = ["privacy", "epsilon", "ppl0", "ppl", "exp@1", "exp@4", "exp@16", "exp_max@16", "ceiling",
@@ -36,6 +47,8 @@ COLUMNS = ["privacy", "epsilon", "ppl0", "ppl", "exp@1", "exp@4", "exp@16", "exp
 PERSONAL_COLUMNS = ["method", "privacy", "epsilon", "global_ppl", "personal_ppl", "gain", "gain_sem",
                     "auc_loss", "auc_cal", "p_auc_loss", "p_auc_cal", "p_tpr1%_loss", "p_tpr1%_cal",
                     "eps_lb", "p_eps_lb"]
+NULL_COLUMNS = ["method", "privacy", "epsilon", "clients", "attack", "members", "non_members",
+                "auc", "auc_low", "auc_high", "p", "tpr1%"]
 
 
 def setting_overrides(args: argparse.Namespace, noise: float | None, method: str = "none") -> dict[str, Any]:
@@ -52,15 +65,18 @@ def setting_overrides(args: argparse.Namespace, noise: float | None, method: str
                           "audit.mia_records": args.mia_records})
     if args.heterogeneity is not None:
         overrides["data.heterogeneity"] = args.heterogeneity
+    if args.num_topics is not None:
+        overrides["data.num_topics"] = args.num_topics
     if noise is not None:
-        overrides.update({"privacy.mode": "dp_sgd", "privacy.noise_multiplier": noise})
+        overrides.update({"privacy.mode": args.mode, "privacy.noise_multiplier": noise})
     return overrides
 
 
 def row_of(report: dict[str, Any], label: str) -> dict[str, Any]:
     a = report["audit"]
+    epsilon = report.get("epsilon_sample_level", report.get("epsilon_user_level", float("inf")))
     return {
-        "privacy": label, "epsilon": report.get("epsilon_sample_level", float("inf")),
+        "privacy": label, "epsilon": epsilon,
         "ppl0": report["utility"].get("eval_perplexity_initial"),
         "ppl": report["utility"].get("eval_perplexity"),
         "exp@1": a.get("audit_exposure_rep1"), "exp@4": a.get("audit_exposure_rep4"),
@@ -110,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--personalization", default="", metavar="METHODS",
                         help="comma-separated personalization methods: every setting once per method")
     parser.add_argument("--heterogeneity", type=float, default=None, help="data.heterogeneity (synthetic)")
+    parser.add_argument("--num-topics", type=int, default=None, help="data.num_topics (synthetic)")
+    parser.add_argument("--mode", default="dp_sgd", choices=["dp_sgd", "dp_fedavg"],
+                        help="privacy.mode of the --noise runs (dp_fedavg: user-level, z per client update)")
+    parser.add_argument("--null", action="store_true",
+                        help="with --personalization: also attack each client's texts with its twin's "
+                             "personal model, with 95%% intervals (simulations/bench/audit_null.py)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without DP")
     parser.add_argument("--tiny", action="store_true", help="2 clients x 1 round x 2 steps")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
@@ -124,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = ([] if args.no_baseline else [None]) + noises
     methods = [m.strip() for m in args.personalization.split(",") if m.strip()]
     runs = [(m, z) for m in methods or ["none"] for z in settings]
-    rows = []
+    if args.null and not methods:
+        parser.error("--null needs --personalization")
+    rows: list[dict[str, Any]] = []
+    null_rows: list[dict[str, Any]] = []
     for i, (method, noise) in enumerate(runs):
-        label = "none" if noise is None else f"dp_sgd z={noise:g}"
+        label = "none" if noise is None else f"{args.mode} z={noise:g}"
         cfg = experiment(setting_overrides(args, noise, method), run_name=f"audit-{i}")
         print(f"[audit] run {i + 1}/{len(runs)}: {method} {label}", flush=True)
         run = run_engine(cfg, echo=args.echo)
@@ -138,10 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         row = row_of(report, label) if not methods else personal_row_of(
             report, read_rounds(out / "rounds.csv")[-1], label, method)
         rows.append({**row, "output_dir": cfg.output_dir, "seconds": round(run.wall, 1)})
+        if args.null:
+            final = read_adapter(out / "adapter")[0]
+            attacks, is_member, clients = null_attacks(cfg, final, out / "clients")
+            null_rows += [{"method": method, "privacy": label, "epsilon": row["epsilon"], "clients": clients, **r}
+                          for r in attack_rows(attacks, is_member)]
     print(table(rows, PERSONAL_COLUMNS if methods else COLUMNS))
+    if null_rows:
+        print(table(null_rows, NULL_COLUMNS))
     path = write_json("audit", {"machine": machine(), "setting": {
         k: getattr(args, k) for k in ("clients", "rounds", "steps", "docs", "test_fraction", "canaries",
-                                      "candidates", "shakespeare", "personalization", "heterogeneity")},
-        "rows": rows}, args.out)
+                                      "candidates", "shakespeare", "personalization", "heterogeneity",
+                                      "num_topics", "mode")},
+        "rows": rows, "null_rows": null_rows}, args.out)
     print(f"JSON: {path}")
     return 0
