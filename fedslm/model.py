@@ -33,13 +33,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedslm.errors import ModelError  # noqa: F401 - raised here, importable without torch
 from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
                              target_modules)
 from fedslm.config import BUILTIN_MODEL, SHAPE_PREFIX, ModelConfig, PeftConfig
-
-
-class ModelError(ValueError):
-    """The model cannot be loaded or wrapped; the message starts with the config key."""
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

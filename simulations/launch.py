@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from fedslm.errors import LaunchError  # noqa: F401 - raised here, importable without Flower
 from fedslm.config import ExperimentConfig, is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.quiet import QUIET_ENV
@@ -49,10 +50,6 @@ ENGINE_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "HF_HUB_OFFLINE": "1",
 }
-
-
-class LaunchError(RuntimeError):
-    """The engine could not be started or the run did not finish; one-line message."""
 
 
 def free_port() -> int:

@@ -16,12 +16,12 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+# Light imports only: the config is checked before torch, transformers and Flower load, so
+# a bad value fails in about a second (the engine's modules are imported in ``run``).
 from fedslm.config import ConfigError, ExperimentConfig
-from fedslm.data import DataError
-from fedslm.model import ModelError
+from fedslm.data.core import DataError
+from fedslm.errors import LaunchError, ModelError
 from fedslm.quiet import quiet_process
-from fedslm.simulations.launch import LaunchError, run_on_remote, run_on_simulation
-from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
 from fedslm.simulations.search import check_direction, objective
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
@@ -52,6 +52,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
     """One job; ``warm_engine``: on the SuperLink shared by the jobs of a sweep."""
+    from fedslm.simulations.launch import run_on_remote, run_on_simulation
+    from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
+
     start = time.monotonic()
     quiet_process(cfg.verbose)
     cfg = absolute_paths(cfg)

@@ -50,3 +50,15 @@ def test_unknown_strategy_group_lists_the_options() -> None:
     assert proc.returncode != 0
     assert "Could not find 'strategy/bogus'" in proc.stderr
     assert "fedadam" in proc.stderr
+
+
+def test_the_cli_checks_its_config_before_loading_torch_or_flower() -> None:
+    """A bad value fails in about a second: the entry module imports neither stack."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, fedslm.simulations.run; "
+             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'flwr', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
