@@ -22,9 +22,11 @@ from fedslm.device import model_device
 
 # Where llama.cpp puts a classifier: gguf's per-architecture tensor lists give
 # ``cls`` / ``cls.output`` only to BERT-family encoders (``classifier_place``).
-GGUF_NO_HEAD = ("--format gguf: a classify model has a sequence-classification head, and llama.cpp's "
-                "GGUF conventions have no place for it in a {arch!r} model (classifier tensors "
-                "cls/cls.output exist only for BERT-family architectures); use hf, int8 or onnx")
+GGUF_NO_HEAD = (
+    "--format gguf: a classify model has a sequence-classification head, and llama.cpp's "
+    "GGUF conventions have no place for it in a {arch!r} model (classifier tensors "
+    "cls/cls.output exist only for BERT-family architectures); use hf, int8 or onnx"
+)
 
 
 def classifier_place(arch: str) -> bool:
@@ -40,12 +42,14 @@ def encode_texts(records: Sequence[str], tokenizer: Any, *, seq_len: int) -> tup
     from fedslm.config import ExperimentConfig, TrainingConfig
     from fedslm.tasks import get_task
 
-    return get_task("classify").encode(list(records), tokenizer,
-                                       ExperimentConfig(training=TrainingConfig(seq_len=seq_len)))
+    return get_task("classify").encode(
+        list(records), tokenizer, ExperimentConfig(training=TrainingConfig(seq_len=seq_len))
+    )
 
 
-def record_logits(model: Any, tokenizer: Any, records: Sequence[str], *, seq_len: int,
-                  batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def record_logits(
+    model: Any, tokenizer: Any, records: Sequence[str], *, seq_len: int, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """(float32 logits [N, classes], true labels [N]) of ``records``, in batches."""
     ids, mask, labels = encode_texts(records, tokenizer, seq_len=seq_len)
     device = model_device(model)
@@ -68,12 +72,19 @@ def quality(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     p, r, f, _ = precision_recall_fscore_support(labels, pred, average="macro", zero_division=0)
     log_probs = torch.log_softmax(torch.from_numpy(logits), dim=-1)
     loss = float(-log_probs[torch.arange(len(labels)), torch.from_numpy(labels)].mean())
-    return {"loss": loss, "accuracy": float(accuracy_score(labels, pred)), "macro_precision": float(p),
-            "macro_recall": float(r), "macro_f1": float(f), "examples": int(len(labels))}
+    return {
+        "loss": loss,
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_precision": float(p),
+        "macro_recall": float(r),
+        "macro_f1": float(f),
+        "examples": int(len(labels)),
+    }
 
 
-def latency_per_text(model: Any, tokenizer: Any, *, text_tokens: int = 32, runs: int = 5,
-                     threads: int = 1) -> dict[str, Any]:
+def latency_per_text(
+    model: Any, tokenizer: Any, *, text_tokens: int = 32, runs: int = 5, threads: int = 1
+) -> dict[str, Any]:
     """Median seconds of one forward pass over one ``text_tokens``-token text (the label
     and its probability need nothing more), on ``threads`` CPU threads, one warm-up run
     not counted. An onnxruntime model uses its session's own thread setting."""
@@ -93,8 +104,13 @@ def latency_per_text(model: Any, tokenizer: Any, *, text_tokens: int = 32, runs:
                     times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    return {"seconds_per_text": statistics.median(times), "runs": runs, "threads": threads,
-            "text_tokens": text_tokens, "device": ids.device.type}
+    return {
+        "seconds_per_text": statistics.median(times),
+        "runs": runs,
+        "threads": threads,
+        "text_tokens": text_tokens,
+        "device": ids.device.type,
+    }
 
 
 def name_labels(config: Any, labels: Sequence[str]) -> None:

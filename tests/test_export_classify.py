@@ -48,12 +48,16 @@ def batch(tokenizer):
 def expected_quality(model, tokenizer, spec) -> dict[str, float]:
     """scikit-learn on predictions made one text at a time."""
     records = [json.loads(r) for r in eval_texts(spec)]
-    pred = [classify_text(model, tokenizer, r["text"], spec.labels, seq_len=spec.seq_len)["index"]
-            for r in records]
+    pred = [classify_text(model, tokenizer, r["text"], spec.labels, seq_len=spec.seq_len)["index"] for r in records]
     truth = [r["label"] for r in records]
     p, r, f, _ = precision_recall_fscore_support(truth, pred, average="macro", zero_division=0)
-    return {"accuracy": accuracy_score(truth, pred), "macro_precision": p, "macro_recall": r,
-            "macro_f1": f, "examples": len(records)}
+    return {
+        "accuracy": accuracy_score(truth, pred),
+        "macro_precision": p,
+        "macro_recall": r,
+        "macro_f1": f,
+        "examples": len(records),
+    }
 
 
 def check_quality(report_quality: dict, want: dict) -> None:
@@ -72,22 +76,26 @@ def test_hf_export_of_a_classifier_loads_with_plain_transformers(classify_run, t
     with torch.no_grad():
         expected = peft_model(input_ids=ids, attention_mask=mask).logits
     report = export(classify_run, "hf", tmp_path / "hf", "--latency-runs", "2", "--latency-text-tokens", "12")
-    code = ("import sys, json; sys.modules['peft'] = None\n"  # importing peft is made impossible
-            "import torch; from transformers import AutoModelForSequenceClassification\n"
-            f"m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'hf')!r})\n"
-            f"out = m(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()}))\n"
-            f"torch.save(out.logits.detach(), {str(tmp_path / 'logits.pt')!r})\n"
-            "print(json.dumps(m.config.id2label))\n")
-    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT, timeout=120,
-                          capture_output=True, text=True)
+    code = (
+        "import sys, json; sys.modules['peft'] = None\n"  # importing peft is made impossible
+        "import torch; from transformers import AutoModelForSequenceClassification\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'hf')!r})\n"
+        f"out = m(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()}))\n"
+        f"torch.save(out.logits.detach(), {str(tmp_path / 'logits.pt')!r})\n"
+        "print(json.dumps(m.config.id2label))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT, timeout=120, capture_output=True, text=True
+    )
     got = torch.load(tmp_path / "logits.pt")
     assert got.shape == (2, 8)
     assert torch.allclose(got, expected, atol=LOGITS_ATOL, rtol=0)
     from fedslm.model import load_base_model
     from transformers import AutoModelForSequenceClassification
 
-    base, _ = load_base_model(spec.base_path, dtype="float32", auto_model=AutoModelForSequenceClassification,
-                              num_labels=8)
+    base, _ = load_base_model(
+        spec.base_path, dtype="float32", auto_model=AutoModelForSequenceClassification, num_labels=8
+    )
     with torch.no_grad():  # the adapter and the trained head matter
         assert (base(input_ids=ids, attention_mask=mask).logits - expected).abs().max() > 1e-2
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {str(i): n for i, n in enumerate(TOPIC_NAMES[:8])}
@@ -122,7 +130,8 @@ def test_int8_export_of_a_classifier_reports_what_the_file_predicts(classify_run
     check_quality(q["before"], expected_quality(spec.build()[0], tokenizer, spec))
     assert 0 < q["max_abs_logit_diff"] < 0.5  # really quantized, still close
     assert q["macro_f1_change_pct"] == pytest.approx(
-        100 * (q["after"]["macro_f1"] / q["before"]["macro_f1"] - 1), abs=1e-12)
+        100 * (q["after"]["macro_f1"] / q["before"]["macro_f1"] - 1), abs=1e-12
+    )
     assert report["latency"] == {}
 
 
@@ -150,7 +159,8 @@ def test_gguf_refuses_a_classifier_in_one_line(classify_run, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --format gguf: a classify model has a sequence-classification head, and llama.cpp's "
         "GGUF conventions have no place for it in a 'llama' model (classifier tensors cls/cls.output "
-        "exist only for BERT-family architectures); use hf, int8 or onnx"]
+        "exist only for BERT-family architectures); use hf, int8 or onnx"
+    ]
     assert not (tmp_path / "g").exists()
 
 

@@ -4,12 +4,15 @@ the best-gaining client's personal model against the global one on that client's
     python -m fedslm.simulations.bench export --run outputs/runs/<date>/<time> \\
         --formats hf,int8,gguf,onnx --latency-runs 9
     python -m fedslm.simulations.bench export --run <a personalized run> --best-client --formats ""
+    python -m fedslm.simulations.bench export --run <a task=classify run> --formats hf,int8,onnx
 
 Every row is ``fedslm.simulations.export`` run into a temporary dir (the same code and
 report as the CLI). ``--best-client`` scores every client's personal model and the
 global model on that client's own test split (``fedslm.simulations.model_source``, as the
 clients score), picks the client whose personal model gains most, and exports both of
-its models in each format. Prints a table; writes JSON (default outputs/bench/export.json).
+its models in each format (causal-LM runs: its gain is in perplexity). A classify run's
+rows give accuracy and macro-F1 before and after, and milliseconds per text.
+Prints a table; writes JSON (default outputs/bench/export.json).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def export_row(run: str, fmt: str, *, client: int | None, args: argparse.Namespa
         argv += ["--client", str(client)] if client is not None else []
         report = export_cli.export(export_cli.parse_args(argv))
     q, lat = report["quality"], report["latency"]
+    if report.get("task") == "classify":
+        return classify_row(report)
     return {
         "model": report["model"],
         "format": report["format"],
@@ -55,6 +60,28 @@ def export_row(run: str, fmt: str, *, client: int | None, args: argparse.Namespa
         "ms_per_token": {
             k: (1000 * v["seconds_per_token"] if "seconds_per_token" in v else None) for k, v in lat.items()
         },
+        "warning": report["warning"],
+    }
+
+
+def classify_row(report: dict) -> dict:
+    """A classify model's row: accuracy / macro-F1 before and after, ms per text."""
+    q, lat = report["quality"], report["latency"]
+    return {
+        "model": report["model"],
+        "task": "classify",
+        "format": report["format"],
+        "size_bytes": report["size_bytes"],
+        "parameters": report["parameters"],
+        "split": q["split"],
+        "texts": q["texts"],
+        "before": q["before"],
+        "after": q["after"],
+        "f1_change_pct": q["macro_f1_change_pct"],
+        "max_abs_logit_diff": q["max_abs_logit_diff"],
+        "predictions_changed": q["predictions_changed"],
+        "ms_per_text": {k: 1000 * v["seconds_per_text"] for k, v in lat.items()},
+        "text_tokens": next(iter(lat.values()))["text_tokens"] if lat else None,
         "warning": report["warning"],
     }
 
@@ -101,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in args.formats.split(",") if f]
     result: dict = {"run": args.run, "threads": args.threads, "latency_runs": args.latency_runs}
     try:
+        from fedslm.classifier import GGUF_NO_HEAD
+        from fedslm.simulations.model_source import resolve
+
+        if resolve(run=args.run).task == "classify":
+            if args.best_client:
+                raise InferenceError("--best-client: ranks clients by perplexity gain; not for a classify run")
+            if "gguf" in formats:  # refused by export: no place for the head in llama's GGUF
+                formats.remove("gguf")
+                result["not_exported"] = {"gguf": GGUF_NO_HEAD.format(arch="llama")}
         result["global"] = [export_row(args.run, f, client=None, args=args) for f in formats]
         if args.best_client:
             gains = client_gains(args.run)
@@ -122,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 def table(result: dict) -> str:
     lines = []
     rows = result.get("global", []) + result.get("best_client_exports", [])
+    if rows and rows[0].get("task") == "classify":
+        lines.append(classify_table(rows))
+        rows = []
     if rows:
         lines.append(
             f"{'model':<10} {'format':<12} {'bytes':>12} {'ppl before':>10} {'ppl after':>10} "
@@ -143,4 +182,21 @@ def table(result: dict) -> str:
             lines.append(
                 f"{r['client']:>6} {r['global_ppl']:>10.4f} {r['personal_ppl']:>12.4f} {r['gain_pct']:>+8.2f}{mark}"
             )
+    return "\n".join(lines)
+
+
+def classify_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'model':<10} {'format':<6} {'bytes':>10} {'acc before':>10} {'acc after':>9} {'F1 before':>9} "
+        f"{'F1 after':>8} {'max |dlogit|':>12} {'changed':>7} {'ms/text fp32':>12} {'ms/text export':>14}"
+    ]
+    for r in rows:
+        ms = r["ms_per_text"]
+        fp32 = f"{ms['fp32_merged']:.2f}" if "fp32_merged" in ms else "n/a"
+        exp = f"{ms['export']:.2f}" if "export" in ms else "n/a"
+        lines.append(
+            f"{r['model']:<10} {r['format']:<6} {r['size_bytes']:>10,} {r['before']['accuracy']:>10.4f} "
+            f"{r['after']['accuracy']:>9.4f} {r['before']['macro_f1']:>9.4f} {r['after']['macro_f1']:>8.4f} "
+            f"{r['max_abs_logit_diff']:>12.2e} {r['predictions_changed']:>7} {fp32:>12} {exp:>14}"
+        )
     return "\n".join(lines)
