@@ -9,7 +9,6 @@ evaluation (cut to ``seq_len`` - 1 tokens, eos appended, right-padded).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -120,6 +119,3 @@ def name_labels(config: Any, labels: Sequence[str]) -> None:
         config.id2label = {i: str(name) for i, name in enumerate(labels)}
         config.label2id = {str(name): i for i, name in enumerate(labels)}
 
-
-def records_text(records: Sequence[str]) -> list[str]:
-    return [json.loads(r)["text"] for r in records]

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedslm export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    parser.add_argument("--format", required=True,
+                        help=" | ".join(FORMATS) + " (a classify model: not gguf)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--gguf-type", default="q8_0", help=f"{' | '.join(GGUF_TYPES)} (gguf only)")
     parser.add_argument("--max-quality-loss", type=float, default=DEFAULT_MAX_QUALITY_LOSS,

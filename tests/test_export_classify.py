@@ -154,6 +154,18 @@ def test_onnx_export_of_a_classifier_has_the_logits_of_the_merged_model(classify
     assert report["latency"]["export"]["runs"] == 1
 
 
+def test_a_clients_personal_classifier_is_scored_on_its_own_split(tmp_path):
+    """Before export, the report gives exactly what the client reported for its personal model."""
+    _, metrics = make_run("split", tmp_path / "run", task="classify")
+    report = export(tmp_path / "run", "hf", tmp_path / "c1", "--client", "1", "--latency-runs", "0")
+    q = report["quality"]
+    assert report["model"] == "client 1" and q["split"] == "client 1 test split"
+    assert q["before"]["accuracy"] == metrics[1]["personal_accuracy"]
+    assert q["before"]["macro_f1"] == pytest.approx(metrics[1]["personal_macro_f1"], abs=1e-12)
+    assert q["before"]["loss"] == pytest.approx(metrics[1]["personal_loss"], abs=1e-5)
+    assert q["after"]["accuracy"] == q["before"]["accuracy"] and q["predictions_changed"] == 0
+
+
 def test_gguf_refuses_a_classifier_in_one_line(classify_run, tmp_path, capsys):
     assert export_cli.main(["--run", str(classify_run), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
