@@ -118,4 +118,3 @@ def name_labels(config: Any, labels: Sequence[str]) -> None:
     if labels and len(labels) == config.num_labels:
         config.id2label = {i: str(name) for i, name in enumerate(labels)}
         config.label2id = {str(name): i for i, name in enumerate(labels)}
-
