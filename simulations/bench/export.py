@@ -5,6 +5,8 @@ the best-gaining client's personal model against the global one on that client's
         --formats hf,int8,gguf,onnx --latency-runs 9
     python -m fedslm.simulations.bench export --run <a personalized run> --best-client --formats ""
     python -m fedslm.simulations.bench export --run <a task=classify run> --formats hf,int8,onnx
+    python -m fedslm.simulations.bench export --fresh-model builtin:shape:smollm2-135m \\
+        --eval-max-batches 2 --formats hf,int8,gguf --latency-runs 3
 
 Every row is ``fedslm.simulations.export`` run into a temporary dir (the same code and
 report as the CLI). ``--best-client`` scores every client's personal model and the
@@ -86,6 +88,28 @@ def classify_row(report: dict) -> dict:
     }
 
 
+def fresh_run(model: str, out: Path, *, eval_max_batches: int) -> Path:
+    """A run-shaped dir (``config.json`` + a fresh adapter, LoRA B = 0) for ``model``:
+    measures the formats on a base nobody trained (e.g. the realsize shapes) without an
+    engine run."""
+    from fedslm.adapters import save_adapter
+    from fedslm.config import ExperimentConfig
+    from fedslm.runtime import model_path
+    from fedslm.server.experiment import initial_adapter
+
+    cfg = ExperimentConfig.from_dict(
+        {
+            "model": {"name_or_path": model},
+            "training": {"eval_max_batches": eval_max_batches},
+            "output_dir": str(out),
+        }
+    )
+    base = model_path(cfg.model, cfg.data.seed)
+    save_adapter(initial_adapter(cfg), cfg.peft, base_model=base, out_dir=out / "adapter")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return out
+
+
 def client_gains(run: str) -> list[dict]:
     """Every client's personal and global perplexity on its own test split, and the gain."""
     from fedslm.simulations.model_source import eval_texts, resolve, score
@@ -116,7 +140,11 @@ def client_gains(run: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a finished run's output dir or MLflow run id")
+    parser.add_argument("--run", default="", help="a finished run's output dir or MLflow run id")
+    parser.add_argument(
+        "--fresh-model", default="", help="instead of --run: this base with a fresh adapter (no training)"
+    )
+    parser.add_argument("--eval-max-batches", type=int, default=2, help="--fresh-model: batches scored")
     parser.add_argument("--formats", default="hf,int8,gguf,onnx", help="comma-separated; '' for none")
     parser.add_argument(
         "--best-client", action="store_true", help="also the best-gaining client's personal vs global model"
@@ -126,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench/export.json")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
+    if bool(args.run) == bool(args.fresh_model):
+        print("error: --run or --fresh-model: give exactly one", file=sys.stderr)
+        return 2
+    if args.fresh_model:
+        fresh_dir = tempfile.mkdtemp(prefix="fedslm-bench-fresh-")
+        args.run = str(fresh_run(args.fresh_model, Path(fresh_dir), eval_max_batches=args.eval_max_batches))
     result: dict = {"run": args.run, "threads": args.threads, "latency_runs": args.latency_runs}
+    if args.fresh_model:
+        result["fresh_model"] = args.fresh_model
     try:
         from fedslm.classifier import GGUF_NO_HEAD
         from fedslm.simulations.model_source import resolve
