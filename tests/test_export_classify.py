@@ -120,7 +120,8 @@ def test_hf_export_of_a_classifier_loads_with_plain_transformers(classify_run, t
 def test_int8_export_of_a_classifier_reports_what_the_file_predicts(classify_run, tmp_path):
     from fedslm.export_formats import load_int8
 
-    report = export(classify_run, "int8", tmp_path / "int8", "--latency-runs", "0")
+    # a threshold below any change: the report warns, naming the two F1 figures
+    report = export(classify_run, "int8", tmp_path / "int8", "--latency-runs", "0", "--max-quality-loss", "-100")
     model, tokenizer = load_int8(tmp_path / "int8")
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert type(model.score).__module__.startswith("torch.ao.nn.quantized")  # the head is int8 too
@@ -133,6 +134,11 @@ def test_int8_export_of_a_classifier_reports_what_the_file_predicts(classify_run
         100 * (q["after"]["macro_f1"] / q["before"]["macro_f1"] - 1), abs=1e-12
     )
     assert report["latency"] == {}
+    before, after = q["before"]["macro_f1"], q["after"]["macro_f1"]
+    assert report["warning"] == (
+        f"macro-F1 fell {-q['macro_f1_change_pct']:.2f}% ({before:.4f} -> {after:.4f}), "
+        "above --max-quality-loss -100.0%"
+    )
 
 
 def test_onnx_export_of_a_classifier_has_the_logits_of_the_merged_model(classify_run, tmp_path):
