@@ -1,7 +1,9 @@
 """The MLflow pyfunc model a registered FedSLM version is: a merged transformers model that
 generates. ``mlflow.pyfunc.load_model("models:/<name>/<version>").predict(["The river"],
 params={"max_new_tokens": 20})`` returns one completion per prompt (a list, a string or a
-DataFrame with a ``prompt`` column are accepted).
+DataFrame with a ``prompt`` column are accepted). A classify run's version is a
+``ClassifierModel``: ``predict(["the team won"])`` returns a DataFrame with one row per
+text, ``label`` (the run's class name) and ``probability`` (softmax of the head's logits).
 
 Loading it needs this package importable (the class is pickled by reference), torch,
 transformers and mlflow; not PEFT: the adapter is already merged.
@@ -47,18 +49,56 @@ class GenerativeModel(mlflow.pyfunc.PythonModel):
                                 task=self.task)["text"] for prompt in _prompts(model_input)]
 
 
-def save_generative_model(path: Path, merged_dir: Path, *, task: str = "causal_lm") -> Path:
-    """Write an MLflow model dir at ``path`` wrapping the merged model in ``merged_dir``."""
+class ClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of a classify model: texts in, (label, probability) per text out,
+    each text encoded as evaluation encodes it (``fedslm.inference.classify_text``)."""
+
+    def __init__(self, labels: list[str], seq_len: int) -> None:
+        self.labels, self.seq_len = list(labels), int(seq_len)
+
+    def load_context(self, context) -> None:
+        from fedslm.export_formats import load_hf
+
+        self.model, self.tokenizer = load_hf(Path(context.artifacts[MODEL_ARTIFACT]))
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from fedslm.inference import classify_text
+
+        rows = [classify_text(self.model, self.tokenizer, text, self.labels, seq_len=self.seq_len)
+                for text in _prompts(model_input)]
+        return pd.DataFrame({"label": [r["label"] for r in rows],
+                             "probability": [r["probability"] for r in rows]})
+
+
+def save_classifier_model(path: Path, merged_dir: Path, *, labels: list[str], seq_len: int) -> Path:
+    """Write an MLflow model dir at ``path`` wrapping the merged classify model in ``merged_dir``."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(["a text"], pd.DataFrame({"label": [labels[0]], "probability": [0.5]}))
+    mlflow.pyfunc.save_model(str(path), python_model=ClassifierModel(labels, seq_len),
+                             artifacts={MODEL_ARTIFACT: str(merged_dir)}, signature=signature,
+                             pip_requirements=_requirements())
+    return path
+
+
+def _requirements() -> list[str]:
+    """Stated, not inferred: inference would import-trace the model in a subprocess."""
     import torch
     import transformers
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"mlflow=={mlflow.__version__}"]
+
+
+def save_generative_model(path: Path, merged_dir: Path, *, task: str = "causal_lm") -> Path:
+    """Write an MLflow model dir at ``path`` wrapping the merged model in ``merged_dir``."""
     from mlflow.models import infer_signature
 
     signature = infer_signature(["a prompt"], ["a completion"], params=DEFAULT_PARAMS)
     mlflow.pyfunc.save_model(
         str(path), python_model=GenerativeModel(task), artifacts={MODEL_ARTIFACT: str(merged_dir)},
-        signature=signature,
-        # stated, not inferred: inference would import-trace the model in a subprocess
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"transformers=={transformers.__version__}",
-                          f"mlflow=={mlflow.__version__}"])
+        signature=signature, pip_requirements=_requirements())
     return path

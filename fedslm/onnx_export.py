@@ -5,7 +5,9 @@ opset 17) and run by ``onnxruntime``: ``optimum``'s exporter would be the usual 
 but every ``optimum-onnx`` release requires ``transformers<4.58`` and this project runs
 transformers 5.x, so pip would downgrade it. The graph maps ``input_ids`` and
 ``attention_mask`` (batch and length dynamic) to ``logits``; it has no key/value cache, so
-each generated token recomputes the whole sequence (stated in the report). ``onnx`` and
+each generated token recomputes the whole sequence (stated in the report). A ``classify``
+model's graph maps the same inputs to ``logits`` [batch, classes] (the head reads the last
+non-pad token, as in transformers). ``onnx`` and
 ``onnxruntime`` come with the ``export`` extra (``pip install 'fedslm[export]'``).
 """
 
@@ -49,7 +51,7 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def write_onnx(merged: Any, tokenizer: Any, out: Path) -> Path:
+def write_onnx(merged: Any, tokenizer: Any, out: Path, *, task: str = "causal_lm") -> Path:
     """``out/model.onnx`` plus the HF config and tokenizer; returns ``out``."""
     if missing_packages():
         raise OnnxError(f"--format onnx: needs {missing_packages()} (pip install 'fedslm[export]')")
@@ -59,6 +61,8 @@ def write_onnx(merged: Any, tokenizer: Any, out: Path) -> Path:
     ids = torch.arange(4, 12).unsqueeze(0)
     dynamic = {"batch": 0, "length": 1}
     axes = {name: {i: f"{name}_{d}" for d, i in dynamic.items()} for name in ("input_ids", "attention_mask", "logits")}
+    if task == "classify":  # logits [batch, classes]: no length axis
+        axes["logits"] = {0: "logits_batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow in masks
         torch.onnx.export(
@@ -77,6 +81,7 @@ def write_onnx(merged: Any, tokenizer: Any, out: Path) -> Path:
         json.dumps(
             {
                 "format": "onnx",
+                "task": task,
                 "exporter": f"torch.onnx.export (TorchScript, opset {OPSET})",
                 "inputs": ["input_ids", "attention_mask"],
                 "outputs": ["logits"],

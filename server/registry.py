@@ -1,7 +1,8 @@
 """The MLflow Model Registry at the end of a run (``tracking.register``).
 
 The registered model is the global adapter merged into the base, wrapped as a pyfunc that
-generates (``fedslm.mlflow_model``), logged under the run's ``model`` artifact and
+generates (``fedslm.mlflow_model``; a classify run's: one that returns label and
+probability per text), logged under the run's ``model`` artifact and
 registered as a new version of ``tracking.model_name``, tagged with the final round's
 metrics and the round it comes from. With ``tracking.register_best_by`` that round is the
 best one by that metric: ``BestRound`` keeps the best adapter so far in
@@ -23,6 +24,7 @@ from flwr.common import log
 
 from fedslm.adapters import save_adapter
 from fedslm.config import ConfigError, ExperimentConfig
+from fedslm.tasks.classify import class_labels
 
 BEST_DIR = "best_adapter"
 BEST_FILE = "fedslm-round.json"
@@ -91,17 +93,25 @@ def chosen_adapter(cfg: ExperimentConfig, output_dir: Path, final_adapter: Path,
 def register_model(cfg: ExperimentConfig, client, run_id: str, *, adapter_dir: Path,
                    round_: int, final_metrics: Mapping[str, float]) -> dict:
     """Merge, wrap, log and register; returns {name, version, round, source}."""
+    from fedslm.classifier import name_labels
     from fedslm.export_formats import save_hf
     from fedslm.inference import assemble_model, merged_model, read_adapter
-    from fedslm.mlflow_model import save_generative_model
+    from fedslm.mlflow_model import save_classifier_model, save_generative_model
 
+    task = cfg.task.name
+    labels = list(class_labels(cfg)) if task == "classify" else []
     shared, peft_cfg, base_path = read_adapter(adapter_dir)
     model, tokenizer = assemble_model(base_path, peft_cfg, method=cfg.personalization.method,
-                                      dtype=cfg.model.dtype, shared=shared, seed=cfg.training.seed)
+                                      dtype=cfg.model.dtype, shared=shared, seed=cfg.training.seed,
+                                      task=task, num_labels=len(labels))
+    merged = merged_model(model)
+    name_labels(merged.config, labels)
     name = cfg.tracking.model_name
     with tempfile.TemporaryDirectory(prefix="fedslm-register-") as tmp:
-        merged_dir = save_hf(merged_model(model), tokenizer, Path(tmp) / "merged")
-        mlflow_dir = save_generative_model(Path(tmp) / "model", merged_dir)
+        merged_dir = save_hf(merged, tokenizer, Path(tmp) / "merged", task=task)
+        mlflow_dir = (save_classifier_model(Path(tmp) / "model", merged_dir, labels=labels,
+                                            seq_len=cfg.training.seq_len) if task == "classify"
+                      else save_generative_model(Path(tmp) / "model", merged_dir, task=task))
         client.log_artifacts(run_id, str(mlflow_dir), "model")
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)

@@ -142,10 +142,9 @@ def _labels(cfg: ExperimentConfig) -> tuple[str, ...]:
     """A classify run's class names in head order (``fedslm.tasks.classify``); () otherwise."""
     if cfg.task.name != "classify":
         return ()
-    from fedslm.tasks.classify import label_names, num_labels
+    from fedslm.tasks.classify import class_labels
 
-    names = tuple(label_names(cfg))
-    return names if len(names) == num_labels(cfg) else tuple(map(str, range(num_labels(cfg))))
+    return class_labels(cfg)
 
 
 def _partition_of(client_dir: Path) -> int | None:
@@ -162,13 +161,19 @@ def eval_texts(spec: ModelSpec) -> tuple[str, ...]:
         return tuple(client_texts(spec.cfg, spec.partition_id, "test"))
     from fedslm.data import central_test_texts
 
-    return tuple(central_test_texts(spec.cfg.data, num_clients=spec.cfg.federation.num_clients))
+    extra = {"task": "classify"} if spec.task == "classify" else {}  # labelled records
+    return tuple(central_test_texts(spec.cfg.data, num_clients=spec.cfg.federation.num_clients, **extra))
 
 
 def score(spec: ModelSpec, model, tokenizer, texts: tuple[str, ...]) -> dict[str, float] | None:
-    """Loss / perplexity / next-token accuracy, with the client evaluation's own settings."""
+    """Loss / perplexity / next-token accuracy, with the client evaluation's own settings;
+    a classify model: loss, accuracy, macro precision / recall / F1 (``classify_logits``)."""
     if not texts or spec.cfg is None:
         return None
+    if spec.task == "classify":
+        from fedslm.classifier import quality
+
+        return quality(*classify_logits(spec, model, tokenizer, texts))
     from fedslm.client.train import evaluate_lm
     from fedslm.runtime import token_blocks
 
@@ -177,3 +182,15 @@ def score(spec: ModelSpec, model, tokenizer, texts: tuple[str, ...]) -> dict[str
                          batch_size=t.batch_size, max_batches=t.eval_max_batches)
     return {"loss": result.loss, "perplexity": result.perplexity, "accuracy": result.accuracy,
             "tokens": result.num_tokens}
+
+
+def classify_logits(spec: ModelSpec, model, tokenizer, records: tuple[str, ...]):
+    """(logits, labels) of a classify model over ``records``, with the client evaluation's
+    settings (``training.seq_len``, ``batch_size``, ``eval_max_batches``)."""
+    from fedslm.classifier import record_logits
+
+    assert spec.cfg is not None
+    t = spec.cfg.training
+    if t.eval_max_batches:
+        records = records[: t.eval_max_batches * t.batch_size]
+    return record_logits(model, tokenizer, records, seq_len=t.seq_len, batch_size=t.batch_size)

@@ -101,3 +101,43 @@ def test_registered_version_loads_by_models_uri_and_generates(tmp_path):
     merged = merged_model(model)
     assert got == [generate(merged, tokenizer, p, Sampling(max_new_tokens=6)) for p in ("the river", "a doctor")]
     assert all(got)
+
+
+def test_a_classify_run_registers_a_model_that_returns_label_and_probability(tmp_path):
+    import mlflow
+
+    from fedslm.data.synthetic import TOPIC_NAMES
+    from fedslm.inference import classify_text
+
+    cfg = ExperimentConfig.from_dict({
+        "task": {"name": "classify"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register": True, "model_name": "topics"},
+        "output_dir": str(tmp_path / "run"),
+    })
+    base = model_path(cfg.model, cfg.data.seed)
+    rng = np.random.default_rng(0)  # a trained-looking adapter: LoRA B and the head away from init
+    final = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in initial_adapter(cfg).items()}
+    assert any("score" in k for k in final)  # the head travels with the adapter
+    final_dir = save_adapter(final, cfg.peft, base_model=base, out_dir=tmp_path / "run" / "adapter")
+    tracker = Tracker(cfg.tracking, default_uri="")
+    tracker.start({}, default_name="t")
+    registered = register_run(cfg, tracker, tmp_path / "run", final_dir,
+                              [{"round": 1, "central_accuracy": 0.5, "central_macro_f1": 0.25}])
+    tracker.end()
+    assert registered["name"] == "topics" and registered["version"] == 1 and registered["round"] == 1
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    try:
+        loaded = mlflow.pyfunc.load_model("models:/topics/1")
+    finally:
+        mlflow.set_tracking_uri("")
+    texts = ["the team won the match in the final minute", "the chef", "a doctor"]
+    got = loaded.predict(texts)
+    assert list(got.columns) == ["label", "probability"] and len(got) == 3
+    model, tokenizer = assemble_model(base, cfg.peft, method="none", shared=final, seed=cfg.training.seed,
+                                      task="classify", num_labels=cfg.data.num_topics)
+    labels = TOPIC_NAMES[: cfg.data.num_topics]
+    want = [classify_text(model, tokenizer, t, labels, seq_len=cfg.training.seq_len) for t in texts]
+    assert list(got["label"]) == [w["label"] for w in want]
+    assert list(got["probability"]) == pytest.approx([w["probability"] for w in want], abs=1e-5)
+    assert all(0 < p <= 1 for p in got["probability"])

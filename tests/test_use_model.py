@@ -348,3 +348,16 @@ def test_classify_generate_prints_the_heads_label_and_probability(tmp_path, caps
     assert generate_cli.main(["--run", str(tmp_path), "--prompt", text, "--task", "instruct"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --task: instruct does not fit this model, trained for task classify"]
+
+
+def test_bench_export_measures_a_fresh_model_as_a_run(tmp_path, capsys):
+    """``bench export --fresh-model``: a run-shaped dir with a fresh adapter (no engine)."""
+    from fedslm.simulations.bench import export as bench_export
+
+    run = bench_export.fresh_run("builtin:tiny-llama", tmp_path / "fresh", eval_max_batches=1)
+    spec = resolve(run=str(run))
+    assert spec.cfg.training.eval_max_batches == 1 and spec.method == "none"
+    b = [v for k, v in spec.shared.items() if "lora_B" in k]
+    assert b and all(not v.any() for v in b)  # fresh: merging changes nothing
+    assert bench_export.main(["--run", str(run), "--fresh-model", "builtin:tiny-llama"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --run or --fresh-model: give exactly one"

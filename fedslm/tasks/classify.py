@@ -205,6 +205,14 @@ def label_mapping(values: Sequence[Any], names: Sequence[str], *, where: str) ->
     return mapping
 
 
+def class_labels(cfg) -> tuple[str, ...]:
+    """One name per head output, in index order: ``label_names``, or 0..K-1 when those
+    do not cover the head (what a used or registered model prints)."""
+    names = tuple(label_names(cfg))
+    k = num_labels(cfg)
+    return names if len(names) == k else tuple(map(str, range(k)))
+
+
 def num_labels(cfg) -> int:
     """Classes of the run: ``data.label_names``, ``task.num_labels``, the synthetic topics,
     or the distinct labels of the whole dataset (simulation reads it anyway)."""
