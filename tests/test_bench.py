@@ -188,3 +188,21 @@ def test_fuzz_bench_runs_a_few_cases_and_finds_nothing_unexpected(tmp_path: Path
     result = json.loads(out.read_text())
     assert result["cases"] == 60 and result["unexpected"] == 0 and result["replies"] >= 180
     assert main(["fuzz", "--cases", "0"]) == 2
+
+
+@pytest.mark.parametrize("dp", ["", "hooks", "ghost"])
+def test_realsize_loops_train_the_lora_weights_on_fixed_batches(dp: str) -> None:
+    """The realsize bench's like-for-like DP row: FedSLM's private setup (Opacus clipping and
+    noise) on the same fixed batches as the other loops, timed in wall and CPU seconds."""
+    import torch
+
+    from fedslm.config import ModelConfig
+    from fedslm.simulations.bench.realsize import batches, build, fedslm_loop
+
+    model = build(ModelConfig().name_or_path, ["auto"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    timing = fedslm_loop(model, batches(6, 16), batch_size=2, dp=dp)
+    assert timing.wall > 0 and timing.cpu > 0
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
