@@ -31,10 +31,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedslm.config import ExperimentConfig
+from fedslm.keys import ARRAYS_KEY
 from fedslm.runconfig import nest
 from fedslm.simulations.bench.common import BENCH_DIR
 
@@ -80,17 +84,42 @@ class InProcessGrid:
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
-def defence_overrides(name: str, malicious: int) -> dict[str, Any]:
+def parse_defence(spec: str) -> tuple[str, dict[str, Any]]:
+    """``multikrum+robust.clip=none``: a defence of ``DEFENCES`` and config overrides on
+    top of it (a kept rule with another setting, e.g. ``fedtrimmedavg+strategy.trim_beta=0.3``)."""
+    name, *parts = spec.split("+")
+    extra: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"defence {spec!r}: {part!r} is not key=value")
+        extra[key] = _scalar(value)
+    return name, extra
+
+
+def _scalar(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def defence_overrides(spec: str, malicious: int) -> dict[str, Any]:
+    name, extra = parse_defence(spec)
     if name == "no-bounds":
-        return {"robust.clip": "none", "robust.weight_cap": 0.0}
+        return {"robust.clip": "none", "robust.weight_cap": 0.0, **extra}
     if name == "default":
-        return {}
-    extra = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum", "bulyan") else {}
-    return {"strategy.name": name, **extra}
+        return extra
+    known = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum", "bulyan") else {}
+    return {"strategy.name": name, **known, **extra}
 
 
-def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
-    """One in-process run; final central perplexity and server seconds per round."""
+def run_one(overrides: dict[str, Any], *, name: str, observe: Observer | None = None) -> dict[str, Any]:
+    """One in-process run; final central perplexity and server seconds per round.
+    ``observe(round, deltas)`` sees, each round, the deltas the strategy aggregates (after
+    screening and bounding), flat, by node id, and under ``None`` the aggregate's."""
     import random
 
     import numpy as np
@@ -115,6 +144,8 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
     arrays = to_array_record(initial_adapter(cfg))
     central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
     strategy, grid = build_strategy(cfg), InProcessGrid(cfg)
+    if observe is not None:
+        strategy.aggregate_train = _observed(strategy.aggregate_train, observe, lambda: arrays)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=600.0, robust=cfg.robust,
                      compression=cfg.compression.method, known_sizes=partition_train_sizes(cfg))
     start, clipped = time.perf_counter(), []
@@ -133,6 +164,29 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
           + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else ""),
           flush=True)
     return out
+
+
+Observer = Callable[[int, dict[int | None, np.ndarray]], None]
+
+
+def _observed(aggregate_train: Callable, observe: Observer, sent: Callable[[], Any]) -> Callable:
+    """``aggregate_train`` that first shows ``observe`` the flat deltas it aggregates (some
+    Flower rules consume their replies' arrays, so they are copied first)."""
+    def flat(record: Any) -> np.ndarray:
+        return np.concatenate([record[k].numpy().astype(np.float64).ravel() for k in sorted(record.keys())])
+
+    def wrapped(server_round: int, replies: Any) -> Any:
+        replies = list(replies)
+        base = flat(sent())
+        deltas: dict[int | None, np.ndarray] = {
+            m.metadata.src_node_id: flat(m.content.array_records[ARRAYS_KEY]) - base for m in replies}
+        out = aggregate_train(server_round, replies)
+        if out[0] is not None:
+            deltas[None] = flat(out[0]) - base
+        observe(server_round, deltas)
+        return out
+
+    return wrapped
 
 
 def initial_perplexity(overrides: dict[str, Any]) -> float:
@@ -166,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     defences = [d for d in args.defences.split(",") if d]
-    bad = [a for a in attacks if a not in ATTACKS] + [d for d in defences if d not in DEFENCES]
+    bad = [a for a in attacks if a not in ATTACKS] + [d for d in defences if d.split("+")[0] not in DEFENCES]
     if bad:
         print(f"error: unknown attack or defence {bad[0]!r}", file=sys.stderr)
         return 2
+    for d in defences:  # a variant's overrides must name real keys with valid values
+        try:
+            ExperimentConfig.from_dict(nest(defence_overrides(d, 0)))
+        except ValueError as err:
+            print(f"error: defence {d!r}: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     fractions = [float(f) for f in args.fractions.split(",") if f]
     import logging
 
