@@ -84,17 +84,24 @@ class InProcessGrid:
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
-def parse_defence(spec: str) -> tuple[str, dict[str, Any]]:
-    """``multikrum+robust.clip=none``: a defence of ``DEFENCES`` and config overrides on
-    top of it (a kept rule with another setting, e.g. ``fedtrimmedavg+strategy.trim_beta=0.3``)."""
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``multikrum+robust.clip=none``: a defence of ``DEFENCES`` (or an attack of
+    ``ATTACKS``) and config overrides on top of it: a kept rule with another setting
+    (``fedtrimmedavg+strategy.trim_beta=0.3``), an attack at another scale
+    (``sign_flip+attack.scale=1``)."""
     name, *parts = spec.split("+")
     extra: dict[str, Any] = {}
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise ValueError(f"defence {spec!r}: {part!r} is not key=value")
+            raise ValueError(f"{part!r} is not key=value")
         extra[key] = _scalar(value)
     return name, extra
+
+
+def attack_overrides(spec: str, fraction: float) -> dict[str, Any]:
+    kind, extra = parse_spec(spec)
+    return {"attack.kind": kind, "attack.fraction": fraction, "attack.scale": ATTACKS[kind], **extra}
 
 
 def _scalar(text: str) -> Any:
@@ -107,7 +114,7 @@ def _scalar(text: str) -> Any:
 
 
 def defence_overrides(spec: str, malicious: int) -> dict[str, Any]:
-    name, extra = parse_defence(spec)
+    name, extra = parse_spec(spec)
     if name == "no-bounds":
         return {"robust.clip": "none", "robust.weight_cap": 0.0, **extra}
     if name == "default":
@@ -208,27 +215,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--defences", default=",".join(DEFENCES))
+    parser.add_argument("--attacks", default=",".join(ATTACKS),
+                        help="comma-separated; each may add +key=value overrides (sign_flip+attack.scale=1)")
+    parser.add_argument("--defences", default=",".join(DEFENCES),
+                        help="comma-separated; each may add +key=value overrides (multikrum+robust.clip=none)")
     parser.add_argument("--backdoor-target", default=None,
                         help="attack.target of the backdoor runs (default: the config's)")
     parser.add_argument("--out", default=None, help="JSON path (default outputs/bench/robustness.json)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells --out already holds (same settings) and run the rest")
+    parser.add_argument("--skip-honest", action="store_true",
+                        help="measure no missing honest run (the attack cells only; the ratios need "
+                             "the honest no-bounds run in --out)")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the table of what --out holds ('not run' for the rest)")
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     defences = [d for d in args.defences.split(",") if d]
-    bad = [a for a in attacks if a not in ATTACKS] + [d for d in defences if d.split("+")[0] not in DEFENCES]
+    bad = [a for a in attacks if a.split("+")[0] not in ATTACKS]
+    bad += [d for d in defences if d.split("+")[0] not in DEFENCES]
     if bad:
         print(f"error: unknown attack or defence {bad[0]!r}", file=sys.stderr)
         return 2
-    for d in defences:  # a variant's overrides must name real keys with valid values
-        try:
-            ExperimentConfig.from_dict(nest(defence_overrides(d, 0)))
+    for spec, make in [*((d, lambda d=d: defence_overrides(d, 0)) for d in defences),
+                       *((a, lambda a=a: attack_overrides(a, 0.0)) for a in attacks)]:
+        try:  # a variant's overrides must name real keys with valid values
+            ExperimentConfig.from_dict(nest(make()))
         except ValueError as err:
-            print(f"error: defence {d!r}: {str(err).splitlines()[0]}", file=sys.stderr)
+            print(f"error: {spec!r}: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
     fractions = [float(f) for f in args.fractions.split(",") if f]
     import logging
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         """A cell's result: measured before (--resume), now, or None (--table-only)."""
         attack, fraction, defence = key
         have = result["honest"].get(defence) if attack == "honest" else measured.get(key)
-        if have is not None or args.table_only:
+        if have is not None or args.table_only or (attack == "honest" and args.skip_honest):
             return have
         res = run_one(overrides, name=f"{attack}-{fraction}-{defence}")
         if attack == "honest":
@@ -272,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # with backdoor among the attacks the honest runs measure its baseline rate too
     # (attack.kind=backdoor with fraction 0: nobody poisons, the server still measures)
-    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if "backdoor" in attacks else {}
+    backdoor = "backdoor" in {a.split("+")[0] for a in attacks}
+    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if backdoor else {}
     honest = {d: measure(("honest", 0.0, d), {**base, **defence_overrides(d, 0), **watch})
               for d in defences}
     first = result["honest"].get("no-bounds") or next((h for h in honest.values() if h), None)
@@ -288,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         for attack in attacks:
             row: dict[str, Any] = {"attack": attack, "fraction": fraction}
             for d in defences:
-                overrides = {**base, **defence_overrides(d, malicious), "attack.kind": attack,
-                             "attack.fraction": fraction, "attack.scale": ATTACKS[attack]}
+                overrides = {**base, **defence_overrides(d, malicious), **attack_overrides(attack, fraction)}
                 try:
                     ExperimentConfig.from_dict(nest(overrides))
                 except ValueError as err:  # a config refusal: krum's or bulyan's n >= ... f
