@@ -63,3 +63,44 @@ def test_the_observer_sees_the_deltas_before_a_rule_consumes_them() -> None:
     assert np.array_equal(result["w"].numpy(), [2.0, -2.0])
     assert seen[0][0] == 7 and sorted(seen[0][1], key=str) == [1, 2, 3, None]
     assert seen[0][1][3].tolist() == [3.0, -3.0] and seen[0][1][None].tolist() == [2.0, -2.0]
+
+
+def test_merge_keeps_a_parallel_runs_cells_and_refuses_other_settings(tmp_path, capsys) -> None:
+    import json
+
+    from fedslm.simulations.bench.robustness import main
+
+    settings = {"federation.num_clients": 10, "federation.num_rounds": 10, "training.local_steps": 20}
+    honest = {"perplexity": 8.0, "server_seconds_per_round": 0.1, "clipped_fraction_mean": 0.0}
+
+    def write(name: str, cells: list[dict], **extra: dict) -> str:
+        path = tmp_path / name
+        path.write_text(
+            json.dumps(
+                {
+                    "settings": {**settings, **extra},
+                    "initial_perplexity": 9.0,
+                    "honest": {"no-bounds": honest},
+                    "cells": cells,
+                }
+            )
+        )
+        return str(path)
+
+    cell = {"fraction": 0.3, "server_seconds_per_round": 0.1, "clipped_fraction_mean": 0.5}
+    out = write("a.json", [{"attack": "sign_flip", "defence": "default", "perplexity": 8.8, **cell}])
+    other = write(
+        "b.json",
+        [
+            {"attack": "sign_flip", "defence": "default", "perplexity": 1.0, **cell},
+            {"attack": "scale", "defence": "default", "perplexity": 8.16, **cell},
+        ],
+    )
+    args = ["--table-only", "--out", out, "--fractions", "0.3", "--defences", "default"]
+    assert main([*args, "--attacks", "sign_flip,scale", "--merge", other]) == 0
+    merged = json.loads((tmp_path / "a.json").read_text())["cells"]
+    assert [(c["attack"], c["perplexity"]) for c in merged] == [("sign_flip", 8.8), ("scale", 8.16)]
+    assert "| scale | 0.3 | 8.16 (1.020) ✔ |" in capsys.readouterr().out
+    bad = write("c.json", [], **{"training.local_steps": 5})
+    assert main([*args, "--merge", bad]) == 2
+    assert "c.json was measured with other settings; --merge needs the same" in capsys.readouterr().err

@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-honest", action="store_true",
                         help="measure no missing honest run (the attack cells only; the ratios need "
                              "the honest no-bounds run in --out)")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="also keep the cells of this JSON (same settings; a parallel run's "
+                             "--out); repeatable")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the table of what --out holds ('not run' for the rest)")
     args = parser.parse_args(argv)
@@ -268,6 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         **base, "fractions": fractions, "attack_scales": ATTACKS}, "initial_perplexity": start,
         "honest": dict(old.get("honest", {})), "cells": list(old.get("cells", []))}
     measured = {(c["attack"], c["fraction"], c["defence"]): c for c in result["cells"]}
+    for other_path in args.merge:  # cells measured by a parallel run into another file
+        other = json.loads(Path(other_path).read_text())
+        if {k: other["settings"].get(k) for k in base} != base:
+            print(f"error: {other_path} was measured with other settings; --merge needs the same",
+                  file=sys.stderr)
+            return 2
+        for name, res in other.get("honest", {}).items():
+            result["honest"].setdefault(name, res)
+        for c in other.get("cells", []):
+            if (key := (c["attack"], c["fraction"], c["defence"])) not in measured:
+                measured[key] = c
+                result["cells"].append(c)
 
     def measure(key: tuple[str, float, str], overrides: dict[str, Any]) -> dict[str, Any] | None:
         """A cell's result: measured before (--resume), now, or None (--table-only)."""
