@@ -20,6 +20,8 @@ BENCHMARKS = {
     "secagg": ("fedslm.simulations.bench.secagg", "SecAgg+ CPU, memory, bytes vs plain aggregation; quality"),
     "fuzz": ("fedslm.simulations.bench.fuzz", "random and mutated replies through screening: unexpected errors"),
     "robustness": ("fedslm.simulations.bench.robustness", "final perplexity under each attack x defence"),
+    "geometry": ("fedslm.simulations.bench.geometry", "honest vs hostile updates per round, "
+                 "as a robust rule sees them"),
     "realsize": ("fedslm.simulations.bench.realsize", "a 135M-shape SLM per client: step time, RSS, DP, "
                  "checkpointing, uplink (--device cuda: 135M/0.5B fp32/bf16/4bit)"),
     "export": ("fedslm.simulations.bench.export", "a run's exports (hf/int8/gguf/onnx): size, quality, "

@@ -235,6 +235,7 @@ def random_round(rng: np.random.Generator, reference: ArrayRecord, method: str,
 
 WARMUP = 20  # first cases import modules: not counted in time or memory
 MEMORY_EVERY = 50  # tracemalloc slows a case several times: trace one case in this many
+PROGRESS_EVERY = 5000  # a progress line on stderr
 
 
 def run(cases: int, seed: int) -> dict[str, Any]:
@@ -269,6 +270,10 @@ def run(cases: int, seed: int) -> dict[str, Any]:
         elif i >= WARMUP:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        if (i + 1) % PROGRESS_EVERY == 0:  # a long run shows it is alive and how it stands
+            print(f"  {i + 1:,} cases, {sum(unexpected.values())} unexpected, "
+                  f"slowest {max(cpu_times, default=0.0) * 1000:.1f} ms CPU, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return {"cases": cases, "replies": replies, "seed": seed,
             "unexpected": sum(unexpected.values()), "unexpected_kinds": dict(unexpected),
             "slowest_case_s": max(times, default=0.0),

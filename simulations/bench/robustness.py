@@ -31,10 +31,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedslm.config import ExperimentConfig
+from fedslm.keys import ARRAYS_KEY
 from fedslm.runconfig import nest
 from fedslm.simulations.bench.common import BENCH_DIR
 
@@ -80,17 +84,49 @@ class InProcessGrid:
         return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
 
 
-def defence_overrides(name: str, malicious: int) -> dict[str, Any]:
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``multikrum+robust.clip=none``: a defence of ``DEFENCES`` (or an attack of
+    ``ATTACKS``) and config overrides on top of it: a kept rule with another setting
+    (``fedtrimmedavg+strategy.trim_beta=0.3``), an attack at another scale
+    (``sign_flip+attack.scale=1``)."""
+    name, *parts = spec.split("+")
+    extra: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{part!r} is not key=value")
+        extra[key] = _scalar(value)
+    return name, extra
+
+
+def attack_overrides(spec: str, fraction: float) -> dict[str, Any]:
+    kind, extra = parse_spec(spec)
+    return {"attack.kind": kind, "attack.fraction": fraction, "attack.scale": ATTACKS[kind], **extra}
+
+
+def _scalar(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def defence_overrides(spec: str, malicious: int) -> dict[str, Any]:
+    name, extra = parse_spec(spec)
     if name == "no-bounds":
-        return {"robust.clip": "none", "robust.weight_cap": 0.0}
+        return {"robust.clip": "none", "robust.weight_cap": 0.0, **extra}
     if name == "default":
-        return {}
-    extra = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum", "bulyan") else {}
-    return {"strategy.name": name, **extra}
+        return extra
+    known = {"strategy.num_malicious": malicious} if name in ("krum", "multikrum", "bulyan") else {}
+    return {"strategy.name": name, **known, **extra}
 
 
-def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
-    """One in-process run; final central perplexity and server seconds per round."""
+def run_one(overrides: dict[str, Any], *, name: str, observe: Observer | None = None) -> dict[str, Any]:
+    """One in-process run; final central perplexity and server seconds per round.
+    ``observe(round, deltas)`` sees, each round, the deltas the strategy aggregates (after
+    screening and bounding), flat, by node id, and under ``None`` the aggregate's."""
     import random
 
     import numpy as np
@@ -115,6 +151,8 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
     arrays = to_array_record(initial_adapter(cfg))
     central = make_central_eval(cfg, central_test_texts(cfg.data, num_clients=cfg.federation.num_clients))
     strategy, grid = build_strategy(cfg), InProcessGrid(cfg)
+    if observe is not None:
+        strategy.aggregate_train = _observed(strategy.aggregate_train, observe, lambda: arrays)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=600.0, robust=cfg.robust,
                      compression=cfg.compression.method, known_sizes=partition_train_sizes(cfg))
     start, clipped = time.perf_counter(), []
@@ -133,6 +171,29 @@ def run_one(overrides: dict[str, Any], *, name: str) -> dict[str, Any]:
           + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else ""),
           flush=True)
     return out
+
+
+Observer = Callable[[int, dict[int | None, np.ndarray]], None]
+
+
+def _observed(aggregate_train: Callable, observe: Observer, sent: Callable[[], Any]) -> Callable:
+    """``aggregate_train`` that first shows ``observe`` the flat deltas it aggregates (some
+    Flower rules consume their replies' arrays, so they are copied first)."""
+    def flat(record: Any) -> np.ndarray:
+        return np.concatenate([record[k].numpy().astype(np.float64).ravel() for k in sorted(record.keys())])
+
+    def wrapped(server_round: int, replies: Any) -> Any:
+        replies = list(replies)
+        base = flat(sent())
+        deltas: dict[int | None, np.ndarray] = {
+            m.metadata.src_node_id: flat(m.content.array_records[ARRAYS_KEY]) - base for m in replies}
+        out = aggregate_train(server_round, replies)
+        if out[0] is not None:
+            deltas[None] = flat(out[0]) - base
+        observe(server_round, deltas)
+        return out
+
+    return wrapped
 
 
 def initial_perplexity(overrides: dict[str, Any]) -> float:
@@ -154,22 +215,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--defences", default=",".join(DEFENCES))
+    parser.add_argument("--attacks", default=",".join(ATTACKS),
+                        help="comma-separated; each may add +key=value overrides (sign_flip+attack.scale=1)")
+    parser.add_argument("--defences", default=",".join(DEFENCES),
+                        help="comma-separated; each may add +key=value overrides (multikrum+robust.clip=none)")
     parser.add_argument("--backdoor-target", default=None,
                         help="attack.target of the backdoor runs (default: the config's)")
     parser.add_argument("--out", default=None, help="JSON path (default outputs/bench/robustness.json)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells --out already holds (same settings) and run the rest")
+    parser.add_argument("--skip-honest", action="store_true",
+                        help="measure no missing honest run (the attack cells only; the ratios need "
+                             "the honest no-bounds run in --out)")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="also keep the cells of this JSON (same settings; a parallel run's "
+                             "--out); repeatable")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the table of what --out holds ('not run' for the rest)")
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     defences = [d for d in args.defences.split(",") if d]
-    bad = [a for a in attacks if a not in ATTACKS] + [d for d in defences if d not in DEFENCES]
+    bad = [a for a in attacks if a.split("+")[0] not in ATTACKS]
+    bad += [d for d in defences if d.split("+")[0] not in DEFENCES]
     if bad:
         print(f"error: unknown attack or defence {bad[0]!r}", file=sys.stderr)
         return 2
+    for spec, make in [*((d, lambda d=d: defence_overrides(d, 0)) for d in defences),
+                       *((a, lambda a=a: attack_overrides(a, 0.0)) for a in attacks)]:
+        try:  # a variant's overrides must name real keys with valid values
+            ExperimentConfig.from_dict(nest(make()))
+        except ValueError as err:
+            print(f"error: {spec!r}: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     fractions = [float(f) for f in args.fractions.split(",") if f]
     import logging
 
@@ -194,12 +271,24 @@ def main(argv: list[str] | None = None) -> int:
         **base, "fractions": fractions, "attack_scales": ATTACKS}, "initial_perplexity": start,
         "honest": dict(old.get("honest", {})), "cells": list(old.get("cells", []))}
     measured = {(c["attack"], c["fraction"], c["defence"]): c for c in result["cells"]}
+    for other_path in args.merge:  # cells measured by a parallel run into another file
+        other = json.loads(Path(other_path).read_text())
+        if {k: other["settings"].get(k) for k in base} != base:
+            print(f"error: {other_path} was measured with other settings; --merge needs the same",
+                  file=sys.stderr)
+            return 2
+        for name, res in other.get("honest", {}).items():
+            result["honest"].setdefault(name, res)
+        for c in other.get("cells", []):
+            if (key := (c["attack"], c["fraction"], c["defence"])) not in measured:
+                measured[key] = c
+                result["cells"].append(c)
 
     def measure(key: tuple[str, float, str], overrides: dict[str, Any]) -> dict[str, Any] | None:
         """A cell's result: measured before (--resume), now, or None (--table-only)."""
         attack, fraction, defence = key
         have = result["honest"].get(defence) if attack == "honest" else measured.get(key)
-        if have is not None or args.table_only:
+        if have is not None or args.table_only or (attack == "honest" and args.skip_honest):
             return have
         res = run_one(overrides, name=f"{attack}-{fraction}-{defence}")
         if attack == "honest":
@@ -212,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # with backdoor among the attacks the honest runs measure its baseline rate too
     # (attack.kind=backdoor with fraction 0: nobody poisons, the server still measures)
-    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if "backdoor" in attacks else {}
+    backdoor = "backdoor" in {a.split("+")[0] for a in attacks}
+    watch = {"attack.kind": "backdoor", "attack.fraction": 0.0} if backdoor else {}
     honest = {d: measure(("honest", 0.0, d), {**base, **defence_overrides(d, 0), **watch})
               for d in defences}
     first = result["honest"].get("no-bounds") or next((h for h in honest.values() if h), None)
@@ -228,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for attack in attacks:
             row: dict[str, Any] = {"attack": attack, "fraction": fraction}
             for d in defences:
-                overrides = {**base, **defence_overrides(d, malicious), "attack.kind": attack,
-                             "attack.fraction": fraction, "attack.scale": ATTACKS[attack]}
+                overrides = {**base, **defence_overrides(d, malicious), **attack_overrides(attack, fraction)}
                 try:
                     ExperimentConfig.from_dict(nest(overrides))
                 except ValueError as err:  # a config refusal: krum's or bulyan's n >= ... f
