@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedslm.shared_data import shared_data_path
 from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
 
 RULES = ("fedavg", "ffa", "flora", "flexlora")
@@ -50,7 +51,7 @@ DP_RUNS = {  # DP-FedAvg (user level): each rule clips and noises what it aggreg
     for z in (0.5, 1.0) for rule in ("fedavg", "flexlora")
 }
 # Shakespeare by speaker (conf/data/shakespeare.yaml; the file is read-only shared data)
-SHAKESPEARE = {"data.source": "shakespeare", "data.path": "/work/shared/data/tinyshakespeare.txt",
+SHAKESPEARE = {"data.source": "shakespeare", "data.path": shared_data_path("tinyshakespeare.txt"),
                "data.min_lines": 560}
 
 
