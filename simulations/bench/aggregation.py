@@ -11,9 +11,12 @@ and 1, then per-client ranks (a 4/8/16 mix, global rank 16) against everyone at 
 everyone at r=16, with ``peft.alpha = 2 r`` so the LoRA scale is the same everywhere;
 and every rule (and the 4/8/16 mix) under DP-FedAvg at noise 0.5 and 1.0 (same clipping,
 same ε; ``fedslm.aggregation.private``). ``--data shakespeare``: the same runs on
-Shakespeare by speaker.
-Reported: final eval and central perplexity, bytes up and down per round (train +
-evaluate), the server's aggregation time per round. One run per row: differences of a
+Shakespeare by speaker; ``--data sst2``: SST-2 sentiment classification (``task=classify``,
+the shared ``sst2/train.tsv`` read in place) with label skew (Dirichlet alpha 0.3 over the
+label). ``--set KEY=VALUE`` (repeatable) adds an override to every run.
+Reported: final eval and central perplexity (classification: accuracy and macro-F1, and
+the per-round central macro-F1 curve), bytes up and down per round (train + evaluate),
+the server's aggregation time per round. One run per row: differences of a
 few hundredths of perplexity are within run-to-run noise (client sampling is seeded,
 thread timing is not).
 """
@@ -28,6 +31,7 @@ import tracemalloc
 from typing import Any
 
 import numpy as np
+import yaml
 
 from fedslm.shared_data import shared_data_path
 from fedslm.simulations.bench.common import experiment, machine, run_engine, table, write_json
@@ -53,6 +57,11 @@ DP_RUNS = {  # DP-FedAvg (user level): each rule clips and noises what it aggreg
 # Shakespeare by speaker (conf/data/shakespeare.yaml; the file is read-only shared data)
 SHAKESPEARE = {"data.source": "shakespeare", "data.path": shared_data_path("tinyshakespeare.txt"),
                "data.min_lines": 560}
+# SST-2 with label skew (conf/data/sst2.yaml + the Dirichlet partitioner over the label)
+SST2 = {"task.name": "classify", "data.source": "text_files", "data.path": shared_data_path("sst2/train.tsv"),
+        "data.text_key": "sentence", "data.label_key": "label", "data.label_names": "negative,positive",
+        "data.partitioner": "dirichlet", "data.dirichlet_alpha": 0.3, "task.eval_generations": 0}
+SOURCES = {"shakespeare": SHAKESPEARE, "sst2": SST2}
 
 
 def server_cost_rows(clients: int, rank: int, layers: int = 60, dim: int = 576) -> list[dict[str, Any]]:
@@ -100,7 +109,7 @@ def _cost(name: str, call) -> dict[str, Any]:
 
 
 def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None,
-                 data: str = "synthetic") -> list[dict[str, Any]]:
+                 data: str = "synthetic", extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     runs: list[tuple[str, float, dict[str, Any]]] = []
     hets = setting["heterogeneity"] if data == "synthetic" else (1.0,)
     for het in hets:
@@ -111,22 +120,28 @@ def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None,
         runs = [r for r in runs if r[0] in only]
     rows = []
     for i, (name, het, overrides) in enumerate(runs):
-        source = SHAKESPEARE if data == "shakespeare" else {"data.heterogeneity": het}
+        source = SOURCES.get(data, {"data.heterogeneity": het})
         cfg = experiment({"federation.num_clients": setting["clients"],
                           "federation.num_rounds": setting["rounds"],
                           "training.local_steps": setting["steps"],
-                          **source, **overrides},
+                          **source, **(extra or {}), **overrides},
                          run_name=f"aggregation-{i}")
         print(f"[aggregation] run {i + 1}/{len(runs)}: {name} on {data}"
               + (f" at heterogeneity {het:g}" if data == "synthetic" else ""), flush=True)
         run = run_engine(cfg, echo=echo)
         trained = [r for r in run.summary["rounds"] if r["round"] >= 1]
         last = trained[-1]
+        first = run.summary["rounds"][0]
+        quality = ({"eval_ppl": last["eval_perplexity"], "central_ppl": last.get("central_perplexity"),
+                    "eval_ppl_round0": first["eval_perplexity"]} if cfg.task.name != "classify" else
+                   {"eval_f1_round0": first.get("eval_macro_f1"), "eval_acc": last.get("eval_accuracy"),
+                    "eval_f1": last.get("eval_macro_f1"), "central_acc": last.get("central_accuracy"),
+                    "central_f1": last.get("central_macro_f1"),
+                    "central_f1_curve": [r.get("central_macro_f1") for r in run.summary["rounds"]],
+                    "central_acc_curve": [r.get("central_accuracy") for r in run.summary["rounds"]]})
         rows.append({
             "run": name, "data": data, "heterogeneity": het if data == "synthetic" else None,
-            "global_r": cfg.peft.r,
-            "eval_ppl": last["eval_perplexity"], "central_ppl": last.get("central_perplexity"),
-            "eval_ppl_round0": run.summary["rounds"][0]["eval_perplexity"],
+            "global_r": cfg.peft.r, **quality,
             "up_bytes": statistics.fmean(r["bytes_up"] for r in trained),
             "down_bytes": statistics.fmean(r["bytes_down"] for r in trained),
             "server_agg_ms": 1e3 * statistics.fmean(r["server_aggregate_seconds"] for r in trained),
@@ -144,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="local steps per round")
     parser.add_argument("--heterogeneity", default="0,1", help="comma-separated data.heterogeneity values")
-    parser.add_argument("--data", choices=("synthetic", "shakespeare"), default="synthetic",
-                        help="shakespeare: one client per speaker with >= 560 lines (8 speakers)")
+    parser.add_argument("--data", choices=("synthetic", "shakespeare", "sst2"), default="synthetic",
+                        help="shakespeare: one client per speaker with >= 560 lines (8 speakers); "
+                             "sst2: SST-2 classification, Dirichlet 0.3 label skew")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run (e.g. training.learning_rate=0.05)")
     parser.add_argument("--only", default="", help="comma-separated run names (e.g. 'ffa,all r=4'); '' = all")
     parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table (0: skip it)")
     parser.add_argument("--no-engine", action="store_true", help="only the server-cost table")
@@ -156,20 +174,29 @@ def main(argv: list[str] | None = None) -> int:
         hets = tuple(float(h) for h in args.heterogeneity.split(",") if h)
     except ValueError:
         parser.error(f"--heterogeneity: {args.heterogeneity!r} is not comma-separated numbers")
+    try:
+        extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        parser.error(f"--set: expected KEY=VALUE, got {args.set!r}")
     cost = server_cost_rows(args.server_clients, rank=8) if args.server_clients > 0 else []
     if cost:
         print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
         print(table(cost, ["rule", "clients", "layers", "rank", "seconds", "peak_mib"]))
     setting = {"clients": args.clients, "rounds": args.rounds, "steps": args.steps, "heterogeneity": hets}
     quality = [] if args.no_engine else quality_rows(
-        setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None, args.data)
+        setting, args.echo, {s.strip() for s in args.only.split(",") if s.strip()} or None, args.data, extra)
     if quality:
         print(f"\nAfter {args.rounds} rounds, {args.clients} clients x {args.steps} steps "
               f"(tiny-llama, {args.data}):")
-        print(table(quality, ["run", "data", "heterogeneity", "global_r", "eval_ppl_round0", "eval_ppl",
-                              "central_ppl", "up_bytes", "down_bytes", "server_agg_ms", "truncation",
-                              "epsilon_user"]))
-    result = {"benchmark": "aggregation", "server_cost": cost, "quality_setting": setting,
+        scores = (["eval_f1_round0", "eval_acc", "eval_f1", "central_acc", "central_f1"] if args.data == "sst2"
+                  else ["eval_ppl_round0", "eval_ppl", "central_ppl"])
+        print(table(quality, ["run", "data", "heterogeneity", "global_r", *scores, "up_bytes", "down_bytes",
+                              "server_agg_ms", "truncation", "epsilon_user"]))
+        if args.data == "sst2":
+            for row in quality:
+                curve = " ".join("-" if v is None else f"{v:.3f}" for v in row["central_f1_curve"])
+                print(f"central macro-F1 by round, {row['run']}: {curve}")
+    result = {"benchmark": "aggregation", "server_cost": cost, "quality_setting": setting | {"set": extra},
               "quality": quality, "machine": machine()}
     print(f"\nwrote {write_json('aggregation', result, args.out)}")
     return 0
