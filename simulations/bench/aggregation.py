@@ -14,6 +14,9 @@ same ε; ``fedslm.aggregation.private``). ``--data shakespeare``: the same runs 
 Shakespeare by speaker; ``--data sst2``: SST-2 sentiment classification (``task=classify``,
 the shared ``sst2/train.tsv`` read in place) with label skew (Dirichlet alpha 0.3 over the
 label). ``--set KEY=VALUE`` (repeatable) adds an override to every run.
+``--centralised``: no federation, no engine: one adapter trained on the whole
+``sst2/train.tsv`` for ``--steps`` steps (with the ``--set`` overrides) and scored on
+``sst2/dev.tsv``, to see whether the model can learn the task at all.
 Reported: final eval and central perplexity (classification: accuracy and macro-F1, and
 the per-round central macro-F1 curve), bytes up and down per round (train + evaluate),
 the server's aggregation time per round. One run per row: differences of a
@@ -152,6 +155,41 @@ def quality_rows(setting: dict[str, Any], echo: bool, only: set[str] | None,
     return rows
 
 
+def centralised_sst2(steps: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One adapter on all of SST-2 train (``steps`` steps), accuracy and macro-F1 on dev."""
+    import csv
+    import json
+
+    from fedslm.adapters import load_adapter_arrays
+    from fedslm.client.train import train_local
+    from fedslm.runtime import encoded, experiment_model
+    from fedslm.server.experiment import initial_adapter
+    from fedslm.simulations.bench.common import torch_threads
+    from fedslm.tasks import get_task
+
+    def records(name: str) -> tuple[str, ...]:
+        with open(shared_data_path(f"sst2/{name}.tsv"), newline="") as f:
+            rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            return tuple(json.dumps({"text": r["sentence"], "label": int(r["label"])}) for r in rows)
+
+    cfg = experiment({**SST2, "training.local_steps": steps, **extra}, run_name="aggregation-sst2-centralised")
+    task = get_task("classify")
+    with torch_threads(1):
+        model, tokenizer = experiment_model(cfg)
+        load_adapter_arrays(model, initial_adapter(cfg))
+        train, dev = encoded(cfg, records("train"), tokenizer), encoded(cfg, records("dev"), tokenizer)
+        before = task.evaluate(model, dev, batch_size=64)
+        start = time.perf_counter()
+        train_local(model, train, cfg.training, generator_seed=cfg.training.seed, loss_fn=task.loss)
+        seconds = time.perf_counter() - start
+        after = task.evaluate(model, dev, batch_size=64)
+    majority = max(int(dev[2].sum()), len(dev[2]) - int(dev[2].sum())) / len(dev[2])
+    return {"steps": steps, "set": extra, "dev_examples": len(dev[2]), "dev_majority_acc": majority,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "acc_before": before["accuracy"], "f1_before": before["macro_f1"],
+            "acc": after["accuracy"], "f1": after["macro_f1"], "train_seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedslm.simulations.bench aggregation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated run names (e.g. 'ffa,all r=4'); '' = all")
     parser.add_argument("--server-clients", type=int, default=10, help="replies in the server-cost table (0: skip it)")
     parser.add_argument("--no-engine", action="store_true", help="only the server-cost table")
+    parser.add_argument("--centralised", action="store_true",
+                        help="only: one adapter on all of SST-2 train, scored on SST-2 dev (no engine)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/aggregation.json)")
     args = parser.parse_args(argv)
@@ -178,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     except ValueError:
         parser.error(f"--set: expected KEY=VALUE, got {args.set!r}")
+    if args.centralised:
+        row = centralised_sst2(args.steps, extra)
+        print(table([row], ["steps", "trainable", "dev_examples", "dev_majority_acc", "acc_before", "f1_before",
+                            "acc", "f1", "train_seconds"]))
+        path = write_json("aggregation_sst2_centralised", {"centralised": row, "machine": machine()}, args.out)
+        print(f"wrote {path}")
+        return 0
     cost = server_cost_rows(args.server_clients, rank=8) if args.server_clients > 0 else []
     if cost:
         print(f"Server cost of one aggregation ({args.server_clients} clients, SmolLM2-135M-sized adapter):")
