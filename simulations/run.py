@@ -22,6 +22,7 @@ from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.data.core import DataError
 from fedslm.errors import LaunchError, ModelError
 from fedslm.quiet import quiet_process
+from fedslm.shared_data import register_resolver
 from fedslm.simulations.search import check_direction, objective
 from fedslm.simulations.report import personal_table, summary_table, where_to_look
 
@@ -31,6 +32,8 @@ EXPECTED_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
 # be overridden whatever group option is chosen, and group files state only what differs.
 # A plain dict (not the dataclass) so values are checked by fedslm.config alone.
 ConfigStore.instance().store(name="fedslm_schema", node=ExperimentConfig().to_dict())
+# ${fedslm.shared_data:REL} in conf/data/*.yaml: anchored on the project root, not the cwd
+register_resolver()
 
 
 def experiment_from_hydra(hcfg: DictConfig) -> ExperimentConfig:

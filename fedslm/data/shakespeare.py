@@ -28,6 +28,7 @@ from fedslm.data.core import (
     sample_central_test,
 )
 from fedslm.data.partition import natural_partitions
+from fedslm.shared_data import missing_path_hint
 
 Speech = tuple[str, tuple[str, ...]]  # (speaker, non-empty lines)
 
@@ -36,7 +37,7 @@ def parse_speeches(path: str | Path) -> list[Speech]:
     """Speech blocks in file order; a speaker line with no speech gives an empty block."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.path: {path} does not exist")
+        raise DataError(f"data.path: {path} does not exist{missing_path_hint(path)}")
     speeches: list[Speech] = []
     for block in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")):
         lines = [line for line in block.splitlines() if line.strip()]

@@ -20,6 +20,7 @@ import pyarrow as pa
 from fedslm.config import DataConfig
 from fedslm.data.core import DataError
 from fedslm.data.validate import check_text_file
+from fedslm.shared_data import missing_path_hint
 
 SUPPORTED = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FILE_COLUMN = "source_file"
@@ -40,7 +41,7 @@ def load_text_files(cfg: DataConfig, task: str = "causal_lm") -> datasets.Datase
     """Read ``data.path``: one supported file, or every supported file under a directory."""
     root = Path(cfg.path)
     if not root.exists():
-        raise DataError(f"data.path: {root} does not exist")
+        raise DataError(f"data.path: {root} does not exist{missing_path_hint(root)}")
     if root.is_file():
         if root.suffix.lower() not in SUPPORTED:
             raise DataError(

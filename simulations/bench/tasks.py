@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from fedslm.runconfig import PROJECT_ROOT
+from fedslm.shared_data import shared_data_dir
 from fedslm.simulations.bench.common import experiment, machine, table, torch_threads, write_json
 
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
+SHARED = shared_data_dir()
 
 
 def pooled_scores(cfg, arrays, *, personal: bool = False) -> dict[str, float]:
