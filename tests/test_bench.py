@@ -28,7 +28,8 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     listed = capsys.readouterr().out
     assert all(f"  {name} " in listed for name in BENCHMARKS)
     assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "tasks", "audit",
-                               "aggregation", "secagg", "fuzz", "robustness", "realsize", "export"}
+                               "aggregation", "secagg", "fuzz", "robustness", "realsize", "export",
+                               "sweep"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
