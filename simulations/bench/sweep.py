@@ -87,6 +87,13 @@ class ProcessTimeline:
     def cpu_seconds(self) -> float:
         return sum(self.cpu.values())
 
+    def cpu_by_component(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():
+            name = self.first[pid][1]
+            out[name] = out.get(name, 0.0) + cpu
+        return out
+
 
 def job_config(j: int, out: Path, rounds: int, clients: int, steps: int):
     cfg = experiment(
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for j in range(args.jobs):
                 cfg = job_config(j, Path(tmp), args.rounds, args.clients, args.steps)
                 t0, cpu0 = time.monotonic(), procs.cpu_seconds() + time.process_time()
+                by0 = procs.cpu_by_component()
                 summary = run_module.run(cfg, warm_engine=not args.superlink_per_job)
                 t1 = time.monotonic()
                 rounds = sum(float(r["round_seconds"]) for r in summary["rounds"] if r.get("round_seconds"))
@@ -186,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds_seconds": rounds,
                         "fixed": t1 - t0 - rounds,
                         "cpu_seconds": procs.cpu_seconds() + time.process_time() - cpu0,
+                        "cpu_by_component": {
+                            k: round(v - by0.get(k, 0.0), 2) for k, v in procs.cpu_by_component().items()
+                        },
                         "timeline": timeline(stream, procs, submits, t0 - start, t1 - start),
                     }
                 )
@@ -194,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     load_end = [round(x, 2) for x in os.getloadavg()]
     later = [j["fixed"] for j in jobs[1:]] or [jobs[0]["fixed"]]
     print(table(jobs, ["job", "wall", "rounds_seconds", "fixed", "cpu_seconds"]))
+    for j in jobs:
+        print(
+            f"job {j['job']} CPU s by process: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(j["cpu_by_component"].items()) if abs(v) >= 0.05)
+        )
     moments = list(jobs[0]["timeline"])
     print("\nTimeline per job (s after the job started):")
     print(table([{"job": j["job"], **j["timeline"]} for j in jobs], ["job", *moments]))
