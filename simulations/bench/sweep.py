@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "fixed_first": jobs[0]["fixed"],
         "fixed_median_rest": median(later),
         "jobs": jobs,
+        "load_average_start": load_start,
         "load_average_end": load_end,
         "machine": machine(),
     }
