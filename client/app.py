@@ -6,13 +6,16 @@ PEFT): Flower loads the ServerApp and the ClientApp under one import lock, and i
 simulation engine starts Ray only once both are loaded. ``fedslm.client.handlers``, and torch
 with it, is imported in a background thread as soon as this module is loaded, so a Ray
 worker imports while the ServerApp sets up, and the first message waits only for what
-is left of that import (see ``fedslm.server.app`` too).
+is left of that import (see ``fedslm.server.app`` too); not in Flower's simulation process,
+which loads this module only to check it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import threading
 
 from flwr.app import Context, Message
@@ -26,8 +29,12 @@ from fedslm.runconfig import from_run_config
 from fedslm.warm_imports import import_heavy
 
 HANDLERS = "fedslm.client.handlers"
-threading.Thread(target=import_heavy, args=(HANDLERS,), name="import-handlers",
-                 daemon=True).start()
+# Flower's simulation process loads this module only to check it (its clients run in the
+# Ray workers): importing the handlers there would hold the ServerApp's own heavy import
+# (one lock, ``fedslm.warm_imports``) and take CPU from the workers while each run starts.
+if os.path.basename(sys.argv[0]) != "flwr-simulation":
+    threading.Thread(target=import_heavy, args=(HANDLERS,), name="import-handlers",
+                     daemon=True).start()
 
 app = ClientApp()
 

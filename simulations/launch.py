@@ -101,15 +101,20 @@ def ray_auth_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path, mark: str = "", *, verbose: bool = False) -> Iterator[str]:
-    """A SuperLink in simulation mode on a free local port; yields its address."""
+def simulation_superlink(flwr_home: Path, mark: str = "", *, verbose: bool = False,
+                         ray_env: dict[str, str] | None = None) -> Iterator[str]:
+    """A SuperLink in simulation mode on a free local port; yields its address.
+
+    Its runs start their own Ray with a fresh token unless ``ray_env`` names a running
+    one (``RAY_ADDRESS`` and that instance's token: ``fedslm.simulations.warm_engine``)."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
     cmd = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
+    env = {**engine_env(flwr_home, mark, verbose=verbose), **(ray_env or ray_auth_env())}
     with open(log_file, "wb") as log:
-        process = subprocess.Popen(cmd, env={**engine_env(flwr_home, mark, verbose=verbose), **ray_auth_env()},
+        process = subprocess.Popen(cmd, env=env,
                                    stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -215,6 +220,7 @@ def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) 
         else:
             write_connection(flwr_home, warm.address(verbose=cfg.verbose))
             flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
+            warm.record(Path(cfg.output_dir))
             log_file = warm.log_file
         log_copy = Path(cfg.output_dir) / "superlink.log"
         with contextlib.suppress(OSError, TypeError):

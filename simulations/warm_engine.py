@@ -1,34 +1,48 @@
-"""One local SuperLink for every job of a Hydra ``-m`` sweep.
+"""One local SuperLink and one Ray for every job of a Hydra ``-m`` sweep.
 
 A job on its own starts a private SuperLink and stops it at the end
 (``fedslm.simulations.launch.simulation_superlink``). The jobs of a sweep run one after
 another in one process (Hydra's basic launcher, and the Optuna sweeper's ``n_jobs: 1``), so
-they share one: each job is still its own ``flwr run`` (its own Flower run, simulation
-runtime and MLflow run) against it. The SuperLink is stopped, with everything it started,
-when the process exits however it exits: the sweep ends, a job fails (``sys.exit``),
-Ctrl-C (KeyboardInterrupt) or SIGTERM. A job that needs a different SuperLink environment
-(``verbose``) gets a fresh one.
+they share one SuperLink and one Ray instance (``fedslm.simulations.ray_head``; its address
+reaches each run's simulation process through the SuperLink's environment, and Flower's
+``ray.init()`` connects instead of starting a Ray per run). Each job is still its own
+``flwr run``: its own Flower run, simulation process, Ray job, ClientApp actors and MLflow
+run. Everything is stopped when the process exits however it exits: the sweep ends, a job
+fails (``sys.exit``), Ctrl-C (KeyboardInterrupt) or SIGTERM; a watchdog outside the
+launcher's session does the same if the launcher is killed (SIGKILL included). A job that
+needs a different engine environment (``verbose``) gets a fresh one.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
+import shutil
 import signal
 import tempfile
+import uuid
 from pathlib import Path
 
+from fedslm.simulations import watchdog
 from fedslm.simulations.launch import simulation_superlink
+from fedslm.simulations.ray_head import ray_head
 
 
 class WarmEngine:
-    """The process's shared SuperLink; ``address(verbose)`` starts it on first use."""
+    """The process's shared SuperLink and Ray; ``address(verbose)`` starts them on first use.
 
-    def __init__(self) -> None:
+    ``shared_ray=False`` keeps a Ray per run (as a single job has); ``ray_cpus`` > 0 caps
+    the shared Ray's CPUs (what Flower's ``init-args-num-cpus`` does for a run's own Ray,
+    which a run connecting to a running Ray may not pass)."""
+
+    def __init__(self, *, shared_ray: bool = True, ray_cpus: int = 0) -> None:
+        self.shared_ray, self.ray_cpus = shared_ray, ray_cpus
         self._stack: contextlib.ExitStack | None = None
         self._key: bool | None = None
         self.home: Path | None = None
         self._address = ""
+        self.ray_address = ""
         self.starts = 0
 
     def address(self, *, verbose: bool) -> str:
@@ -37,14 +51,40 @@ class WarmEngine:
         self.stop()
         stack = contextlib.ExitStack()
         try:
-            self.home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedslm-warm-")))
-            self._address = stack.enter_context(simulation_superlink(self.home, verbose=verbose))
+            home = self.home = Path(tempfile.mkdtemp(prefix="fedslm-warm-"))
+            stack.callback(shutil.rmtree, home, ignore_errors=True)
+            mark = uuid.uuid4().hex
+            proc, write_end = watchdog.start(mark=mark, tmp=home)
+            stack.callback(watchdog.finish, proc, write_end, done=True)
+            ray_env = None
+            if self.shared_ray:
+                ray_env = stack.enter_context(ray_head(home, mark, verbose=verbose, num_cpus=self.ray_cpus))
+            self.ray_address = ray_env["RAY_ADDRESS"] if ray_env else ""
+            self._address = stack.enter_context(simulation_superlink(home, mark, verbose=verbose, ray_env=ray_env))
         except BaseException:
             stack.close()
             raise
         self._stack, self._key = stack, verbose
         self.starts += 1
         return self._address
+
+    def record(self, output_dir: Path) -> None:
+        """``engine.json`` in a job's output dir: the shared SuperLink and Ray it ran on, and
+        the Ray jobs that instance has served so far (one per run's simulation process)."""
+        ray_jobs = (
+            sorted(
+                {
+                    p.name.split("_")[0].rsplit("-", 1)[-1][:8]
+                    for p in (self.home / "ray").glob("session_*/logs/python-core-driver-*")
+                }
+            )
+            if self.home is not None and self.ray_address
+            else []
+        )
+        with contextlib.suppress(OSError):
+            (output_dir / "engine.json").write_text(
+                json.dumps({"superlink": self._address, "ray": self.ray_address, "ray_jobs": ray_jobs}) + "\n"
+            )
 
     @property
     def log_file(self) -> Path | None:

@@ -29,7 +29,7 @@ def test_cli_lists_every_benchmark_and_rejects_an_unknown_one(capsys) -> None:
     assert all(f"  {name} " in listed for name in BENCHMARKS)
     assert set(BENCHMARKS) == {"overhead", "dp", "comm", "scale", "throughput", "tasks", "audit",
                                "aggregation", "secagg", "fuzz", "robustness", "geometry", "realsize",
-                               "export"}
+                               "export", "sweep"}
     assert main(["latency"]) == 2
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
@@ -79,7 +79,7 @@ def test_comm_tiny_measures_the_compressed_uplink_on_the_engine(tmp_path: Path) 
 def test_overhead_tiny_compares_engine_and_baseline(tmp_path: Path) -> None:
     result = run("overhead", tmp_path, "--tiny")
     assert result["setting"] == {"clients": 2, "rounds": 2, "local_steps": 2, "client_num_cpus": 1,
-                                 "engine_workers": 1}
+                                 "engine_workers": 1, "warm_engine": False}
     ratios = result["ratios"]
     assert set(ratios) == {"total", "steady", "cpu_total", "cpu_steady", "cpu_steady_clients",
                            "cpu_steady_server"}

@@ -93,3 +93,14 @@ def test_an_app_loads_without_torch(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", BLOCK_HEAVY % module], cwd=PROJECT_ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr[-500:]
+
+
+@pytest.mark.parametrize(("argv0", "imports"), [("/venv/bin/flwr-simulation", False), ("default_worker.py", True)])
+def test_handlers_are_imported_ahead_except_in_the_simulation_process(argv0: str, imports: bool) -> None:
+    # Flower's simulation process loads the ClientApp only to check it; a Ray worker (or a
+    # SuperNode's flwr-clientapp) starts importing the handlers as soon as it loads the app
+    code = ("import sys, threading; sys.argv[0] = sys.argv[1]; import fedslm.client.app; "
+            "print('import-handlers' in [t.name for t in threading.enumerate()])")
+    out = subprocess.run([sys.executable, "-c", code, argv0], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == str(imports)

@@ -1,4 +1,4 @@
-"""The jobs of a `-m` sweep share one SuperLink, and nothing outlives the sweep."""
+"""The jobs of a `-m` sweep share one SuperLink and one Ray, and nothing outlives the sweep."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def test_a_sweep_runs_every_job_on_one_superlink(tmp_path: Path) -> None:
     # the last job's copy of the SuperLink log holds all three Flower runs: one SuperLink
     created = re.findall(r"Created run (\d+)", (sweep / "2" / "superlink.log").read_text())
     assert len(created) == 3
+    # and one Ray: every job's simulation process connected to the sweep's instance (its
+    # first Ray job is the instance's owner, then one per run) instead of starting its own
+    engines = [json.loads((sweep / str(j) / "engine.json").read_text()) for j in range(3)]
+    assert len({(e["superlink"], e["ray"]) for e in engines}) == 1 and engines[0]["ray"]
+    assert [len(e["ray_jobs"]) for e in engines] == [2, 3, 4]
     assert survivors(marker) == []
 
 

@@ -24,6 +24,7 @@ BENCHMARKS = {
                  "as a robust rule sees them"),
     "realsize": ("fedslm.simulations.bench.realsize", "a 135M-shape SLM per client: step time, RSS, DP, "
                  "checkpointing, uplink (--device cuda: 135M/0.5B fp32/bf16/4bit)"),
+    "sweep": ("fedslm.simulations.bench.sweep", "per-job fixed cost and timeline of a -m sweep on the warm engine"),
     "export": ("fedslm.simulations.bench.export", "a run's exports (hf/int8/gguf/onnx): size, quality, "
                "latency; best client's personal vs global"),
 }

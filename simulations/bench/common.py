@@ -278,11 +278,13 @@ class EngineRun:
 
 
 def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: float = 0.25,
-               ray_cpus: int = 0) -> EngineRun:
+               ray_cpus: int = 0, warm: Any = None) -> EngineRun:
     """``fedslm.simulations.launch``'s simulation run, with a timeline and process-tree sampling.
 
     ``ray_cpus`` > 0 caps the CPUs Ray may hand out (Flower's ``init-args-num-cpus``),
-    hence the number of parallel workers: ``ray_cpus // client_num_cpus``.
+    hence the number of parallel workers: ``ray_cpus // client_num_cpus``. ``warm``: a
+    started ``WarmEngine`` (SuperLink and Ray already up, as for a sweep's later jobs; its
+    own ``ray_cpus`` then caps the workers).
     """
     from fedslm.simulations.launch import (
         flwr_run,
@@ -302,11 +304,12 @@ def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: fl
     with sampler, contextlib.redirect_stdout(stream):
         with tempfile.TemporaryDirectory(prefix="fedslm-bench-") as tmp:
             home = Path(tmp)
-            with simulation_superlink(home) as address:
+            engine = contextlib.nullcontext(warm.address(verbose=True)) if warm else simulation_superlink(home)
+            with engine as address:
                 ready = time.monotonic() - start
                 write_connection(home, address)
                 federation = simulation_federation_config(cfg)
-                if ray_cpus > 0:
+                if ray_cpus > 0 and not warm:
                     federation += f" init-args-num-cpus={ray_cpus}"
                 flwr_run(cfg, home, federation_config=federation)
                 finished = time.monotonic() - start

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel Ray workers for the engine (1: serial, like the baseline; "
                              "0: Flower's default, one per client_num_cpus cores)")
+    parser.add_argument("--warm", action="store_true",
+                        help="the engine run is a sweep's later job: SuperLink and Ray started "
+                             "before the clock starts (fedslm.simulations.warm_engine)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/overhead.json)")
     parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
@@ -147,9 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     order = "baseline, engine" + ("" if args.tiny else ", baseline")
     workers = args.workers or "default"
     print(f"[overhead] {args.clients} clients x {args.rounds} rounds x {args.steps} steps, "
-          f"{workers} engine worker(s): {order}", flush=True)
+          f"{workers} engine worker(s){', warm engine' if args.warm else ''}: {order}", flush=True)
     before = run_baseline_process(cfg)
-    engine = run_engine(cfg, echo=args.echo, ray_cpus=args.workers * cfg.federation.client_num_cpus)
+    ray_cpus = args.workers * cfg.federation.client_num_cpus
+    if args.warm:
+        from fedslm.simulations.warm_engine import WarmEngine
+
+        warm = WarmEngine(ray_cpus=ray_cpus)
+        warm.address(verbose=True)  # what the sweep's first job starts
+        try:
+            engine = run_engine(cfg, echo=args.echo, warm=warm)
+        finally:
+            warm.stop()
+    else:
+        engine = run_engine(cfg, echo=args.echo, ray_cpus=ray_cpus)
     after = before if args.tiny else run_baseline_process(cfg)  # tiny: one baseline is enough
     base_wall = 0.5 * (before["wall"] + after["wall"])
     base_steady = 0.5 * (before["steady_round_seconds"] + after["steady_round_seconds"])
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "overhead",
         "setting": {"clients": args.clients, "rounds": args.rounds, "local_steps": args.steps,
                     "client_num_cpus": cfg.federation.client_num_cpus,
-                    "engine_workers": args.workers or "default"},
+                    "engine_workers": args.workers or "default", "warm_engine": args.warm},
         "ratios": ratios, "target_steady": TARGET_STEADY, "rows": rows, "engine_phases": phases,
         "engine": {"wall": engine.wall, "round_seconds": engine.round_seconds(),
                    "steady_cpu_per_round_by_process": engine_steady_cpu,
