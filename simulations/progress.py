@@ -18,6 +18,8 @@ from typing import TextIO
 from tqdm import tqdm
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Ray's tag on lines its worker processes print: "(ClientAppActor pid=31080) ".
+RAY_TAG = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")
 LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
 PHASE = re.compile(r"\[round (\d+)/(\d+)\] (train|evaluate): (\d+)/(\d+) clients done")
 SUMMARY = re.compile(r"\[round (\d+)/(\d+)\] \| (.*)")
@@ -36,6 +38,7 @@ ROUTINE = (
     "warnings.warn(",
     "configure_mappers()",
     "Warning:",
+    "Manually terminating ClientAppActor",  # Flower stopping its Ray actors at the end
 )
 
 
@@ -59,7 +62,7 @@ class RunProgress:
             self.out.write(line if line.endswith("\n") else line + "\n")
             self.out.flush()
             return
-        text = plain(line)
+        text = RAY_TAG.sub("", plain(line))
         body = LEVEL.sub("", text).strip()
         level = m.group(1) if (m := LEVEL.match(text)) else ""
         if match := PHASE.search(body):

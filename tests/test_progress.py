@@ -24,6 +24,8 @@ STREAM = [
     "\x1b[92mINFO \x1b[0m:      [round 1/2] train: 7/10 clients done\n",
     "\x1b[93mWARNING \x1b[0m:   [round 1/2] train: rejected update from node 3: non-finite values\n",
     "\x1b[92mINFO \x1b[0m:      [round 1/2] | train loss 2.0545 | ppl 8.50 | 8.1s\n",
+    "(ClientAppActor pid=31080) \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor\n",
+    "(ClientAppActor pid=31081) \x1b[93mWARNING \x1b[0m:   [fedslm] client 4: 3 of 16 documents skipped\n",
     "\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception\n",
     "Traceback (most recent call last):\n",
 ]
@@ -40,6 +42,7 @@ def test_only_what_speaks_to_the_user_is_printed(capsys: pytest.CaptureFixture[s
     assert out.getvalue().splitlines() == [
         "[fedslm] outputs: /tmp/run",
         "WARNING: [round 1/2] train: rejected update from node 3: non-finite values",
+        "WARNING: [fedslm] client 4: 3 of 16 documents skipped",
         "ERROR: ServerApp thread raised an exception",
         "Traceback (most recent call last):",
     ]
