@@ -279,6 +279,11 @@ class FederationConfig:
     ``i_know_this_is_insecure`` lets ``insecure`` reach a SuperLink that is not on this
     machine (anything but a loopback address): the run's config, the global adapter and
     every update then cross the network in clear text, to whoever answers at ``address``.
+    ``ray_cpus`` caps the cores Ray may hand to virtual clients (Flower's
+    ``init-args-num-cpus``; 0: all of this machine's), hence the clients that train at once:
+    ``ray_cpus // client_num_cpus``. Fewer parallel clients start fewer Ray workers, each of
+    which imports torch, transformers and the app (several CPU-seconds): on a machine that
+    is already busy (a test suite, other jobs) one worker finishes a small run sooner.
     """
 
     num_clients: int = 10
@@ -294,6 +299,7 @@ class FederationConfig:
     supernodes: int = 0
     initial_evaluation: bool = True
     i_know_this_is_insecure: bool = False
+    ray_cpus: int = 0
 
     def check(self, at: str) -> None:
         if self.supernodes < 0:
@@ -320,6 +326,13 @@ class FederationConfig:
         _positive(f"{at}.round_timeout", self.round_timeout)
         if self.client_num_cpus < 1:
             _fail(f"{at}.client_num_cpus", f"must be >= 1, got {self.client_num_cpus}")
+        if self.ray_cpus < 0:
+            _fail(f"{at}.ray_cpus", f"must be >= 0 (0: every core), got {self.ray_cpus}")
+        if self.ray_cpus and self.engine != "simulation":
+            _fail(f"{at}.ray_cpus", "only applies to federation.engine=simulation")
+        if 0 < self.ray_cpus < self.client_num_cpus:
+            _fail(f"{at}.ray_cpus", f"{self.ray_cpus} is fewer than {at}.client_num_cpus="
+                  f"{self.client_num_cpus}: Ray could not start a single client")
         _non_negative(f"{at}.client_num_gpus", self.client_num_gpus)
 
 

@@ -179,13 +179,18 @@ def read_outcome(output_dir: Path, log_hint: Path | None) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 
 
-def simulation_federation_config(cfg: ExperimentConfig) -> str:
+def simulation_federation_config(cfg: ExperimentConfig, *, warm: bool = False) -> str:
     """``flwr run --federation-config``: SuperNodes (one per client unless
-    ``federation.supernodes``) and client resources."""
+    ``federation.supernodes``), client resources and, for a run that starts its own Ray,
+    the cores it may use (``federation.ray_cpus``; a warm engine's shared Ray was started
+    with them, and a run that connects to a running Ray may not pass init args)."""
     fed = cfg.federation
-    return (f"num-supernodes={fed.supernodes or fed.num_clients} "
-            f"client-resources-num-cpus={fed.client_num_cpus} "
-            f"client-resources-num-gpus={fed.client_num_gpus}")
+    config = (f"num-supernodes={fed.supernodes or fed.num_clients} "
+              f"client-resources-num-cpus={fed.client_num_cpus} "
+              f"client-resources-num-gpus={fed.client_num_gpus}")
+    if fed.ray_cpus and not warm:
+        config += f" init-args-num-cpus={fed.ray_cpus}"
+    return config
 
 
 @contextlib.contextmanager
@@ -211,14 +216,14 @@ def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) 
     private SuperLink, or on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``).
     A watchdog ends what the run started if the launcher dies (``watched_tmp``)."""
     with watched_tmp(cfg, mark_run=True) as (flwr_home, mark):
-        federation = simulation_federation_config(cfg)
+        federation = simulation_federation_config(cfg, warm=warm is not None)
         if warm is None:
             with simulation_superlink(flwr_home, mark, verbose=cfg.verbose) as address:
                 write_connection(flwr_home, address)
                 flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             log_file: Path | None = flwr_home / "superlink.log"
         else:
-            write_connection(flwr_home, warm.address(verbose=cfg.verbose))
+            write_connection(flwr_home, warm.address(verbose=cfg.verbose, ray_cpus=cfg.federation.ray_cpus))
             flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             warm.record(Path(cfg.output_dir))
             log_file = warm.log_file

@@ -39,16 +39,20 @@ class WarmEngine:
     def __init__(self, *, shared_ray: bool = True, ray_cpus: int = 0) -> None:
         self.shared_ray, self.ray_cpus = shared_ray, ray_cpus
         self._stack: contextlib.ExitStack | None = None
-        self._key: bool | None = None
+        self._key: tuple[bool, int] | None = None
         self.home: Path | None = None
         self._address = ""
         self.ray_address = ""
         self.starts = 0
 
-    def address(self, *, verbose: bool) -> str:
-        if self._stack is not None and self._key == verbose:
+    def address(self, *, verbose: bool, ray_cpus: int | None = None) -> str:
+        """The SuperLink's address; a job asking for another ``verbose`` or Ray size
+        (``ray_cpus``, None: this engine's own) gets a fresh engine."""
+        ray_cpus = self.ray_cpus if ray_cpus is None else ray_cpus
+        if self._stack is not None and self._key == (verbose, ray_cpus):
             return self._address
         self.stop()
+        self.ray_cpus = ray_cpus
         stack = contextlib.ExitStack()
         try:
             home = self.home = Path(tempfile.mkdtemp(prefix="fedslm-warm-"))
@@ -64,7 +68,7 @@ class WarmEngine:
         except BaseException:
             stack.close()
             raise
-        self._stack, self._key = stack, verbose
+        self._stack, self._key = stack, (verbose, ray_cpus)
         self.starts += 1
         return self._address
 

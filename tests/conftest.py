@@ -90,6 +90,10 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     from tests.proc_util import RUNS_ENV
 
     patch.setenv(RUNS_ENV, str(tmp_path_factory.mktemp("cli-runs")))  # not /tmp itself
+    # One Ray worker per simulated run (federation.ray_cpus' default): the two xdist workers
+    # already keep both cores busy, so a second Ray worker only adds its start-up imports
+    # (~8 CPU-seconds a run) to every engine test.
+    patch.setenv("FEDSLM_RAY_CPUS", "1")
     # the builtin model, built now rather than inside the first CLI subprocess that needs
     # it (whose timeout would then have to cover the build too)
     from fedslm.config import ModelConfig

@@ -137,6 +137,25 @@ def test_the_engine_starts_one_supernode_per_client_unless_pooled() -> None:
         "num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0")
 
 
+def test_ray_cpus_caps_a_runs_own_ray_and_is_checked_by_key() -> None:
+    from fedslm.simulations.launch import simulation_federation_config
+
+    capped = ExperimentConfig.from_dict({"federation": {"num_clients": 3, "ray_cpus": 1}})
+    assert simulation_federation_config(capped) == (
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        "init-args-num-cpus=1")
+    # a sweep's shared Ray was started with the cap; a run connecting to it passes none
+    assert "init-args" not in simulation_federation_config(capped, warm=True)
+    with pytest.raises(ConfigError, match=r"^federation\.ray_cpus: must be >= 0"):
+        ExperimentConfig.from_dict({"federation": {"ray_cpus": -1}})
+    with pytest.raises(ConfigError, match=r"^federation\.ray_cpus: 1 is fewer than "
+                                          r"federation\.client_num_cpus=2"):
+        ExperimentConfig.from_dict({"federation": {"ray_cpus": 1, "client_num_cpus": 2}})
+    with pytest.raises(ConfigError, match=r"^federation\.ray_cpus: only applies to federation\.engine=simulation"):
+        ExperimentConfig.from_dict({"federation": {"ray_cpus": 2, "engine": "remote", "address": "127.0.0.1:1",
+                                                   "insecure": True}})
+
+
 def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:
     from fedslm.simulations.preflight import hints
 

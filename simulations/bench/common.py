@@ -308,9 +308,10 @@ def run_engine(cfg: ExperimentConfig, *, echo: bool = False, sample_interval: fl
             with engine as address:
                 ready = time.monotonic() - start
                 write_connection(home, address)
-                federation = simulation_federation_config(cfg)
-                if ray_cpus > 0 and not warm:
-                    federation += f" init-args-num-cpus={ray_cpus}"
+                if ray_cpus > 0:
+                    cfg = dataclasses.replace(
+                        cfg, federation=dataclasses.replace(cfg.federation, ray_cpus=ray_cpus))
+                federation = simulation_federation_config(cfg, warm=bool(warm))
                 flwr_run(cfg, home, federation_config=federation)
                 finished = time.monotonic() - start
     wall = time.monotonic() - start
