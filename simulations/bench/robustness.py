@@ -12,10 +12,11 @@ partitions.
 Defences: ``no-bounds`` (FedAvg, robust.clip=none, robust.weight_cap=0), ``default``
 (FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``,
 ``multikrum`` and ``bulyan`` (num_malicious = the malicious count; bulyan only where
-n >= 4f + 3), the robust rules behind the default bounds. Reported per cell: final central
-perplexity and its ratio to the honest no-bounds run (✔ within 5 %), and for ``backdoor`` its success
-rate on the central split's clean prompts carrying the trigger (``fedslm.backdoor``:
-``bd 0.31``); per defence, its honest-run cost
+n >= 4f + 3), ``fltrust`` (the server's root update on ``strategy.root_docs`` synthetic
+records; its server seconds include that training), the robust rules behind the default
+bounds. Reported per cell: final central perplexity and its ratio to the honest no-bounds
+run (✔ within 5 %), and for ``backdoor`` its success rate on the central split's clean
+prompts carrying the trigger (``fedslm.backdoor``: ``bd 0.31``); per defence, its honest-run cost
 (perplexity ratio) and server seconds per round (screening + bounding + aggregation).
 Cells run fraction by fraction in the order given; each finished row is printed as a
 markdown table row and the JSON is rewritten after every cell, so a cut-short run keeps
@@ -44,7 +45,8 @@ from fedslm.simulations.bench.common import BENCH_DIR
 
 ATTACKS = {"scale": 100.0, "sign_flip": 10.0, "gaussian": 1.0, "same_value": 1.0,
            "num_examples": 1e6, "backdoor": 1.0}  # backdoor: default trigger/target, scale unused
-DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+            "fltrust")
 WITHIN = 1.05  # the target: within 5 % of the honest perplexity
 
 
