@@ -146,6 +146,19 @@ def test_fltrust_keeps_no_state_between_rounds_so_resume_is_exact(in_a_serverapp
     assert strategy_state(strategy) == {}  # δ₀ is recomputed each round from the global
 
 
+def test_the_bench_reports_the_trust_attackers_and_honest_clients_got() -> None:
+    from fedslm.simulations.bench.robustness import trust_summary
+
+    trusted = [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.0), (2, 1.0)]  # (partition id, trust)
+    assert trust_summary(trusted, malicious=2) == {
+        "trust_mean_malicious": 0.0,
+        "trust_zero_fraction_malicious": 1.0,
+        "trust_mean_honest": 0.5,
+        "trust_zero_fraction_honest": 1 / 3,
+    }
+    assert trust_summary(trusted, malicious=0) == {"trust_mean_honest": 0.3, "trust_zero_fraction_honest": 0.6}
+
+
 # ---- the server's root records and update --------------------------------------------
 
 
