@@ -205,6 +205,14 @@ def test_a_missing_root_file_fails_preflight_in_one_line_naming_the_key(tmp_path
     assert str(err.value) == f"strategy.root_data: {missing} does not exist"
 
 
+def test_a_relative_root_file_reaches_the_serverapp_as_an_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    from fedslm.simulations.run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)  # the engine's processes run elsewhere
+    cfg = ExperimentConfig.from_dict({"strategy": {"name": "fltrust", "root_data": "root.jsonl"}})
+    assert absolute_paths(cfg).strategy.root_data == str(tmp_path.resolve() / "root.jsonl")
+
+
 @pytest.mark.parametrize("task", ["causal_lm", "classify"])
 def test_the_servers_update_is_the_clients_plain_loop_on_the_root_records(task: str) -> None:
     from fedslm.server.experiment import initial_adapter
