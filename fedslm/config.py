@@ -183,11 +183,12 @@ class PeftConfig:
 
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-# Byzantine-robust rules (Flower's own): each replaces the weighted mean by an order
-# statistic or a selection, so neither DP-FedAvg's noise calibration nor an empty
-# (local_only) update means anything to them.
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+              "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust")
+# Byzantine-robust rules (Flower's own, and FLTrust, fedslm.server.fltrust): each
+# replaces the weighted mean by an order statistic, a selection or a trust-weighted
+# mean, so neither DP-FedAvg's noise calibration nor an empty (local_only) update means
+# anything to them.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust")
 
 
 @dataclass
@@ -202,6 +203,11 @@ class StrategyConfig:
     ``num_malicious`` hostile clients per round; multikrum averages ``num_selected``
     updates, 0 = the sampled clients minus ``num_malicious``; bulyan needs at least
     4 * num_malicious + 3 sampled clients).
+    ``fltrust`` (Cao et al. 2021, ``fedslm.server.fltrust``) trusts each update by its
+    direction against the server's own update, trained each round on clean root records:
+    ``root_data``, a file in the task's format (as ``data.source=text_files`` reads one),
+    or, when "", ``root_docs`` synthetic records drawn like the central split but
+    disjoint from it and from every client (``data.source=synthetic`` only).
     """
 
     name: str = "fedavg"
@@ -219,9 +225,14 @@ class StrategyConfig:
     trim_beta: float = 0.2
     num_malicious: int = 0
     num_selected: int = 0
+    root_docs: int = 32
+    root_data: str = ""
 
     def check(self, at: str) -> None:
         _one_of(f"{at}.name", self.name, STRATEGIES)
+        _non_negative(f"{at}.root_docs", self.root_docs)
+        if self.root_data and self.name != "fltrust":
+            _fail(f"{at}.root_data", f"is only used by fltrust, not {self.name}")
         if not 0 <= self.trim_beta < 0.5:
             _fail(f"{at}.trim_beta", f"must be in [0, 0.5), got {self.trim_beta}")
         if self.num_malicious < 0:
@@ -896,6 +907,10 @@ def check_privacy_combination(cfg: ExperimentConfig) -> None:
     if p.sample_level and s.proximal_mu > 0:
         _fail("strategy.proximal_mu", "must be 0 with privacy.mode=dp_sgd: Opacus rebuilds "
               "gradients from per-example ones and would silently drop the proximal term")
+    if p.user_level and s.name == "fltrust":
+        _fail("strategy.name", f"fltrust cannot run with privacy.mode={p.mode}: it weighs each "
+              "update by its direction against the server's own, and DP-FedAvg's noise is "
+              "calibrated to a clipped, equal-weight mean")
     if p.user_level and s.name not in DP_FEDAVG_STRATEGIES:
         _fail("strategy.name", f"privacy.mode={p.mode} cannot wrap {s.name}: it transforms the "
               f"mean update before noise is added; use one of {', '.join(DP_FEDAVG_STRATEGIES)}")
@@ -947,6 +962,9 @@ def check_secure_aggregation_combination(cfg: ExperimentConfig) -> None:
     sa, p = cfg.secure_aggregation, cfg.privacy
     if sa.method == "none":
         return
+    if cfg.strategy.name == "fltrust":
+        _fail("strategy.name", f"fltrust cannot run with secure_aggregation.method={sa.method}: "
+              "it weighs each update by its direction, and the server sees only their sum")
     if cfg.compression.method != "none":
         _fail("compression.method", f"must be none with secure_aggregation.method={sa.method}: "
               "updates are quantized into the ring (secure_aggregation.quantization_bits)")
@@ -994,6 +1012,8 @@ def check_robust_combination(cfg: ExperimentConfig) -> None:
     if s.name in ("krum", "multikrum") and sampled < 2 * f + 3:
         _fail("strategy.num_malicious", f"{s.name} needs >= 2 * {f} + 3 = {2 * f + 3} sampled "
               f"clients, federation.num_clients={fed.num_clients} samples {sampled}")
+    if s.name == "fltrust":
+        check_fltrust_combination(cfg)
     if s.num_selected > 0 and s.name != "multikrum":
         _fail("strategy.num_selected", f"is only used by multikrum, not {s.name}")
     if s.name == "multikrum" and s.num_selected > sampled:
@@ -1006,6 +1026,22 @@ def check_robust_combination(cfg: ExperimentConfig) -> None:
     if cfg.attack.kind != "none" and fed.engine != "simulation":
         _fail("attack.kind", f"{cfg.attack.kind} is for simulation only, not "
               f"federation.engine={fed.engine}")
+
+
+def check_fltrust_combination(cfg: ExperimentConfig) -> None:
+    """FLTrust needs root data on the server and one adapter space shared by every update."""
+    s = cfg.strategy
+    if not s.root_data and cfg.data.source != "synthetic":
+        _fail("strategy.root_data", f"strategy.name=fltrust needs root data: name a file in "
+              f"task.name={cfg.task.name}'s format (strategy.root_docs draws synthetic records "
+              f"only with data.source=synthetic, not {cfg.data.source})")
+    if not s.root_data and s.root_docs == 0:
+        _fail("strategy.root_docs", "strategy.name=fltrust needs root data: root_docs > 0 "
+              "(synthetic) or strategy.root_data")
+    if cfg.peft.ranks or cfg.aggregation.name in ("flora", "flexlora"):
+        key = "peft.ranks" if cfg.peft.ranks else "aggregation.name"
+        _fail(key, "cannot run with strategy.name=fltrust: it compares every update with the "
+              "server's own in one adapter space, at one rank")
 
 
 def _build(cls: type, data: Any, at: str) -> Any:

@@ -129,6 +129,9 @@ def train_phase(grid: Grid, strategy: Strategy, plan: RoundPlan, server_round: i
     aggregate_start = time.perf_counter()
     new_arrays, _ = strategy.aggregate_train(server_round, bounded.replies)
     aggregate_seconds = time.perf_counter() - aggregate_start
+    columns = getattr(strategy, "client_columns", {})  # per client, e.g. FLTrust's trust
+    for row in rows:
+        row.update(columns.get(row["node_id"], {}))
     metrics = summarize(rows, "train_")
     metrics.update(bounded.metrics)
     rows += dropped_rows("train", server_round, failed=got.failed, timed_out=got.timed_out,

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (
 
 from fedslm.config import ExperimentConfig, sampled_train_clients
 from fedslm.keys import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedslm.server.fltrust import FLTrust, root_update
 from fedslm.server.screening import Screened, screen_train_replies
 
 __all__ = ["ARRAYS_KEY", "METRICS_KEY", "WEIGHT_KEY", "Screened", "build_strategy",
@@ -68,4 +69,6 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
                          num_nodes_to_select=max(1, selected))
     if s.name == "bulyan":
         return Bulyan(**common, num_malicious_nodes=s.num_malicious)
+    if s.name == "fltrust":  # Flower has none: ours, on Flower's FedAvg
+        return FLTrust(**common, server_update=root_update(cfg))
     raise ValueError(f"strategy.name: unknown strategy {s.name!r}")  # config already checked

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.device import check_machine as check_device_support
-from fedslm.data import build_federated_texts, central_test_texts, load_client_split
+from fedslm.data import build_federated_texts, central_test_texts, load_client_split, root_texts
 from fedslm.data.core import check_client_split
 from fedslm.model import ModelError, check_target_modules, max_sequence_length
 from fedslm.runtime import model_path
@@ -38,6 +38,9 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
     dataset anyway, which also checks every client.
     """
     n, task = cfg.federation.num_clients, cfg.task.name
+    if cfg.strategy.name == "fltrust":  # the server's root records (a missing or malformed file)
+        s = cfg.strategy
+        root_texts(cfg.data, num_clients=n, task=task, root_docs=s.root_docs, root_data=s.root_data)
     if cfg.data.source != "synthetic" or n <= FULL_CHECK_MAX_CLIENTS:
         texts = build_federated_texts(cfg.data, num_clients=n, task=task)
         if len(texts.clients) != n:

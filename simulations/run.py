@@ -45,6 +45,9 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Paths the engine's processes read, made absolute (their working dir is not ours);
     a resumed run continues in the interrupted run's own output dir."""
     fed = cfg.federation
+    if cfg.strategy.root_data:  # FLTrust's root records, read by the ServerApp
+        root = str(Path(cfg.strategy.root_data).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, root_data=root))
     if fed.root_certificates:
         fed = dataclasses.replace(fed, root_certificates=str(Path(fed.root_certificates).resolve()))
     if fed.resume_from:

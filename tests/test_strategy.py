@@ -9,12 +9,14 @@ from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvg
                                      FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum)
 
 from fedslm.config import STRATEGIES, ExperimentConfig
+from fedslm.server.fltrust import FLTrust
 from fedslm.server.strategy import build_strategy, screen_train_replies
 from tests import fakes
 
 EXPECTED = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam,
             "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
-            "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan}
+            "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
+            "fltrust": FLTrust}  # FLTrust: ours, on Flower's FedAvg
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -174,7 +176,7 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, messag
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "fltrust"])
 def test_robust_rules_have_no_round_to_round_state_so_resume_is_exact(name: str) -> None:
     from fedslm.server.checkpoint import restore_strategy_state, strategy_state
 

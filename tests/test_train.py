@@ -1,4 +1,5 @@
-"""fedslm.client.train: packing, the lr schedule, local training (FedProx included) and evaluation."""
+"""fedslm.training (the loop clients and the FLTrust server share): packing, the lr
+schedule, local training (FedProx included) and evaluation."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedslm.client import train as train_mod
-from fedslm.client.train import (
+from fedslm import training as train_mod
+from fedslm.training import (
     IGNORE_INDEX,
     evaluate_lm,
     labels_for,

@@ -6,7 +6,7 @@ central-test texts; ``load_client_split`` is what a ClientApp calls for its part
 """
 
 from fedslm.data.core import ClientSplit, DataError, FederatedTexts
-from fedslm.data.federated import build_federated_texts, central_test_texts, load_client_split
+from fedslm.data.federated import build_federated_texts, central_test_texts, load_client_split, root_texts
 from fedslm.data.synthetic import synthetic_public_corpus
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "build_federated_texts",
     "central_test_texts",
     "load_client_split",
+    "root_texts",
     "synthetic_public_corpus",
 ]

@@ -12,7 +12,7 @@ import functools
 
 from fedslm.config import DataConfig
 from fedslm.data.core import ClientSplit, DataError, FederatedTexts, sample_central_test
-from fedslm.data.synthetic import build_synthetic, synthetic_central_test, synthetic_client
+from fedslm.data.synthetic import build_synthetic, synthetic_central_test, synthetic_client, synthetic_root
 
 ConfigKey = tuple[tuple[str, object], ...]
 
@@ -73,6 +73,33 @@ def central_test_texts(cfg: DataConfig, *, num_clients: int, task: str = "causal
         cfg.check("data")
         return synthetic_central_test(cfg, num_clients=num_clients, task=task)
     return _cached_texts(config_key(cfg), num_clients, task).central_test
+
+
+def root_texts(cfg: DataConfig, *, num_clients: int, task: str = "causal_lm", root_docs: int,
+               root_data: str = "") -> tuple[str, ...]:
+    """FLTrust's clean root records, which the server trains on (``strategy.root_data`` /
+    ``strategy.root_docs``): the file ``root_data`` read with the task's loader (as
+    ``data.source=text_files`` reads one), else ``root_docs`` synthetic records disjoint
+    from every client and the central split (``synthetic_root``)."""
+    if root_data:
+        from fedslm.data.sources import load_text_files
+
+        files = dataclasses.replace(cfg, source="text_files", path=root_data)
+        try:
+            records = tuple(load_text_files(files, task)["text"])
+        except DataError as err:
+            raise DataError(str(err).replace("data.path: ", "strategy.root_data: ", 1)) from None
+        except OSError as err:
+            raise DataError(f"strategy.root_data: cannot read {err.filename or root_data} "
+                            f"({err.strerror})") from None
+        if not records:
+            raise DataError(f"strategy.root_data: {root_data} holds no records")
+        return records
+    if cfg.source != "synthetic" or root_docs < 1:
+        raise DataError(f"strategy.root_data: no root data (data.source={cfg.source}, "
+                        f"strategy.root_docs={root_docs}); name a file")
+    cfg.check("data")
+    return synthetic_root(cfg, num_clients=num_clients, num_docs=root_docs, task=task)
 
 
 def data_notes(cfg: DataConfig, *, num_clients: int, task: str = "causal_lm") -> tuple[str, ...]:

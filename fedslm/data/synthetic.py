@@ -318,6 +318,22 @@ def synthetic_central_test(cfg: DataConfig, *, num_clients: int, task: str = "ca
     return _records(task, central, cfg, stream=f"{cfg.seed}:central")
 
 
+def synthetic_root(cfg: DataConfig, *, num_clients: int, num_docs: int,
+                   task: str = "causal_lm") -> tuple[str, ...]:
+    """FLTrust's root set in simulation (``fedslm.server.fltrust``): ``num_docs`` documents
+    drawn like the central split (round-robin over the first ``min(num_clients, num_docs)``
+    clients' mixtures) from streams of their own, so they are neither any client's train
+    or test records nor central evaluation's (independent streams, as between clients)."""
+    _check_topics(cfg)
+    k = min(num_clients, num_docs)
+    root: list[tuple[str, int]] = []
+    for i in range(k):
+        topic_w, style_w = client_mixtures(i, cfg.num_topics, cfg.heterogeneity)
+        count = num_docs // k + (i < num_docs % k)
+        root += _labelled_documents(_rng(cfg.seed, f"root:{i}"), count, topic_w, style_w, set())
+    return _records(task, root, cfg, stream=f"{cfg.seed}:root")
+
+
 def build_synthetic(cfg: DataConfig, *, num_clients: int, task: str = "causal_lm") -> FederatedTexts:
     """Every client's split (``synthetic_client``), the public split and the central test
     set (``synthetic_central_test``)."""

@@ -12,10 +12,11 @@ partitions.
 Defences: ``no-bounds`` (FedAvg, robust.clip=none, robust.weight_cap=0), ``default``
 (FedAvg with the default bounds), ``fedmedian``, ``fedtrimmedavg`` (beta 0.2), ``krum``,
 ``multikrum`` and ``bulyan`` (num_malicious = the malicious count; bulyan only where
-n >= 4f + 3), the robust rules behind the default bounds. Reported per cell: final central
-perplexity and its ratio to the honest no-bounds run (✔ within 5 %), and for ``backdoor`` its success
-rate on the central split's clean prompts carrying the trigger (``fedslm.backdoor``:
-``bd 0.31``); per defence, its honest-run cost
+n >= 4f + 3), ``fltrust`` (the server's root update on ``strategy.root_docs`` synthetic
+records; its server seconds include that training), the robust rules behind the default
+bounds. Reported per cell: final central perplexity and its ratio to the honest no-bounds
+run (✔ within 5 %), and for ``backdoor`` its success rate on the central split's clean
+prompts carrying the trigger (``fedslm.backdoor``: ``bd 0.31``); per defence, its honest-run cost
 (perplexity ratio) and server seconds per round (screening + bounding + aggregation).
 Cells run fraction by fraction in the order given; each finished row is printed as a
 markdown table row and the JSON is rewritten after every cell, so a cut-short run keeps
@@ -44,7 +45,8 @@ from fedslm.simulations.bench.common import BENCH_DIR
 
 ATTACKS = {"scale": 100.0, "sign_flip": 10.0, "gaussian": 1.0, "same_value": 1.0,
            "num_examples": 1e6, "backdoor": 1.0}  # backdoor: default trigger/target, scale unused
-DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+DEFENCES = ("no-bounds", "default", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+            "fltrust")
 WITHIN = 1.05  # the issue's target: within 5 % of the honest perplexity
 
 
@@ -155,10 +157,11 @@ def run_one(overrides: dict[str, Any], *, name: str, observe: Observer | None = 
         strategy.aggregate_train = _observed(strategy.aggregate_train, observe, lambda: arrays)
     plan = RoundPlan(num_rounds=cfg.federation.num_rounds, timeout=600.0, robust=cfg.robust,
                      compression=cfg.compression.method, known_sizes=partition_train_sizes(cfg))
-    start, clipped = time.perf_counter(), []
+    start, clipped, trusted = time.perf_counter(), [], []
     for rnd in range(1, cfg.federation.num_rounds + 1):
-        arrays, metrics, _ = train_phase(grid, strategy, plan, rnd, arrays)
+        arrays, metrics, rows = train_phase(grid, strategy, plan, rnd, arrays)
         clipped.append(metrics.get("robust_clipped_fraction", 0.0))
+        trusted += [(r["partition-id"], r["trust"]) for r in rows if "trust" in r]
     server = (time.perf_counter() - start - grid.client_seconds) / cfg.federation.num_rounds
     final = central(cfg.federation.num_rounds, arrays)
     loss = final["central_loss"]
@@ -166,10 +169,30 @@ def run_one(overrides: dict[str, Any], *, name: str, observe: Observer | None = 
            "server_seconds_per_round": server, "clipped_fraction_mean": float(np.mean(clipped))}
     if "central_backdoor_success" in final:
         out["backdoor_success"] = final["central_backdoor_success"]
+    if trusted:  # fltrust: how much trust the attackers' and the honest replies got
+        out.update(trust_summary(trusted, malicious=malicious_partitions(cfg)))
     print(f"  {name}: perplexity {out['perplexity']:.4g}, server {server:.3f} s/round, "
           f"clipped {out['clipped_fraction_mean']:.2f}"
-          + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else ""),
+          + (f", backdoor success {out['backdoor_success']:.2f}" if "backdoor_success" in out else "")
+          + "".join(f", {k} {v:.3f}" for k, v in out.items() if k.startswith("trust_")),
           flush=True)
+    return out
+
+
+def malicious_partitions(cfg: ExperimentConfig) -> int:
+    """How many partitions attack (the first ones, ``fedslm.client.attack``)."""
+    return int(round(cfg.attack.fraction * cfg.federation.num_clients)) if cfg.attack.kind != "none" else 0
+
+
+def trust_summary(trusted: list[tuple[int, float]], *, malicious: int) -> dict[str, float]:
+    """FLTrust's trust over all rounds, (partition id, trust) per reply: the mean of the
+    malicious partitions' and the honest ones', and the fraction of each given none."""
+    out: dict[str, float] = {}
+    for side, scores in (("malicious", [t for p, t in trusted if p < malicious]),
+                         ("honest", [t for p, t in trusted if p >= malicious])):
+        if scores:
+            out[f"trust_mean_{side}"] = float(np.mean(scores))
+            out[f"trust_zero_fraction_{side}"] = sum(t == 0 for t in scores) / len(scores)
     return out
 
 
