@@ -73,6 +73,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = sorted(items, key=rank)  # stable: file and parameter order kept within a rank
 
 
+# Modules whose tests share one costly module-scoped fixture (a deployed federation): all
+# their tests go to one xdist worker, so the fixture starts once rather than on each worker.
+# (xdist's own ``--dist loadgroup`` marks do not group under pytest 9.2: xdist 3.8 renames
+# ``item._nodeid``, which pytest 9.2 no longer reads.)
+ONE_WORKER = ("test_deploy_e2e.py",)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """One test at a time, in collection order, except ``ONE_WORKER`` modules, each handed
+    to one worker whole (xdist's loadscope scheduler, scoped by test except for those)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module.rsplit("/", 1)[-1] in ONE_WORKER else nodeid
+
+    return OneWorkerModules(config, log)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Nothing a test runs writes to ~/.cache: runs, Hugging Face datasets and the builtin
