@@ -99,7 +99,10 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
         else:
             launcher.send_signal(sig)
         try:
-            launcher.wait(timeout=30)  # the signal alone ends it (else TimeoutExpired fails)
+            # the signal alone ends it (else TimeoutExpired fails); the launcher's own
+            # stops allow 5 s for `flwr run` and 10 s for the SuperLink, and at load 8
+            # on 2 cores (CI's suite plus other jobs) a Ctrl-C took over 30 s in all
+            launcher.wait(timeout=60)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(launcher.pid, signal.SIGKILL)
