@@ -63,7 +63,9 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "fedslm.simulations.run", "federation.num_clients=2",
-         "federation.num_rounds=50", "training.local_steps=5", "data.docs_per_client=16", "verbose=true",
+         # far more rounds than the test lasts: at 50 x 5 steps a loaded machine let the
+         # whole run finish (28 s) between round 1's line and the signal
+         "federation.num_rounds=1000", "training.local_steps=20", "data.docs_per_client=16", "verbose=true",
          f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
@@ -71,7 +73,7 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
     threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
     try:
         deadline = time.monotonic() + 240
-        while not any("[round 1/50] train:" in ln for ln in lines):
+        while not any("[round 1/1000] train:" in ln for ln in lines):
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             time.sleep(0.5)
         procs = _marked(marker)
