@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from pathlib import Path
@@ -128,5 +129,15 @@ def main(hcfg: DictConfig) -> float:
         sys.exit(2)
 
 
+def interruptible() -> None:
+    """Ctrl-C (SIGINT) always stops the launcher, which then stops what it started: a
+    disposition inherited as ignored or a signal inherited as blocked (a parent's choice,
+    kept across exec) would otherwise leave the engine running until it ends."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 if __name__ == "__main__":
+    interruptible()
     main()

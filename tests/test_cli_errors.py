@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.proc_util import run_cli, survivors
+from tests.proc_util import REPO, run_cli, survivors
 
 
 def _one_line_error(proc) -> str:
@@ -62,3 +64,24 @@ def test_the_cli_checks_its_config_before_loading_torch_or_flower() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_launcher_stays_interruptible_whatever_it_inherits() -> None:
+    """A parent that ignores or blocks SIGINT (kept across exec) cannot make Ctrl-C a no-op."""
+    import signal
+
+    def ignore_and_block() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def child(prepare: str) -> subprocess.CompletedProcess:
+        code = (f"import os, signal, time; {prepare}; os.kill(os.getpid(), signal.SIGINT); "
+                "time.sleep(0.5); print('survived')")
+        return subprocess.run([sys.executable, "-c", code], preexec_fn=ignore_and_block, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    inherited = child("pass")  # what it inherits alone: the signal is lost
+    assert inherited.returncode == 0 and "survived" in inherited.stdout
+    fixed = child("from fedslm.simulations.run import interruptible; interruptible()")
+    assert fixed.returncode != 0 and "survived" not in fixed.stdout
+    assert "KeyboardInterrupt" in fixed.stderr

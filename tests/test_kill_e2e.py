@@ -107,7 +107,11 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
             # loaded CI machine a Ctrl-C of the group has taken over 60 s in all
             launcher.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail("the launcher did not end within 120 s of the signal:\n" + "".join(lines)[-3000:])
+            status = Path(f"/proc/{launcher.pid}/status").read_text()
+            masks = [ln for ln in status.splitlines()
+                     if ln.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+            pytest.fail(f"the launcher did not end within 120 s of the signal ({'; '.join(masks)}):\n"
+                        + "".join(lines)[-3000:])
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(launcher.pid, signal.SIGKILL)
