@@ -138,6 +138,11 @@ def interruptible() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """``python -m fedslm.simulations.run`` and the ``fedslm-sim`` console script."""
     interruptible()
     main()
+
+
+if __name__ == "__main__":
+    entry()
