@@ -33,7 +33,7 @@ from fedslm.client.privacy import (
     load_ledger,
     save_ledger,
 )
-from fedslm.client.train import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
+from fedslm.training import IGNORE_INDEX, TrainingSetup, TrainResult, make_training_setup, run_steps
 from fedslm.config import PrivacyConfig, TrainingConfig
 from fedslm.tasks import get_task
 from fedslm.tasks.base import Task

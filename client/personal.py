@@ -38,7 +38,7 @@ import torch
 from fedslm.personal_state import PersonalState, load_personal, save_last_global, save_personal
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.records import client_tensors, client_texts, round_seed, task_metrics
-from fedslm.client.train import train_local
+from fedslm.training import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays, reset_to_init
 from fedslm.config import ExperimentConfig
 from fedslm.keys import PARTITION_ID, WEIGHT_KEY

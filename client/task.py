@@ -16,7 +16,7 @@ from fedslm.client.personal import TRAINED_IN_FIT, evaluate_personal, fit_person
 from fedslm.personal_state import resolve_state_dir
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.records import client_data, client_texts, round_seed, task_metrics
-from fedslm.client.train import train_local
+from fedslm.training import train_local
 from fedslm.adapters import adapter_arrays, load_adapter_arrays
 from fedslm.config import ExperimentConfig
 from fedslm.keys import PARTITION_ID, WEIGHT_KEY

@@ -15,10 +15,9 @@ losses). Empty batches (Poisson sampling) go to ``setup.on_empty_batch``. The Fe
 gradient lands in ``p.grad`` directly, which a DP optimizer rebuilding ``p.grad`` from
 per-sample gradients would drop: combining FedProx with DP needs explicit handling.
 
-Shared by both sides: clients train with it (``fedslm.client.train`` re-exports it, and
-DP-SGD wraps ``make_training_setup``/``run_steps``), and the server trains FLTrust's
-reference update on its root data with the same plain ``train_local``
-(``fedslm.server.fltrust``).
+Shared by both sides: clients train with it (DP-SGD wraps ``make_training_setup`` and
+``run_steps``), and the server trains FLTrust's reference update on its root data with
+the same plain ``train_local`` (``fedslm.server.fltrust``).
 
 Causal-LM packing, label masking and token statistics live with the task
 (``fedslm.tasks.causal_lm``); ``pack_texts``, ``labels_for`` and ``evaluate_lm`` are

@@ -174,7 +174,7 @@ def score(spec: ModelSpec, model, tokenizer, texts: tuple[str, ...]) -> dict[str
         from fedslm.classifier import quality
 
         return quality(*classify_logits(spec, model, tokenizer, texts))
-    from fedslm.client.train import evaluate_lm
+    from fedslm.training import evaluate_lm
     from fedslm.runtime import token_blocks
 
     t = spec.cfg.training

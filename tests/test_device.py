@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedslm import device as device_mod
 from fedslm.adapters import adapter_arrays, from_array_record, to_array_record
 from fedslm.client.app import app, experiment
-from fedslm.client.train import make_training_setup, pack_texts, run_steps, train_local
+from fedslm.training import make_training_setup, pack_texts, run_steps, train_local
 from fedslm.config import ConfigError, ExperimentConfig, PeftConfig, TrainingConfig
 from fedslm.device import check_machine, resolve_device
 from fedslm.model import build_peft_model, load_base_model, prepare_for_training

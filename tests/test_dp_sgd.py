@@ -16,7 +16,7 @@ import torch
 
 from fedslm.client.dp_sgd import make_private, plan_round, train_dp_sgd
 from fedslm.client.privacy import BudgetExhausted, LedgerError, epsilon_of, ledger_path, load_ledger
-from fedslm.client.train import make_training_setup, pack_texts, run_steps
+from fedslm.training import make_training_setup, pack_texts, run_steps
 from fedslm.adapters import adapter_arrays
 from fedslm.config import PrivacyConfig, TrainingConfig
 
@@ -305,7 +305,7 @@ def test_per_example_loss_is_the_mean_of_each_blocks_own_transformers_loss(tiny_
     """Shifting labels instead of slicing logits changes no number: each block's loss is
     what transformers computes for that block alone (pad targets ignored)."""
     from fedslm.client.dp_sgd import per_example_mean_loss
-    from fedslm.client.train import IGNORE_INDEX
+    from fedslm.training import IGNORE_INDEX
 
     model, _ = tiny_base
     torch.manual_seed(3)

@@ -14,7 +14,7 @@ import torch
 
 from fedslm.client.dp_sgd import make_private
 from fedslm.client.records import client_tensors
-from fedslm.client.train import make_training_setup, run_steps
+from fedslm.training import make_training_setup, run_steps
 from fedslm.config import ConfigError, ExperimentConfig, TrainingConfig
 from fedslm.runtime import experiment_model
 from fedslm.tasks.causal_lm import document_blocks, pack_texts

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedslm.client.node import node_setup, read_participation, record_participation
 from fedslm.client.task import evaluate, fit
-from fedslm.client.train import pack_texts
+from fedslm.training import pack_texts
 from fedslm.adapters import adapter_arrays
 from fedslm.config import ExperimentConfig
 from fedslm.data.local import local_split

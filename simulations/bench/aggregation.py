@@ -161,7 +161,7 @@ def centralised_sst2(steps: int, extra: dict[str, Any]) -> dict[str, Any]:
     import json
 
     from fedslm.adapters import load_adapter_arrays
-    from fedslm.client.train import train_local
+    from fedslm.training import train_local
     from fedslm.runtime import encoded, experiment_model
     from fedslm.server.experiment import initial_adapter
     from fedslm.simulations.bench.common import torch_threads

@@ -11,7 +11,7 @@ the peak resident set size while training minus the resident size before the fir
 sensitive to other load), is the median over ``--repeats`` timed blocks of ``--steps``
 steps after ``--warmup`` steps, then the median over passes; ratios are of CPU time.
 
-Same LoRA setup and training loop (``fedslm.client.train.run_steps``) as the federated clients,
+Same LoRA setup and training loop (``fedslm.training.run_steps``) as the federated clients,
 and the same batches: by default the DP runs train on the plain run's fixed-size batches
 (Opacus's hooks, per-example clipping and noise, on the Poisson loader's expected batch
 size). A real DP-SGD client samples Poisson batches, whose size varies from step to step
@@ -74,7 +74,7 @@ def measure(size: str, mode: str, *, batch_size: int, seq_len: int, steps: int, 
     import torch
 
     from fedslm.client.dp_sgd import make_private
-    from fedslm.client.train import make_training_setup, run_steps
+    from fedslm.training import make_training_setup, run_steps
     from fedslm.config import TrainingConfig
 
     torch.set_num_threads(threads)

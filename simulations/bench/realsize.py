@@ -130,7 +130,7 @@ def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: 
     setup (Opacus hooks, clipping, noise) but feeds the same fixed batches as the other
     loops: the like-for-like cost of per-example clipping. ``"poisson"`` runs
     ``train_dp_sgd`` itself."""
-    from fedslm.client.train import make_training_setup, run_steps
+    from fedslm.training import make_training_setup, run_steps
     from fedslm.config import PrivacyConfig, TrainingConfig
 
     steps = len(blocks) // batch_size
@@ -409,7 +409,7 @@ def gpu(args) -> dict[str, Any]:
 def largest_batch(model, args, precision: str) -> int:
     import torch
 
-    from fedslm.client.train import make_training_setup, run_steps
+    from fedslm.training import make_training_setup, run_steps
     from fedslm.config import TrainingConfig
 
     best, bs = 0, args.gpu_batch

@@ -72,7 +72,7 @@ def centralized(cfg, *, same_updates: bool = False) -> dict[str, np.ndarray]:
     examples as FedAvg (R x S steps of batch N x B)."""
     from fedslm.adapters import adapter_arrays, load_adapter_arrays
     from fedslm.client.records import client_texts
-    from fedslm.client.train import train_local
+    from fedslm.training import train_local
     from fedslm.runtime import encoded, experiment_model
     from fedslm.server.experiment import initial_adapter
     from fedslm.tasks import get_task
@@ -122,7 +122,7 @@ def compare(name: str, overrides: dict[str, Any], *, personalize: bool = False) 
 def step_cost(steps: int) -> list[dict[str, Any]]:
     """Seconds per training step of each task's loss, same model, batch size and length."""
     from fedslm.client.records import client_data
-    from fedslm.client.train import train_local
+    from fedslm.training import train_local
     from fedslm.tasks import get_task
 
     rows = []

@@ -2,7 +2,7 @@
 
 Same LoRA model (the default builtin tiny Llama, r=8 on q/v), same client-0 token
 blocks, same batches in the same order, same number of optimizer steps. Ours is
-``fedslm.client.train.train_local`` exactly as a client calls it each round (optimizer and
+``fedslm.training.train_local`` exactly as a client calls it each round (optimizer and
 loader built per call, warm-up/decay schedule, pad masking, global grad-norm clipping,
 loss read back every step). The hand-written loop is AdamW with zero_grad / forward /
 backward / step over pre-built batches and nothing else. Repetitions alternate between
@@ -42,7 +42,7 @@ def hand_written(model, batches, *, learning_rate: float) -> int:
 
 def ours(model, blocks, training, *, seed: int) -> int:
     """Tokens trained on by one client round of ``train_local``."""
-    from fedslm.client.train import train_local
+    from fedslm.training import train_local
 
     return train_local(model, blocks, training, generator_seed=seed).num_examples * blocks.shape[1]
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = result["tokens_per_second"], result["tokens_per_cpu_second"]
     ratio = median(cpu["ours"]) / median(cpu["hand_written"])
     wall_ratio = median(wall["ours"]) / median(wall["hand_written"])
-    rows = [{"loop": "fedslm.client.train.train_local", "tokens_per_cpu_s": median(cpu["ours"]),
+    rows = [{"loop": "fedslm.training.train_local", "tokens_per_cpu_s": median(cpu["ours"]),
              "tokens_per_s": median(wall["ours"])},
             {"loop": "hand-written PyTorch", "tokens_per_cpu_s": median(cpu["hand_written"]),
              "tokens_per_s": median(wall["hand_written"])},
