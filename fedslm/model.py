@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -36,35 +35,13 @@ from transformers import (
 from fedslm.errors import ModelError  # noqa: F401 - raised here, importable without torch
 from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
                              target_modules)
+from fedslm.builtin_model import (BUILD_MARKER, BUILTIN_RECIPE,  # noqa: F401 - re-exported
+                                  builtin_model_dir, builtin_model_hash, default_cache_dir)
 from fedslm.config import BUILTIN_MODEL, SHAPE_PREFIX, ModelConfig, PeftConfig
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Everything that changes the built model is in here, so it is in the directory hash.
-BUILTIN_RECIPE: dict[str, Any] = {
-    "recipe_version": 1,
-    "tokenizer": {"vocab_size": 1024, "special_tokens": ["<pad>", "<s>", "</s>", "<unk>"]},
-    "llama": {
-        "hidden_size": 64,
-        "intermediate_size": 172,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    },
-    "pretrain": {
-        "steps": 300,
-        "batch_size": 16,
-        "seq_len": 128,
-        "learning_rate": 3e-3,
-        "weight_decay": 0.01,
-        "warmup_steps": 20,
-        "seed": 0,
-    },
-}
-BUILD_MARKER = "fedslm-build.json"
 
 
 # --- builtin tiny Llama ----------------------------------------------------------------
@@ -106,16 +83,6 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> L
     )
 
 
-def builtin_model_hash(public_texts: Sequence[str], recipe: dict[str, Any]) -> str:
-    """Short content hash of the build recipe and the texts (names the cache dir)."""
-    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    for text in public_texts:
-        data = text.encode()
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()[:12]
-
-
 def ensure_builtin_model(
     cache_dir: Path, *, public_texts: Sequence[str], pretrain_steps: int | None = None
 ) -> Path:
@@ -133,9 +100,9 @@ def ensure_builtin_model(
     recipe = json.loads(json.dumps(BUILTIN_RECIPE))
     if pretrain_steps is not None:
         recipe["pretrain"]["steps"] = int(pretrain_steps)
-    digest = builtin_model_hash(texts, recipe)
+    final = builtin_model_dir(cache_dir, texts, recipe)
+    digest = final.name.rsplit("-", 1)[-1]
     cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / f"tiny-llama-{digest}"
     if (final / BUILD_MARKER).is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -222,12 +189,6 @@ def _pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, pre: dict[str, Any]
 
 
 # --- loading ---------------------------------------------------------------------------
-
-
-def default_cache_dir(cfg: ModelConfig) -> Path:
-    from fedslm.rundir import cache_root
-
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
 
 
 def resolve_model_path(cfg: ModelConfig, *, public_texts: Callable[[], Sequence[str]]) -> str:

@@ -2,6 +2,8 @@
 
 Starting a SuperLink and Ray takes seconds; a missing data file or an impossible
 sequence length should not cost that, nor surface as a traceback from a Ray worker.
+For the builtin model, already built, nothing here imports transformers' modelling code
+(~3 CPU-seconds a launch): its shape and length are the recipe's own.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from fedslm.config import ConfigError, ExperimentConfig
+from fedslm.builtin_model import BUILTIN_RECIPE, built_builtin_model
+from fedslm.config import BUILTIN_MODEL, ConfigError, ExperimentConfig
 from fedslm.device import check_machine as check_device_support
-from fedslm.data import build_federated_texts, central_test_texts, load_client_split, root_texts
+from fedslm.data import (build_federated_texts, central_test_texts, load_client_split, root_texts,
+                         synthetic_public_corpus)
 from fedslm.data.core import check_client_split
-from fedslm.model import ModelError, check_target_modules, max_sequence_length
-from fedslm.runtime import model_path
+from fedslm.errors import ModelError
 
 FULL_CHECK_MAX_CLIENTS = 100  # synthetic federations above this are sample-checked
 SAMPLE_SIZE = 8
@@ -57,10 +60,14 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
 
 def check_model_shape(cfg: ExperimentConfig, path: str) -> None:
     """``peft.target_modules`` against the architecture, built on the meta device from
-    its config alone (no weights: seconds even for a large model)."""
+    its config alone (no weights: seconds even for a large model). The builtin Llama with
+    PEFT's own targets (``auto``: ``q_proj``, ``v_proj``) has them by construction."""
+    if cfg.model.name_or_path == BUILTIN_MODEL and cfg.peft.target_modules in ([], ["auto"]):
+        return
     import torch
     from transformers import AutoConfig
 
+    from fedslm.model import check_target_modules
     from fedslm.tasks import get_task
 
     config = AutoConfig.from_pretrained(path, local_files_only=True) if _local(path) else None
@@ -90,6 +97,27 @@ def _local(path: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - not in the local cache
         return False
+
+
+def base_model_path(cfg: ExperimentConfig) -> str:
+    """``fedslm.runtime.model_path`` (which builds the builtin model when it is missing),
+    without importing torch and transformers when the builtin model is already built."""
+    if cfg.model.name_or_path == BUILTIN_MODEL:
+        built = built_builtin_model(cfg.model, synthetic_public_corpus(cfg.data.seed))
+        if built is not None:
+            return str(built)
+    from fedslm.runtime import model_path
+
+    return model_path(cfg.model, cfg.data.seed)
+
+
+def max_length(cfg: ExperimentConfig, path: str) -> int:
+    """The longest input the base model takes: the builtin recipe's, else its config's."""
+    if cfg.model.name_or_path == BUILTIN_MODEL:
+        return int(BUILTIN_RECIPE["llama"]["max_position_embeddings"])
+    from fedslm.model import max_sequence_length
+
+    return max_sequence_length(path)
 
 
 def preflight_deployment(cfg: ExperimentConfig) -> int:
@@ -153,9 +181,9 @@ def preflight(cfg: ExperimentConfig) -> str:
         check_device_support(cfg)
     for note in check_data(cfg):
         print(f"[fedslm] {note}", flush=True)
-    path = model_path(cfg.model, cfg.data.seed)
+    path = base_model_path(cfg)
     check_model_shape(cfg, path)
-    limit = max_sequence_length(path)
+    limit = max_length(cfg, path)
     if cfg.training.seq_len > limit:
         raise ConfigError(f"training.seq_len: {cfg.training.seq_len} exceeds the maximum "
                           f"sequence length {limit} of model {cfg.model.name_or_path}")

@@ -96,3 +96,42 @@ def test_a_deadline_no_client_can_meet_fails_the_run(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: the run failed: NoTrainingError: federation.round_timeout: all 2 clients of "
         "round 1 missed the 0.001s deadline and none has trained yet")
+
+
+LIGHT_PREFLIGHT = """
+import sys
+from fedslm.config import ExperimentConfig
+from fedslm.simulations.preflight import preflight
+cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3}, "data": {"docs_per_client": 16}})
+path = preflight(cfg)
+heavy = sorted(m for m in ("transformers.modeling_utils", "peft", "fedslm.model", "fedslm.runtime")
+               if m in sys.modules)
+print(path)
+print(heavy)
+bad = ExperimentConfig.from_dict({"peft": {"target_modules": "q_proj,qq_proj"}})
+try:
+    preflight(bad)
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def test_preflight_of_the_builtin_model_skips_transformers_and_still_checks_explicit_targets() -> None:
+    """The launcher's check of the default (builtin, auto targets) imports neither
+    transformers' modelling code nor PEFT, and finds the same model dir as the engine;
+    explicit targets on the builtin are still checked against its architecture."""
+    import subprocess
+    import sys
+
+    from fedslm.config import ModelConfig
+    from fedslm.runtime import model_path
+
+    out = subprocess.run([sys.executable, "-c", LIGHT_PREFLIGHT], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, heavy, error = out.stdout.splitlines()[-3:]
+    assert path == model_path(ModelConfig())
+    assert heavy == "[]"
+    assert error == ("ModelError peft.target_modules: 'qq_proj' matches no module of the base "
+                     "model (targetable: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, "
+                     "q_proj, up_proj, v_proj)")
