@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,9 +114,9 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     from tests.proc_util import RUNS_ENV
 
     patch.setenv(RUNS_ENV, str(tmp_path_factory.mktemp("cli-runs")))  # not /tmp itself
-    # One Ray worker per simulated run (federation.ray_cpus' default): the two xdist workers
-    # already keep both cores busy, so a second Ray worker only adds its start-up imports
-    # (~8 CPU-seconds a run) to every engine test.
+    # One Ray worker per simulated run that starts its own Ray (federation.ray_cpus' default;
+    # engine tests run on shared_ray instead): the two xdist workers already keep both cores
+    # busy, so a second Ray worker only adds its start-up imports (~8 CPU-seconds a run).
     patch.setenv("FEDSLM_RAY_CPUS", "1")
     # the builtin model, built now rather than inside the first CLI subprocess that needs
     # it (whose timeout would then have to cover the build too)
@@ -130,6 +132,43 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     _model_path.cache_clear()  # in this process too, the model resolves under root
     yield root
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def shared_ray(owned_cache_dir: Path) -> Iterator[dict[str, str]]:
+    """One Ray for every engine test of this xdist worker (1 CPU: one client trains at a
+    time), started once rather than by each run (GCS, raylet, agents: seconds of wall and
+    CPU a run); yields the environment that points ``federation.ray_address`` at it.
+
+    Its workers, which run the ClientApps, inherit this process's environment as it is
+    now, hence after ``owned_cache_dir`` (the builtin model's cache dir, HF datasets): a
+    variable a test sets later does not reach them. The short temp dir keeps Ray's Unix
+    socket paths under the kernel's limit."""
+    from fedslm.simulations.ray_head import ray_head
+
+    home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))
+    try:
+        with ray_head(home, num_cpus=1) as env:
+            yield {
+                "FEDSLM_RAY_ADDRESS": env["RAY_ADDRESS"],
+                "RAY_AUTH_MODE": env["RAY_AUTH_MODE"],
+                "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
+                "FEDSLM_RAY_CPUS": "0",  # a running Ray's size is its own
+            }
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def engine_tests_share_one_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine (e2e) test's CLI runs default to ``shared_ray`` (through
+    ``FEDSLM_RAY_ADDRESS``, the Hydra default of ``federation.ray_address``, with its token);
+    a test that checks a run's own Ray passes ``federation.ray_address=``. Unit tests never
+    start it (the ``-m "not e2e"`` lane stays Ray-free)."""
+    if request.node.get_closest_marker("e2e") is None:
+        return
+    for key, value in request.getfixturevalue("shared_ray").items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="session")
