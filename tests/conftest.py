@@ -6,6 +6,7 @@ The model is saved once per session; each test gets a fresh copy through the rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -134,40 +135,64 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     patch.undo()
 
 
-@pytest.fixture(scope="session")
-def shared_ray(owned_cache_dir: Path) -> Iterator[dict[str, str]]:
-    """One Ray for every engine test of this xdist worker (1 CPU: one client trains at a
-    time), started once rather than by each run (GCS, raylet, agents: seconds of wall and
-    CPU a run); yields the environment that points ``federation.ray_address`` at it.
+class SharedRay:
+    """One Ray for the engine tests of this xdist worker (1 CPU: one client trains at a
+    time), started once rather than by each run (GCS, raylet, agents: ~3 CPU-seconds and
+    seconds of wall a run). ``start`` returns the environment that points
+    ``federation.ray_address`` at it.
 
-    Its workers, which run the ClientApps, inherit this process's environment as it is
-    now, hence after ``owned_cache_dir`` (the builtin model's cache dir, HF datasets): a
-    variable a test sets later does not reach them. The short temp dir keeps Ray's Unix
+    Its workers, which run the ClientApps, inherit this process's environment as it is when
+    it starts, hence after ``owned_cache_dir`` (the builtin model's cache dir, HF datasets):
+    a variable a test sets later does not reach them. The short temp dir keeps Ray's Unix
     socket paths under the kernel's limit."""
-    from fedslm.simulations.ray_head import ray_head
 
-    home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))
-    try:
-        with ray_head(home, num_cpus=1) as env:
-            yield {
-                "FEDSLM_RAY_ADDRESS": env["RAY_ADDRESS"],
-                "RAY_AUTH_MODE": env["RAY_AUTH_MODE"],
-                "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        if self._stack is None:
+            from fedslm.simulations.ray_head import ray_head
+
+            with contextlib.ExitStack() as stack:
+                home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))
+                stack.callback(shutil.rmtree, home, ignore_errors=True)
+                head = stack.enter_context(ray_head(home, num_cpus=1))
+                self._stack = stack.pop_all()
+            self.env = {
+                "FEDSLM_RAY_ADDRESS": head["RAY_ADDRESS"],
+                "RAY_AUTH_MODE": head["RAY_AUTH_MODE"],
+                "RAY_AUTH_TOKEN": head["RAY_AUTH_TOKEN"],
                 "FEDSLM_RAY_CPUS": "0",  # a running Ray's size is its own
             }
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+        return self.env
+
+    def stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+@pytest.fixture(scope="session")
+def shared_ray(owned_cache_dir: Path) -> Iterator[SharedRay]:
+    ray = SharedRay()
+    yield ray
+    ray.stop()
 
 
 @pytest.fixture(autouse=True)
 def engine_tests_share_one_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every engine (e2e) test's CLI runs default to ``shared_ray`` (through
-    ``FEDSLM_RAY_ADDRESS``, the Hydra default of ``federation.ray_address``, with its token);
-    a test that checks a run's own Ray passes ``federation.ray_address=``. Unit tests never
-    start it (the ``-m "not e2e"`` lane stays Ray-free)."""
+    """Every engine (e2e) test's CLI runs default to the worker's ``SharedRay`` (through
+    ``FEDSLM_RAY_ADDRESS``, the Hydra default of ``federation.ray_address``, and its token);
+    a test that checks a run's own Ray passes ``federation.ray_address=``. The Ray starts at
+    the first engine test and stops at the first unit test after it (engine tests run
+    first: ``pytest_collection_modifyitems``), so an idle Ray (~1-1.5 CPU-seconds a
+    minute) never runs beside the unit tests, and the ``-m "not e2e"`` lane starts none."""
+    ray = request.getfixturevalue("shared_ray")
     if request.node.get_closest_marker("e2e") is None:
+        ray.stop()
         return
-    for key, value in request.getfixturevalue("shared_ray").items():
+    for key, value in ray.start().items():
         monkeypatch.setenv(key, value)
 
 
