@@ -295,6 +295,11 @@ class FederationConfig:
     ``ray_cpus // client_num_cpus``. Fewer parallel clients start fewer Ray workers, each of
     which imports torch, transformers and the app (several CPU-seconds): on a machine that
     is already busy (a test suite, other jobs) one worker finishes a small run sooner.
+    ``ray_address`` (``host:port``) runs the virtual clients on a Ray that is already
+    running (``ray start --head`` here, or a cluster's head) instead of a Ray per run: no
+    start-up cost per run, and clients on every node of that cluster. Its size was fixed
+    when it started, so ``ray_cpus`` must stay 0; its workers inherit the environment of
+    whoever started it (docs/deployment.md#running-on-a-ray-that-is-already-running).
     """
 
     num_clients: int = 10
@@ -311,6 +316,7 @@ class FederationConfig:
     initial_evaluation: bool = True
     i_know_this_is_insecure: bool = False
     ray_cpus: int = 0
+    ray_address: str = ""
 
     def check(self, at: str) -> None:
         if self.supernodes < 0:
@@ -344,7 +350,20 @@ class FederationConfig:
         if 0 < self.ray_cpus < self.client_num_cpus:
             _fail(f"{at}.ray_cpus", f"{self.ray_cpus} is fewer than {at}.client_num_cpus="
                   f"{self.client_num_cpus}: Ray could not start a single client")
+        if self.ray_address:
+            self._check_ray_address(at)
         _non_negative(f"{at}.client_num_gpus", self.client_num_gpus)
+
+    def _check_ray_address(self, at: str) -> None:
+        if self.engine != "simulation":
+            _fail(f"{at}.ray_address", "only applies to federation.engine=simulation")
+        host, _, port = self.ray_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in self.ray_address:
+            _fail(f"{at}.ray_address", f"expected host:port of a running Ray's head (its GCS, "
+                  f"`ray start --head` prints it), got {self.ray_address!r}")
+        if self.ray_cpus:
+            _fail(f"{at}.ray_cpus", f"must be 0 with {at}.ray_address={self.ray_address}: a running "
+                  "Ray's CPUs were fixed when it started (ray start --num-cpus)")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from fedslm.errors import LaunchError  # noqa: F401 - raised here, importable without Flower
-from fedslm.config import ExperimentConfig, is_loopback
+from fedslm.config import ConfigError, ExperimentConfig, is_loopback
 from fedslm.flower_tools import flower_bin, flower_env
 from fedslm.quiet import QUIET_ENV
 from fedslm.runconfig import PROJECT_ROOT, to_run_config
@@ -49,7 +49,12 @@ ENGINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "HF_HUB_OFFLINE": "1",
+    # Ray prestarts num-cpus idle workers for the first driver (here: the run's simulation
+    # process); none can serve Flower's actors, whose job has its own runtime env (PYTHONPATH),
+    # so each was started, imported Ray and was killed unused (docs/deployment.md).
+    "RAY_prestart_worker_first_driver": "0",
 }
+RAY_CHECK_SECONDS = 3.0
 
 
 def free_port() -> int:
@@ -100,19 +105,51 @@ def ray_auth_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
+def check_ray_address(cfg: ExperimentConfig) -> None:
+    """``federation.ray_address``, before anything starts: a Ray head that does not answer
+    would otherwise fail inside the simulation process, after the SuperLink started."""
+    address = cfg.federation.ray_address
+    if cfg.federation.engine != "simulation" or not address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CHECK_SECONDS).close()
+    except OSError as err:
+        raise ConfigError(f"federation.ray_address: nothing answers at {address} "
+                          f"({type(err).__name__}: {err.strerror or str(err) or 'no answer'}); start it "
+                          "with `ray start --head`, or leave it empty for a Ray per run") from None
+
+
+def running_ray_env(address: str) -> dict[str, str]:
+    """Points a SuperLink's runs at the Ray at ``address``. Nothing else: its token (if it
+    wants one) is the user's own ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``, passed through."""
+    return {"RAY_ADDRESS": address}
+
+
+def superlink_env(flwr_home: Path, mark: str = "", *, verbose: bool = False,
+                  ray_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The simulation SuperLink's environment, which its runs' simulation processes inherit:
+    a Ray per run with a fresh token unless ``ray_env`` names a running one (``RAY_ADDRESS``,
+    and the token of a sweep's own instance: ``fedslm.simulations.warm_engine``;
+    ``running_ray_env`` for a user's). A ``RAY_ADDRESS`` in the launcher's environment is
+    not followed: ``federation.ray_address`` decides."""
+    env = engine_env(flwr_home, mark, verbose=verbose)
+    env.pop("RAY_ADDRESS", None)
+    env.update(ray_auth_env() if ray_env is None else ray_env)
+    return env
+
+
 @contextlib.contextmanager
 def simulation_superlink(flwr_home: Path, mark: str = "", *, verbose: bool = False,
                          ray_env: dict[str, str] | None = None) -> Iterator[str]:
-    """A SuperLink in simulation mode on a free local port; yields its address.
-
-    Its runs start their own Ray with a fresh token unless ``ray_env`` names a running
-    one (``RAY_ADDRESS`` and that instance's token: ``fedslm.simulations.warm_engine``)."""
+    """A SuperLink in simulation mode on a free local port; yields its address. Its
+    runs' Ray: ``superlink_env``."""
     address = f"127.0.0.1:{free_port()}"
     log_file = flwr_home / "superlink.log"
     cmd = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1]]
-    env = {**engine_env(flwr_home, mark, verbose=verbose), **(ray_env or ray_auth_env())}
+    env = superlink_env(flwr_home, mark, verbose=verbose, ray_env=ray_env)
     with open(log_file, "wb") as log:
         process = subprocess.Popen(cmd, env=env,
                                    stdout=log,
@@ -183,12 +220,13 @@ def simulation_federation_config(cfg: ExperimentConfig, *, warm: bool = False) -
     """``flwr run --federation-config``: SuperNodes (one per client unless
     ``federation.supernodes``), client resources and, for a run that starts its own Ray,
     the cores it may use (``federation.ray_cpus``; a warm engine's shared Ray was started
-    with them, and a run that connects to a running Ray may not pass init args)."""
+    with them, and a run that connects to a running Ray, ``federation.ray_address``
+    included, may not pass init args)."""
     fed = cfg.federation
     config = (f"num-supernodes={fed.supernodes or fed.num_clients} "
               f"client-resources-num-cpus={fed.client_num_cpus} "
               f"client-resources-num-gpus={fed.client_num_gpus}")
-    if fed.ray_cpus and not warm:
+    if fed.ray_cpus and not warm and not fed.ray_address:
         config += f" init-args-num-cpus={fed.ray_cpus}"
     return config
 
@@ -214,16 +252,21 @@ def watched_tmp(cfg: ExperimentConfig, *, mark_run: bool) -> Iterator[tuple[Path
 def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) -> dict:
     """Run the experiment on Flower's simulation engine and return its summary; on a
     private SuperLink, or on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``).
-    A watchdog ends what the run started if the launcher dies (``watched_tmp``)."""
+    Virtual clients run on ``federation.ray_address`` when set, else on a Ray per run (or
+    the sweep's). A watchdog ends what the run started if the launcher dies (``watched_tmp``)."""
+    check_ray_address(cfg)
+    ray_address = cfg.federation.ray_address
     with watched_tmp(cfg, mark_run=True) as (flwr_home, mark):
         federation = simulation_federation_config(cfg, warm=warm is not None)
         if warm is None:
-            with simulation_superlink(flwr_home, mark, verbose=cfg.verbose) as address:
+            ray_env = running_ray_env(ray_address) if ray_address else None
+            with simulation_superlink(flwr_home, mark, verbose=cfg.verbose, ray_env=ray_env) as address:
                 write_connection(flwr_home, address)
                 flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             log_file: Path | None = flwr_home / "superlink.log"
         else:
-            write_connection(flwr_home, warm.address(verbose=cfg.verbose, ray_cpus=cfg.federation.ray_cpus))
+            write_connection(flwr_home, warm.address(verbose=cfg.verbose, ray_cpus=cfg.federation.ray_cpus,
+                                                     ray_address=ray_address))
             flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             warm.record(Path(cfg.output_dir))
             log_file = warm.log_file

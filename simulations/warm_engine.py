@@ -10,7 +10,9 @@ reaches each run's simulation process through the SuperLink's environment, and F
 run. Everything is stopped when the process exits however it exits: the sweep ends, a job
 fails (``sys.exit``), Ctrl-C (KeyboardInterrupt) or SIGTERM; a watchdog outside the
 launcher's session does the same if the launcher is killed (SIGKILL included). A job that
-needs a different engine environment (``verbose``) gets a fresh one.
+needs a different engine environment (``verbose``, ``federation.ray_cpus`` or
+``federation.ray_address``) gets a fresh one. With ``federation.ray_address`` the sweep's
+runs use that Ray (the user's: never stopped here) and no Ray is started.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from fedslm.simulations import watchdog
-from fedslm.simulations.launch import simulation_superlink
+from fedslm.simulations.launch import running_ray_env, simulation_superlink
 from fedslm.simulations.ray_head import ray_head
 
 
@@ -39,17 +41,19 @@ class WarmEngine:
     def __init__(self, *, shared_ray: bool = True, ray_cpus: int = 0) -> None:
         self.shared_ray, self.ray_cpus = shared_ray, ray_cpus
         self._stack: contextlib.ExitStack | None = None
-        self._key: tuple[bool, int] | None = None
+        self._key: tuple[bool, int, str] | None = None
         self.home: Path | None = None
         self._address = ""
         self.ray_address = ""
         self.starts = 0
 
-    def address(self, *, verbose: bool, ray_cpus: int | None = None) -> str:
-        """The SuperLink's address; a job asking for another ``verbose`` or Ray size
-        (``ray_cpus``, None: this engine's own) gets a fresh engine."""
+    def address(self, *, verbose: bool, ray_cpus: int | None = None, ray_address: str = "") -> str:
+        """The SuperLink's address; a job asking for another ``verbose``, Ray size
+        (``ray_cpus``, None: this engine's own) or running Ray (``ray_address``, "": the
+        engine's own Ray) gets a fresh engine."""
         ray_cpus = self.ray_cpus if ray_cpus is None else ray_cpus
-        if self._stack is not None and self._key == (verbose, ray_cpus):
+        key = (verbose, ray_cpus, ray_address)
+        if self._stack is not None and self._key == key:
             return self._address
         self.stop()
         self.ray_cpus = ray_cpus
@@ -61,14 +65,16 @@ class WarmEngine:
             proc, write_end = watchdog.start(mark=mark, tmp=home)
             stack.callback(watchdog.finish, proc, write_end, done=True)
             ray_env = None
-            if self.shared_ray:
+            if ray_address:
+                ray_env = running_ray_env(ray_address)
+            elif self.shared_ray:
                 ray_env = stack.enter_context(ray_head(home, mark, verbose=verbose, num_cpus=self.ray_cpus))
             self.ray_address = ray_env["RAY_ADDRESS"] if ray_env else ""
             self._address = stack.enter_context(simulation_superlink(home, mark, verbose=verbose, ray_env=ray_env))
         except BaseException:
             stack.close()
             raise
-        self._stack, self._key = stack, (verbose, ray_cpus)
+        self._stack, self._key = stack, key
         self.starts += 1
         return self._address
 

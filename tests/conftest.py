@@ -6,8 +6,11 @@ The model is saved once per session; each test gets a fresh copy through the rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,9 +115,9 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     from tests.proc_util import RUNS_ENV
 
     patch.setenv(RUNS_ENV, str(tmp_path_factory.mktemp("cli-runs")))  # not /tmp itself
-    # One Ray worker per simulated run (federation.ray_cpus' default): the two xdist workers
-    # already keep both cores busy, so a second Ray worker only adds its start-up imports
-    # (~8 CPU-seconds a run) to every engine test.
+    # One Ray worker per simulated run that starts its own Ray (federation.ray_cpus' default;
+    # engine tests run on shared_ray instead): the two xdist workers already keep both cores
+    # busy, so a second Ray worker only adds its start-up imports (~8 CPU-seconds a run).
     patch.setenv("FEDSLM_RAY_CPUS", "1")
     # the builtin model, built now rather than inside the first CLI subprocess that needs
     # it (whose timeout would then have to cover the build too)
@@ -130,6 +133,67 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     _model_path.cache_clear()  # in this process too, the model resolves under root
     yield root
     patch.undo()
+
+
+class SharedRay:
+    """One Ray for the engine tests of this xdist worker (1 CPU: one client trains at a
+    time), started once rather than by each run (GCS, raylet, agents: ~3 CPU-seconds and
+    seconds of wall a run). ``start`` returns the environment that points
+    ``federation.ray_address`` at it.
+
+    Its workers, which run the ClientApps, inherit this process's environment as it is when
+    it starts, hence after ``owned_cache_dir`` (the builtin model's cache dir, HF datasets):
+    a variable a test sets later does not reach them. The short temp dir keeps Ray's Unix
+    socket paths under the kernel's limit."""
+
+    def __init__(self) -> None:
+        self._stack: contextlib.ExitStack | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        if self._stack is None:
+            from fedslm.simulations.ray_head import ray_head
+
+            with contextlib.ExitStack() as stack:
+                home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))
+                stack.callback(shutil.rmtree, home, ignore_errors=True)
+                head = stack.enter_context(ray_head(home, num_cpus=1))
+                self._stack = stack.pop_all()
+            self.env = {
+                "FEDSLM_RAY_ADDRESS": head["RAY_ADDRESS"],
+                "RAY_AUTH_MODE": head["RAY_AUTH_MODE"],
+                "RAY_AUTH_TOKEN": head["RAY_AUTH_TOKEN"],
+                "FEDSLM_RAY_CPUS": "0",  # a running Ray's size is its own
+            }
+        return self.env
+
+    def stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+@pytest.fixture(scope="session")
+def shared_ray(owned_cache_dir: Path) -> Iterator[SharedRay]:
+    ray = SharedRay()
+    yield ray
+    ray.stop()
+
+
+@pytest.fixture(autouse=True)
+def engine_tests_share_one_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine (e2e) test's CLI runs default to the worker's ``SharedRay`` (through
+    ``FEDSLM_RAY_ADDRESS``, the Hydra default of ``federation.ray_address``, and its token);
+    a test that checks a run's own Ray passes ``federation.ray_address=``. The Ray starts at
+    the first engine test and stops at the first unit test after it (engine tests run
+    first: ``pytest_collection_modifyitems``), so an idle Ray (~1-1.5 CPU-seconds a
+    minute) never runs beside the unit tests, and the ``-m "not e2e"`` lane starts none."""
+    ray = request.getfixturevalue("shared_ray")
+    if request.node.get_closest_marker("e2e") is None:
+        ray.stop()
+        return
+    for key, value in ray.start().items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="session")

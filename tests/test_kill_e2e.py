@@ -66,6 +66,8 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
          # far more rounds than the test lasts: at 50 x 5 steps a loaded machine let the
          # whole run finish (28 s) between round 1's line and the signal
          "federation.num_rounds=1000", "training.local_steps=20", "data.docs_per_client=16", "verbose=true",
+         # the run's own Ray (not the suite's shared one), whose processes and token this checks
+         "federation.ray_address=", "federation.ray_cpus=1",
          f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
@@ -91,6 +93,7 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
         for p in public.values():
             assert p.environ().get("RAY_AUTH_MODE") == "token", " ".join(p.cmdline())
             assert len(p.environ().get("RAY_AUTH_TOKEN", "")) == 64
+            assert p.environ()["RAY_AUTH_TOKEN"] != os.environ.get("RAY_AUTH_TOKEN")  # fresh, the run's own
         superlink = [p for p in procs if "flower-superlink" in " ".join(p.cmdline())]
         assert superlink and all(ipaddress.ip_address(c.laddr.ip).is_loopback
                                  for p in superlink for c in p.net_connections(kind="inet")

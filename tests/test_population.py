@@ -3,6 +3,10 @@ get, and whom replies are attributed to (a recording grid stands in for the Supe
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -154,6 +158,107 @@ def test_ray_cpus_caps_a_runs_own_ray_and_is_checked_by_key() -> None:
     with pytest.raises(ConfigError, match=r"^federation\.ray_cpus: only applies to federation\.engine=simulation"):
         ExperimentConfig.from_dict({"federation": {"ray_cpus": 2, "engine": "remote", "address": "127.0.0.1:1",
                                                    "insecure": True}})
+
+
+def test_ray_address_names_a_running_ray_and_is_checked_by_key() -> None:
+    from fedslm.simulations.launch import simulation_federation_config
+
+    cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3, "ray_address": "10.0.0.5:6379"}})
+    assert cfg.federation.ray_address == "10.0.0.5:6379"
+    assert simulation_federation_config(cfg) == (
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0")
+    assert ExperimentConfig.from_dict({"federation": {"ray_address": "[::1]:6379"}}).federation.ray_address
+    for bad in ("10.0.0.5", "ray://10.0.0.5:10001", ":6379", "10.0.0.5:http", "10.0.0.5:0", "auto"):
+        with pytest.raises(ConfigError, match=r"^federation\.ray_address: expected host:port of a running "
+                                              rf"Ray's head .*got '{re.escape(bad)}'$"):
+            ExperimentConfig.from_dict({"federation": {"ray_address": bad}})
+    with pytest.raises(ConfigError, match=r"^federation\.ray_cpus: must be 0 with "
+                                          r"federation\.ray_address=10\.0\.0\.5:6379: a running Ray's CPUs"):
+        ExperimentConfig.from_dict({"federation": {"ray_address": "10.0.0.5:6379", "ray_cpus": 1}})
+    with pytest.raises(ConfigError, match=r"^federation\.ray_address: only applies to federation\.engine=simulation$"):
+        ExperimentConfig.from_dict({"federation": {"ray_address": "10.0.0.5:6379", "engine": "remote",
+                                                   "address": "127.0.0.1:1", "insecure": True}})
+
+
+def test_a_runs_own_ray_gets_a_fresh_token_and_a_running_ray_the_users(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path) -> None:
+    from fedslm.simulations.launch import ENGINE_ENV, running_ray_env, superlink_env
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")  # the user's shell: followed by neither
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "u" * 64)
+    own, again = superlink_env(tmp_path), superlink_env(tmp_path)
+    assert "RAY_ADDRESS" not in own and own["RAY_AUTH_MODE"] == "token"
+    assert len({own["RAY_AUTH_TOKEN"], again["RAY_AUTH_TOKEN"], "u" * 64}) == 3  # fresh per run
+    assert len(own["RAY_AUTH_TOKEN"]) == 64
+    running = superlink_env(tmp_path, ray_env=running_ray_env("10.0.0.5:6379"))
+    assert (running["RAY_ADDRESS"], running["RAY_AUTH_MODE"], running["RAY_AUTH_TOKEN"]) == (
+        "10.0.0.5:6379", "token", "u" * 64)  # the user's token, unchanged
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert running_ray_env("10.0.0.5:6379") == {"RAY_ADDRESS": "10.0.0.5:6379"}
+    assert "RAY_AUTH_TOKEN" not in superlink_env(tmp_path, ray_env=running_ray_env("10.0.0.5:6379"))
+    # no idle worker prestarted for a run's driver: none could serve Flower's actors
+    assert ENGINE_ENV["RAY_prestart_worker_first_driver"] == "0" == own["RAY_prestart_worker_first_driver"]
+
+
+def test_a_ray_address_that_does_not_answer_fails_before_anything_starts(tmp_path) -> None:
+    import psutil
+
+    from fedslm.simulations.launch import check_ray_address
+    from fedslm.simulations.run import run
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        alive = listening.getsockname()[1]
+        check_ray_address(ExperimentConfig.from_dict({"federation": {"ray_address": f"127.0.0.1:{alive}"}}))
+    before = set(psutil.Process().children(recursive=True))  # conftest's shared Ray, if started
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: refuses connections
+        cfg = ExperimentConfig.from_dict({
+            "federation": {"num_clients": 2, "num_rounds": 1, "ray_address": f"127.0.0.1:{port}"},
+            "data": {"docs_per_client": 16}, "tracking": {"enabled": False}, "verbose": True,
+            "output_dir": str(tmp_path / "run")})
+        with pytest.raises(ConfigError, match=rf"^federation\.ray_address: nothing answers at 127\.0\.0\.1:{port} "
+                                              r"\(ConnectionRefusedError: Connection refused\); start it with "
+                                              r"`ray start --head`, or leave it empty for a Ray per run$"):
+            run(cfg)
+    assert set(psutil.Process().children(recursive=True)) - before == set()  # no SuperLink, watchdog, Ray
+    assert not (tmp_path / "run" / "status.json").exists()
+    check_ray_address(ExperimentConfig.from_dict({}))  # no address: nothing to check
+
+
+def test_a_sweep_on_a_running_ray_starts_no_ray_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedslm.simulations import warm_engine
+
+    superlinks: list[dict | None] = []
+    heads: list[int] = []
+
+    @contextlib.contextmanager
+    def superlink(home, mark, *, verbose, ray_env=None):
+        superlinks.append(ray_env)
+        yield f"127.0.0.1:{9000 + len(superlinks)}"
+
+    @contextlib.contextmanager
+    def head(home, mark, *, verbose, num_cpus):
+        heads.append(num_cpus)
+        yield {"RAY_ADDRESS": "127.0.0.1:7000", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t" * 64}
+
+    monkeypatch.setattr(warm_engine, "simulation_superlink", superlink)
+    monkeypatch.setattr(warm_engine, "ray_head", head)
+    engine = warm_engine.WarmEngine()
+    try:
+        first = engine.address(verbose=False, ray_cpus=0, ray_address="10.0.0.5:6379")
+        assert engine.address(verbose=False, ray_cpus=0, ray_address="10.0.0.5:6379") == first
+        assert (superlinks, heads, engine.ray_address, engine.starts) == (
+            [{"RAY_ADDRESS": "10.0.0.5:6379"}], [], "10.0.0.5:6379", 1)
+        engine.address(verbose=False, ray_cpus=1)  # a job without one: the sweep's own Ray
+        assert (heads, superlinks[-1]["RAY_ADDRESS"], engine.ray_address, engine.starts) == (
+            [1], "127.0.0.1:7000", "127.0.0.1:7000", 2)
+    finally:
+        engine.stop()
 
 
 def test_a_large_population_on_one_supernode_per_client_gets_a_hint() -> None:

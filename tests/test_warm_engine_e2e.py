@@ -31,6 +31,9 @@ def test_a_sweep_runs_every_job_on_one_superlink(tmp_path: Path) -> None:
             *TINY,
             f"tracking.uri=sqlite:///{db}",
             "tracking.experiment=warm",
+            # the sweep's own Ray (not the suite's shared one): its Ray jobs are counted below
+            "federation.ray_address=",
+            "federation.ray_cpus=1",
         ],
         timeout=600,
     )
