@@ -246,6 +246,17 @@ class Deployment:
                f"hydra.run.dir={self.root / 'hydra' / name}", *overrides]
         return self._spawn(name, cmd)
 
+    def serverapp_pid(self, *, timeout: float = 120.0) -> int:
+        """The running ServerApp's pid (one run at a time), once the SuperLink's SuperExec
+        has started it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [p for p, cmd in marked_processes(self.mark).items() if "flwr-serverapp" in cmd]
+            if found:
+                return found[0]
+            time.sleep(0.5)
+        raise RuntimeError(f"no ServerApp started within {timeout:g}s\n" + self.tail())
+
     def kill_superlink_side(self) -> None:
         """A server crash: SIGKILL the SuperLink, its SuperExec and the ServerApp."""
         assert self.superlink is not None

@@ -1,18 +1,27 @@
 """Flower's deployment engine for real: a TLS SuperLink with node authentication and a
 database, device agents, runs submitted with the simulation's Hydra config, and the
-faults the system must survive (an agent killed mid-round, the server killed between
-rounds, an unregistered or TLS-less node).
+faults the system must survive (an agent killed mid-round, one killed in SecAgg+'s
+masked-input stage, the server killed between rounds, an unregistered or TLS-less node).
 
 Everything runs as real processes on 127.0.0.1 and carries an environment marker. The tests
-share one federation (SuperLink + 3 agents, module fixture); after each test
+share one federation (SuperLink + 3 agents, module fixture: it starts once, and
+tests/conftest.py hands this module whole to one xdist worker); after each test
 ``each_test_stops_what_it_started`` fails it if anything it started still runs, and the
 fixture fails the module if anything at all is left once it has stopped the federation.
+
+What costs here is processes: Flower 1.41 starts a fresh ``flwr-clientapp`` for every
+message to a node (~6 CPU-s each: torch, transformers and PEFT imported, model loaded),
+and each run a submitter and a ServerApp (~13 CPU-s). So each test sends only the
+messages its assertions read: one evaluating client per round, two rounds only where the
+second round is what is checked.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,10 +46,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 # Tiny and fast: 2 local steps, one evaluating client per round, no central evaluation.
 # Flower starts a ClientApp process per message, so messages are what costs time here.
-FAST = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
+TINY = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
         "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
-        "strategy.min_train_clients=2", "federation.num_rounds=2"]
-FAULTS = [*FAST, "federation.initial_evaluation=false"]  # no round 0 in the fault tests
+        "strategy.min_train_clients=2"]
+FAST = [*TINY, "federation.num_rounds=2"]
+FAULTS = [*TINY, "federation.initial_evaluation=false"]  # no round 0 in the fault tests
+SECAGG = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
+          "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
+          "strategy.min_train_clients=3", "federation.num_clients=3", "federation.num_rounds=1",
+          "federation.initial_evaluation=false", "federation.round_timeout=90",
+          "secure_aggregation=secaggplus", "secure_aggregation.threshold=2"]
 
 
 def tracking(root: Path) -> list[str]:
@@ -55,13 +70,18 @@ def finish(proc: subprocess.Popen, dep: Deployment, timeout: float = 200) -> Non
     assert proc.returncode == 0, dep.tail()
 
 
-def wait_for(predicate, timeout: float, what: str, dep: Deployment) -> None:
+def wait_for(predicate, timeout: float, what: str, dep: Deployment, *, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(poll)
     pytest.fail(f"timed out waiting for {what}\n{dep.tail()}")
+
+
+def accepted(log: Path, node_id: int) -> int:
+    """How often the agent writing ``log`` has been accepted by the SuperLink as ``node_id``."""
+    return log.read_text().count(f"SuperNode ID: {node_id}")
 
 
 def summary(out: Path) -> dict:
@@ -206,10 +226,13 @@ def test_unregistered_tls_less_and_wrong_ca_nodes_are_refused(federation: Deploy
 def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federation: Deployment) -> None:
     dep = federation
     victim = 3
+    victim_id = dep.node_ids[victim]  # type: ignore[attr-defined]
     log = dep.root / "logs" / f"agent-{victim}.log"
-    seen = log.read_text().count("Receiving: train message")
-    proc = dep.submit(*FAULTS, "federation.num_clients=3", "federation.round_timeout=40",
-                      *tracking(dep.root), name="agent-killed")
+    seen, joins = log.read_text().count("Receiving: train message"), accepted(log, victim_id)
+    # One round: what is checked is that round (the others' updates averaged without the
+    # dead device) and that the run then completes; a second round would only add messages.
+    proc = dep.submit(*FAULTS, "federation.num_rounds=1", "federation.num_clients=3",
+                      "federation.round_timeout=40", *tracking(dep.root), name="agent-killed")
     wait_for(lambda: log.read_text().count("Receiving: train message") > seen, 120,
              "agent 3 to receive its round-1 train message", dep)
     kill_tree(dep.agents[victim].pid)  # the device dies: agent, SuperNode, ClientApp
@@ -218,8 +241,7 @@ def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federati
     finish(proc, dep)
     out = dep.root / "hydra" / "agent-killed"
     result = summary(out)
-    assert [r["round"] for r in result["rounds"]] == [1, 2]
-    victim_id = dep.node_ids[victim]  # type: ignore[attr-defined]
+    assert [r["round"] for r in result["rounds"]] == [1]
     round1 = [r for r in client_rows(out) if r["round"] == "1" and r["phase"] == "train"]
     assert {"node_id": str(victim_id), "status": "timed_out"}.items() <= next(
         r for r in round1 if r["node_id"] == str(victim_id)).items()
@@ -229,18 +251,59 @@ def test_agent_killed_during_round_one_run_completes_and_device_rejoins(federati
     assert f"train:{victim_id}:timed_out" in tags["dropped.round_001"]
     # The rebooted device is accepted again under the same identity once the SuperLink
     # stops counting the crashed one as online (two missed heartbeats); the agent retries.
-    wait_for(lambda: log.read_text().count(f"SuperNode ID: {victim_id}") >= 2, 120,
+    wait_for(lambda: accepted(log, victim_id) > joins, 120,
+             "the rebooted agent to be accepted again", dep)
+
+
+@pytest.mark.timeout(420)  # four stages, and a dropout found only by its deadline or the SuperLink
+def test_agent_killed_mid_secagg_round_unmasks_the_others(federation: Deployment) -> None:
+    """SecAgg+ on the deployment engine: one agent is killed while it trains in the
+    masked-input stage, and the round still unmasks the sum of the other two from the
+    shares the victim sent before."""
+    dep = federation
+    victim = 3
+    victim_id = dep.node_ids[victim]  # type: ignore[attr-defined]
+    log = dep.root / "logs" / f"agent-{victim}.log"
+    seen, joins = log.read_text().count("Receiving: train.secagg_masked message"), accepted(log, victim_id)
+    proc = dep.submit(*SECAGG, *tracking(dep.root), name="secagg-agent-killed")
+    wait_for(lambda: log.read_text().count("Receiving: train.secagg_masked message") > seen, 150,
+             "agent 3 to receive its masked-input stage", dep)
+    kill_tree(dep.agents[victim].pid)  # the device dies after sharing its keys
+    dep.agents[victim].wait(timeout=10)
+    dep.start_agent(victim, dep.data[victim - 1])  # type: ignore[attr-defined]
+    finish(proc, dep, timeout=360)
+    out = dep.root / "hydra" / "secagg-agent-killed"
+    result = summary(out)
+    r1 = result["rounds"][0]
+    assert (r1["secagg_survivors"], r1["secagg_dropped"], r1["secagg_abandoned"]) == (2, 1, 0)
+    train = [r for r in client_rows(out) if r["phase"] == "train"]
+    status = {r["node_id"]: r["status"] for r in train}
+    # the SuperLink answers for a node that stopped heart-beating ("failed"), or the stage's
+    # deadline passes first ("timed_out"): either way it is a dropout, recovered from shares
+    assert status.pop(str(victim_id)) in ("failed", "timed_out")
+    assert sorted(status.values()) == ["ok", "ok"]
+    # no DP: weighted as plain FedAvg (auto), by the survivors' example counts sent in clear
+    assert r1["secagg_weighted"] == 1
+    assert r1["secagg_weight_total"] == sum(int(r["num-examples"]) for r in train if r["status"] == "ok")
+    wait_for(lambda: accepted(log, victim_id) > joins, 120,
              "the rebooted agent to be accepted again", dep)
 
 
 def test_server_killed_after_round_one_resumes_same_mlflow_run(federation: Deployment) -> None:
     dep = federation
     out = dep.root / "hydra" / "first"
-    common = [*FAULTS, "strategy=fedadam", "federation.num_clients=3",
-              "federation.round_timeout=90", *tracking(dep.root)]
+    # Two of the three devices train each round (FedAdam's update is checked, not who sent it).
+    common = [*FAULTS, "federation.num_rounds=2", "strategy=fedadam", "strategy.fraction_train=0.5",
+              "federation.num_clients=3", "federation.round_timeout=90", *tracking(dep.root)]
     first = dep.submit(*common, name="first")
+    server_app = dep.serverapp_pid()
     ckpt_file = checkpoint_path(out)
-    wait_for(ckpt_file.exists, 180, "the round-1 checkpoint", dep)
+    # The crash falls between rounds: the ServerApp is frozen the moment its round-1
+    # checkpoint lands, before round 2's messages exist. (A round-2 message left in the
+    # SuperLink's database would be pulled after the restart by a SuperNode that then
+    # retries its objects for ~45 s before taking the resumed run's message.)
+    wait_for(ckpt_file.exists, 180, "the round-1 checkpoint", dep, poll=0.01)
+    os.kill(server_app, signal.SIGSTOP)
     dep.kill_superlink_side()  # the server machine crashes: SuperLink, SuperExec, ServerApp
     kill_tree(first.pid)
     first.wait(timeout=10)
