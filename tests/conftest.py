@@ -54,7 +54,6 @@ def synthetic_sentences(n: int = 400, seed: int = 0) -> list[str]:
 # Engine tests that take longest (pytest --durations on this machine), started first so
 # that pytest-xdist's workers do not end the run waiting on one of them.
 SLOWEST_FIRST = (
-    "test_secagg_deploy_e2e.py",
     "test_deploy_e2e.py",
     "test_warm_engine_e2e.py",
     "test_search_e2e.py",

@@ -45,3 +45,10 @@ def survivors(marker: str, wait: float = 15.0) -> list[str]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+def on_test_ray(federation: dict) -> dict:
+    """A ``federation`` config section for an in-process engine run (``ExperimentConfig.
+    from_dict``, which reads no Hydra default): on the worker's shared Ray when an engine
+    test has one (conftest's ``engine_tests_share_one_ray``), as the CLI runs are."""
+    return {"ray_address": os.environ.get("FEDSLM_RAY_ADDRESS", ""), **federation}

@@ -13,13 +13,14 @@ import pytest
 
 from fedslm.config import ExperimentConfig
 from fedslm.simulations.launch import run_on_simulation
+from tests.proc_util import on_test_ray
 
 pytestmark = pytest.mark.e2e
 
 
 def test_dp_sgd_run_with_audit_logs_exposure_auc_and_the_report(tmp_path: Path):
     cfg = ExperimentConfig.from_dict({
-        "federation": {"num_clients": 2, "num_rounds": 1, "round_timeout": 120.0},
+        "federation": on_test_ray({"num_clients": 2, "num_rounds": 1, "round_timeout": 120.0}),
         "training": {"local_steps": 2, "eval_max_batches": 1},
         "data": {"docs_per_client": 8},
         "privacy": {"mode": "dp_sgd", "noise_multiplier": 1.0, "audit": True},

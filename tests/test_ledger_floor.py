@@ -15,6 +15,7 @@ from fedslm.config import ExperimentConfig
 from fedslm.server.checkpoint import checkpoint_path, load_checkpoint, make_checkpoint, restore_hooks, save_checkpoint
 from fedslm.server.privacy_rounds import RoundPrivacy
 from fedslm.server.rounds import History
+from tests.proc_util import on_test_ray
 
 
 def _cfg(engine: str = "simulation") -> ExperimentConfig:
@@ -100,8 +101,8 @@ def test_a_deleted_client_ledger_is_rejected_after_a_resume_and_epsilon_never_dr
 
     out = tmp_path / "run"
     cfg = ExperimentConfig.from_dict({
-        "federation": {"num_clients": 2, "num_rounds": 1, "round_timeout": 120.0,
-                       "initial_evaluation": False},
+        "federation": on_test_ray({"num_clients": 2, "num_rounds": 1, "round_timeout": 120.0,
+                                   "initial_evaluation": False}),
         "training": {"local_steps": 3, "eval_max_batches": 1, "central_eval": False},
         "privacy": {"mode": "dp_sgd", "noise_multiplier": 1.0},
         "tracking": {"enabled": False}, "output_dir": str(out)})

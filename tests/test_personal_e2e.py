@@ -12,6 +12,7 @@ import pytest
 from fedslm.config import ExperimentConfig
 from fedslm.simulations import compare
 from fedslm.simulations.run import run
+from tests.proc_util import on_test_ray
 
 
 def _children_but_shared_ray() -> list[psutil.Process]:
@@ -34,13 +35,13 @@ def test_dual_run_reports_personal_vs_global_per_round(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = ExperimentConfig.from_dict({
         "personalization": {"method": "dual"},
-        "federation": {"num_clients": 3, "num_rounds": 2},
+        "federation": on_test_ray({"num_clients": 3, "num_rounds": 2}),
         "data": {"heterogeneity": 1.0, "docs_per_client": 24},
         "tracking": {"uri": uri, "experiment": "e2e-personal"},
         "output_dir": str(tmp_path / "run"),
     })
     summary = run(cfg)
-    assert _children_but_shared_ray() == []  # SuperLink, the run's own Ray, ServerApp all gone
+    assert _children_but_shared_ray() == []  # SuperLink, ServerApp, the run's Ray job: all gone
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = summary["mlflow_run_id"]

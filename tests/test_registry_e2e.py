@@ -11,6 +11,7 @@ import pytest
 
 from fedslm.config import ExperimentConfig
 from fedslm.simulations.run import run
+from tests.proc_util import on_test_ray
 
 
 def free_port() -> int:
@@ -50,7 +51,7 @@ def test_run_registers_its_best_round_in_an_mlflow_server(tmp_path, mlflow_serve
     import mlflow
 
     cfg = ExperimentConfig.from_dict({
-        "federation": {"num_clients": 3, "num_rounds": 3},
+        "federation": on_test_ray({"num_clients": 3, "num_rounds": 3}),
         "data": {"docs_per_client": 24},
         "training": {"local_steps": 3, "learning_rate": 0.2},
         "tracking": {"uri": mlflow_server, "experiment": "e2e-registry", "register": True,
