@@ -52,16 +52,21 @@ def builtin_model_hash(public_texts: Sequence[str], recipe: dict[str, Any]) -> s
     return h.hexdigest()[:12]
 
 
-def builtin_model_dir(cache_dir: Path, public_texts: Sequence[str], recipe: dict[str, Any]) -> Path:
-    """The directory the builtin model of these texts and this recipe has (or will have)."""
-    texts = [t for t in public_texts if t.strip()]
-    return Path(cache_dir).expanduser() / f"tiny-llama-{builtin_model_hash(texts, recipe)}"
+def usable_texts(public_texts: Sequence[str]) -> list[str]:
+    """The texts the builtin model is built from (and hashed over): the non-blank ones."""
+    return [t for t in public_texts if t.strip()]
+
+
+def builtin_model_dir(cache_dir: Path, digest: str) -> Path:
+    """The directory of the builtin model whose recipe and texts hash to ``digest``."""
+    return Path(cache_dir).expanduser() / f"tiny-llama-{digest}"
 
 
 def built_builtin_model(cfg: ModelConfig, public_texts: Sequence[str]) -> Path | None:
     """The builtin model's directory if a complete build is there (its marker is written
     last), else None: the caller builds it through ``fedslm.model``."""
-    final = builtin_model_dir(default_cache_dir(cfg), public_texts, BUILTIN_RECIPE)
+    digest = builtin_model_hash(usable_texts(public_texts), BUILTIN_RECIPE)
+    final = builtin_model_dir(default_cache_dir(cfg), digest)
     return final if (final / BUILD_MARKER).is_file() else None
 
 

@@ -36,7 +36,8 @@ from fedslm.errors import ModelError  # noqa: F401 - raised here, importable wit
 from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
                              target_modules)
 from fedslm.builtin_model import (BUILD_MARKER, BUILTIN_RECIPE,  # noqa: F401 - re-exported
-                                  builtin_model_dir, builtin_model_hash, default_cache_dir)
+                                  builtin_model_dir, builtin_model_hash, default_cache_dir,
+                                  usable_texts)
 from fedslm.config import BUILTIN_MODEL, SHAPE_PREFIX, ModelConfig, PeftConfig
 
 
@@ -94,15 +95,15 @@ def ensure_builtin_model(
     dirs of crashed builds are ignored and removed by the next builder.
     ``pretrain_steps`` overrides the recipe (tests); it is part of the hash.
     """
-    texts = [t for t in public_texts if t.strip()]
+    texts = usable_texts(public_texts)
     if not texts:
         raise ModelError(f"model.name_or_path: {BUILTIN_MODEL} needs public texts, got none")
     recipe = json.loads(json.dumps(BUILTIN_RECIPE))
     if pretrain_steps is not None:
         recipe["pretrain"]["steps"] = int(pretrain_steps)
-    final = builtin_model_dir(cache_dir, texts, recipe)
-    digest = final.name.rsplit("-", 1)[-1]
+    digest = builtin_model_hash(texts, recipe)
     cache_dir = Path(cache_dir).expanduser()
+    final = builtin_model_dir(cache_dir, digest)
     if (final / BUILD_MARKER).is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)

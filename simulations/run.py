@@ -59,7 +59,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
     """One job; ``warm_engine``: on the SuperLink shared by the jobs of a sweep."""
-    from fedslm.simulations.launch import check_ray_address, run_on_remote, run_on_simulation
+    from fedslm.simulations.launch import run_on_remote, run_on_simulation
     from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
 
     start = time.monotonic()
@@ -67,7 +67,6 @@ def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
     cfg = absolute_paths(cfg)
     print(f"[fedslm] preparing data and base model ({cfg.model.name_or_path}) ...", flush=True)
     check_tracking(cfg)
-    check_ray_address(cfg)
     done_rounds = preflight_deployment(cfg)
     preflight(cfg)
     for hint in hints(cfg):
