@@ -7,7 +7,7 @@ simulation engine starts Ray only once both are loaded. ``fedslm.client.handlers
 with it, is imported in a background thread as soon as this module is loaded, so a Ray
 worker imports while the ServerApp sets up, and the first message waits only for what
 is left of that import (see ``fedslm.server.app`` too); not in Flower's simulation process,
-which loads this module only to check it.
+which loads this module only to check it, nor in a SuperNode's ``flwr-clientapp``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ HANDLERS = "fedslm.client.handlers"
 # Flower's simulation process loads this module only to check it (its clients run in the
 # Ray workers): importing the handlers there would hold the ServerApp's own heavy import
 # (one lock, ``fedslm.warm_imports``) and take CPU from the workers while each run starts.
-if os.path.basename(sys.argv[0]) != "flwr-simulation":
+# A SuperNode's ``flwr-clientapp`` serves one message, already pulled when this loads:
+# nothing to overlap, and a SecAgg+ key or share stage needs no torch at all.
+if os.path.basename(sys.argv[0]) not in ("flwr-simulation", "flwr-clientapp"):
     threading.Thread(target=import_heavy, args=(HANDLERS,), name="import-handlers",
                      daemon=True).start()
 

@@ -7,8 +7,9 @@ base weights, text and personal tensors never do. A DP-SGD client whose budget i
 replies with a status record and its epsilon instead of an update. Where this client's
 data and state live is decided once, by ``fedslm.client.node``.
 
-``fedslm.client.app`` imports this module in a background thread once Flower has loaded the app,
-so that loading the app does not wait for torch.
+``fedslm.client.app`` imports this module in a background thread once a Ray worker has
+loaded the app, so that loading the app does not wait for torch; a SuperNode's
+``flwr-clientapp`` (one process per message) imports it with its train or evaluate message.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedslm.client import attack
-from fedslm.client.node import NodeSetup, node_setup, record_participation
-from fedslm.personal_state import resolve_state_dir
+from fedslm.client.node import record_participation, this_node
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.task import evaluate, fit
 from fedslm.adapters import from_array_record
@@ -28,8 +28,8 @@ from fedslm.aggregation.lora_factors import fit_to_shapes, pad, shapes_of
 from fedslm.aggregation.ranks import tier_metrics
 from fedslm.compression import RESIDUAL_FILE, update_records
 from fedslm.config import ExperimentConfig
-from fedslm.keys import (ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, METRICS_KEY, PARTITION_ID,
-                         PROXIMAL_MU, SERVER_ROUND, STATUS_KEY, STATUS_RECORD)
+from fedslm.keys import (ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, METRICS_KEY, PROXIMAL_MU,
+                         SERVER_ROUND, STATUS_KEY, STATUS_RECORD)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,23 +38,9 @@ def use_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def node(cfg: ExperimentConfig, context: Context, msg: Message | None = None) -> NodeSetup:
-    """This client's partition, data path and state dir. When a few simulated SuperNodes
-    serve many clients (``federation.supernodes``, or a simulation started with fewer
-    SuperNodes than clients), the server names the partition in the message; a real
-    device's partition is never the server's to choose."""
-    node_config = dict(context.node_config)
-    if msg is not None and cfg.federation.engine == "simulation":
-        config = msg.content.config_records.get(CONFIG_KEY, {})
-        if PARTITION_ID in config:
-            node_config[PARTITION_ID] = int(config[PARTITION_ID])
-    return node_setup(node_config, node_id=context.node_id,
-                      simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
-
-
 def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     use_threads(int(cfg.federation.client_num_cpus))
-    config, me = msg.content[CONFIG_KEY], node(cfg, context, msg)
+    config, me = msg.content[CONFIG_KEY], this_node(cfg, context, msg)
     server_round = int(config[SERVER_ROUND])
     received = from_array_record(msg.content[ARRAYS_KEY])
     try:
@@ -88,7 +74,7 @@ def train_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
 
 def evaluate_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     use_threads(int(cfg.federation.client_num_cpus))
-    me = node(cfg, context, msg)
+    me = this_node(cfg, context, msg)
     server_round = int(msg.content[CONFIG_KEY].get(SERVER_ROUND, 0))
     metrics = evaluate(cfg, from_array_record(msg.content[ARRAYS_KEY]),
                        partition_id=me.partition_id, server_round=server_round,

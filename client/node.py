@@ -11,7 +11,7 @@ a restart of the device: its personal adapter (``personal/``), its privacy ledge
 node took part in, for its owner. Nothing in it is sent to the server. This is the one
 rule for where client state lives: a device's ``state-dir`` as given; in simulation
 ``<simulation_base>/<partition id>`` (``<output_dir>/clients/<id>`` by default, see
-``fedslm.personal_state.resolve_state_dir``), so memory never grows with the population.
+``fedslm.rundir.resolve_state_dir``), so memory never grows with the population.
 """
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedslm.keys import CONFIG_KEY, PARTITION_ID
+from fedslm.rundir import resolve_state_dir
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+    from fedslm.config import ExperimentConfig
 
 PARTICIPATION_FILE = "participation.jsonl"
 SEED_SPACE = 2**31 - 1
@@ -49,6 +58,20 @@ def node_setup(node_config: Mapping[str, object], *, node_id: int,
     log = Path(state_dir) / PARTICIPATION_FILE if state_dir else None
     return NodeSetup(partition_id=partition_id, data_path=data_path, state_dir=base,
                      participation_log=log)
+
+
+def this_node(cfg: ExperimentConfig, context: Context, msg: Message | None = None) -> NodeSetup:
+    """This client's partition, data path and state dir. When a few simulated SuperNodes
+    serve many clients (``federation.supernodes``, or a simulation started with fewer
+    SuperNodes than clients), the server names the partition in the message; a real
+    device's partition is never the server's to choose."""
+    node_config = dict(context.node_config)
+    if msg is not None and cfg.federation.engine == "simulation":
+        config = msg.content.config_records.get(CONFIG_KEY, {})
+        if PARTITION_ID in config:
+            node_config[PARTITION_ID] = int(config[PARTITION_ID])
+    return node_setup(node_config, node_id=context.node_id,
+                      simulation_base=resolve_state_dir(cfg, run_id=context.run_id))
 
 
 def record_participation(log: Path | None, *, run_id: int, server_round: int,

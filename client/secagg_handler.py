@@ -8,6 +8,10 @@ device keeps nothing in memory between messages. It is deleted after the unmask 
 and overwritten by the next round's key stage; a round that was abandoned leaves at
 most one such file, whose secrets belong to a round that never released a sum.
 
+Only stage 3 (and stage 1 of a weighted round, which counts the client's examples)
+imports torch, transformers and PEFT: on a device, where each message is its own
+``flwr-clientapp`` process, the other stages are a few hundred milliseconds of crypto.
+
 Stage 3 trains exactly as the plain train handler does (``fedslm.client.task.fit``), then
 sends only the masked ring vector and its metrics. In a weighted round
 (``fedslm.secagg.protocol.weighted``) stage 1 also sends the client's example count
@@ -24,12 +28,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedslm.client import secagg
-from fedslm.client.handlers import node, use_threads
-from fedslm.client.node import record_participation
+from fedslm.client.node import record_participation, this_node
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.keys import BUDGET_EXHAUSTED, PARTITION_ID, STATUS_KEY, STATUS_RECORD, WEIGHT_KEY
-from fedslm.client.task import fit, train_examples
-from fedslm.adapters import from_array_record
 from fedslm.atomic import atomic_write
 from fedslm.config import ExperimentConfig
 from fedslm.secagg import protocol as P
@@ -62,8 +63,7 @@ def _reply(msg: Message, started: float, records: dict) -> Message:
 def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     """One SecAgg+ stage for this client (the stage is named in the ``secagg`` record)."""
     started = time.process_time()
-    use_threads(int(cfg.federation.client_num_cpus))
-    rec, me = msg.content[P.RECORD], node(cfg, context, msg)
+    rec, me = msg.content[P.RECORD], this_node(cfg, context, msg)
     stage, rnd, self_id = str(rec[P.STAGE]), int(rec[P.ROUND]), int(rec[P.SELF_ID])
     path = state_path(me.state_dir, context.run_id)
     if stage == "keys":
@@ -71,6 +71,8 @@ def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
         _save(path, state)
         claim = {}
         if P.weighted(cfg):  # the weight the server caps, in clear (as plain FedAvg's)
+            from fedslm.client.task import train_examples  # tokenizes: torch, transformers
+
             claim = {WEIGHT_KEY: train_examples(cfg, me.partition_id, me.data_path),
                      PARTITION_ID: me.partition_id}
         return _reply(msg, started, {P.RECORD: ConfigRecord({P.PK_ENC: adv["pk-enc"], P.PK_MASK: adv["pk-mask"],
@@ -98,6 +100,11 @@ def stage_reply(cfg: ExperimentConfig, msg: Message, context: Context) -> Messag
 
 
 def _masked(cfg, msg, context, state, path, started, me) -> Message:
+    from fedslm.adapters import from_array_record  # the one stage that trains: torch and the rest
+    from fedslm.client.handlers import use_threads
+    from fedslm.client.task import fit
+
+    use_threads(int(cfg.federation.client_num_cpus))
     rec, sa, config = msg.content[P.RECORD], cfg.secure_aggregation, msg.content["config"]
     senders = [int(i) for i in rec.get(P.PEERS, [])]
     bad = secagg.receive_shares(state, dict(zip(senders, rec.get(P.CIPHERTEXTS, []), strict=True)))

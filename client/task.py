@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedslm.client.personal import TRAINED_IN_FIT, evaluate_personal, fit_personal
-from fedslm.personal_state import resolve_state_dir
+from fedslm.rundir import resolve_state_dir
 from fedslm.client.privacy import BudgetExhausted
 from fedslm.client.records import client_data, client_texts, round_seed, task_metrics
 from fedslm.training import train_local

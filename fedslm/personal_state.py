@@ -24,8 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from fedslm.adapters import ADAPTER_WEIGHTS_FILE, save_adapter
-from fedslm.rundir import output_dir_for
-from fedslm.config import ExperimentConfig, PeftConfig
+from fedslm.config import PeftConfig
 
 STATE_FILE = "fedslm-personal.json"
 
@@ -42,24 +41,6 @@ class PersonalState:
     updates: int  # how many rounds updated it
     task: str = ""  # the task it was trained for ("" in dirs written before this was kept)
     labels: tuple[str, ...] = ()  # classify: class names in head order (generate prints them)
-
-
-def resolve_state_dir(cfg: ExperimentConfig, *, run_id: int = 0) -> Path:
-    """Base dir of simulated clients' state (each client: ``<base>/<partition id>``).
-
-    ``personalization.state_dir`` if set, else ``<output_dir>/clients`` (``output_dir``
-    "" means the ServerApp's default ``~/.cache/fedslm/runs/<run_id>``). A device uses
-    its agent's ``state-dir`` instead (``fedslm.client.node``).
-    """
-    return clients_dir_of_run(cfg, output_dir_for(cfg.output_dir, run_id))
-
-
-def clients_dir_of_run(cfg: ExperimentConfig, output_dir: Path) -> Path:
-    """``resolve_state_dir`` for a run whose output dir is known (the audit reads the
-    simulated clients' personal adapters from it after the run)."""
-    if cfg.personalization.state_dir:
-        return Path(cfg.personalization.state_dir).expanduser()
-    return Path(output_dir) / "clients"
 
 
 def personal_dir(client_dir: Path) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedslm.audit.run import DEFAULT_DELTA, run_audit
 from fedslm.config import ExperimentConfig
-from fedslm.personal_state import clients_dir_of_run
+from fedslm.rundir import clients_dir_of_run
 from fedslm.server.plots import plt, save_figure
 
 REPORT_JSON, REPORT_MD, REPORT_PLOT = "privacy_report.json", "privacy_report.md", "privacy_utility.png"

@@ -8,7 +8,8 @@ import numpy as np
 from fedslm.adapters import adapter_arrays, from_array_record, parameter_role, to_array_record
 from fedslm.aggregation.lora_factors import rank_of, truncate
 from fedslm.client.app import app
-from fedslm.personal_state import load_personal, resolve_state_dir
+from fedslm.personal_state import load_personal
+from fedslm.rundir import resolve_state_dir
 from fedslm.runtime import experiment_model
 from fedslm.server.experiment import fixed_adapter, initial_adapter
 from tests.test_aggregation_wiring import _cfg, _context, _message

@@ -305,7 +305,9 @@ def test_server_killed_after_round_one_resumes_same_mlflow_run(federation: Deplo
     wait_for(ckpt_file.exists, 180, "the round-1 checkpoint", dep, poll=0.01)
     os.kill(server_app, signal.SIGSTOP)
     dep.kill_superlink_side()  # the server machine crashes: SuperLink, SuperExec, ServerApp
-    kill_tree(first.pid)
+    # ... and the submitting launcher dies: its watchdog stops its `flwr run` and removes
+    # its temp dir (killing the watchdog too would leave that dir in /tmp)
+    os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
     after_one = load_checkpoint(ckpt_file)
     assert after_one.round == 1 and after_one.mlflow_run_id

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedslm.client.app as client_app
-from fedslm.client.handlers import node
+from fedslm.client.node import this_node
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.runconfig import to_run_config
 from fedslm.server.population import PopulationGrid, population_grid
@@ -110,7 +110,7 @@ def _context(supernodes: int, engine: str = "simulation") -> Context:
 
 def _node(supernodes: int, msg: Message, engine: str = "simulation"):
     context = _context(supernodes, engine)
-    return node(client_app.experiment(context), context, msg)
+    return this_node(client_app.experiment(context), context, msg)
 
 
 def test_client_takes_the_partition_from_the_message_only_in_simulation() -> None:

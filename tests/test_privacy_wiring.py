@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedslm.client.handlers import node
+from fedslm.client.node import this_node
 from fedslm.client.privacy import BudgetExhausted, PrivacyLedger, save_ledger
 from fedslm.client.task import fit
 from fedslm.adapters import adapter_arrays
@@ -27,10 +27,10 @@ def _context(cfg: ExperimentConfig, **node_config) -> Context:
 def test_client_state_dir_follows_the_run_or_the_device(tmp_path: Path) -> None:
     """One rule: a device's state-dir as given, else <output>/clients/<partition id>."""
     cfg = ExperimentConfig.from_dict({"output_dir": str(tmp_path)})
-    assert node(cfg, _context(cfg)).state_dir == tmp_path / "clients" / "2"
-    assert node(cfg, _context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
+    assert this_node(cfg, _context(cfg)).state_dir == tmp_path / "clients" / "2"
+    assert this_node(cfg, _context(cfg, **{"state-dir": "/var/lib/fedslm"})).state_dir == Path("/var/lib/fedslm")
     no_dir = ExperimentConfig.from_dict({})
-    assert node(no_dir, _context(no_dir)).state_dir == cache_root() / "runs/77/clients/2"
+    assert this_node(no_dir, _context(no_dir)).state_dir == cache_root() / "runs/77/clients/2"
 
 
 def test_fit_refuses_with_the_partition_when_the_ledger_is_spent(tmp_path: Path) -> None:
