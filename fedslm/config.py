@@ -208,6 +208,9 @@ class StrategyConfig:
     ``root_data``, a file in the task's format (as ``data.source=text_files`` reads one),
     or, when "", ``root_docs`` synthetic records drawn like the central split but
     disjoint from it and from every client (``data.source=synthetic`` only).
+    ``fraction_evaluate=0`` turns federated evaluation off, as in Flower: no client is
+    sent an evaluate message; the server's own evaluation (``training.central_eval``)
+    still runs.
     """
 
     name: str = "fedavg"
@@ -240,7 +243,9 @@ class StrategyConfig:
         if self.num_selected < 0:
             _fail(f"{at}.num_selected", f"must be >= 0, got {self.num_selected}")
         _fraction(f"{at}.fraction_train", self.fraction_train)
-        _fraction(f"{at}.fraction_evaluate", self.fraction_evaluate)
+        if not 0 <= self.fraction_evaluate <= 1:
+            _fail(f"{at}.fraction_evaluate", f"must be in [0, 1] (0: no federated evaluation), "
+                  f"got {self.fraction_evaluate}")
         if self.min_train_clients < 1:
             _fail(f"{at}.min_train_clients", f"must be >= 1, got {self.min_train_clients}")
         if self.min_evaluate_clients < 1:
@@ -861,7 +866,7 @@ class ExperimentConfig:
                 "strategy.min_train_clients",
                 f"{s.min_train_clients} exceeds federation.num_clients={fed.num_clients}",
             )
-        if s.min_evaluate_clients > fed.num_clients:
+        if s.fraction_evaluate > 0 and s.min_evaluate_clients > fed.num_clients:
             _fail(
                 "strategy.min_evaluate_clients",
                 f"{s.min_evaluate_clients} exceeds federation.num_clients={fed.num_clients}",
@@ -869,6 +874,7 @@ class ExperimentConfig:
         if s.proximal_mu > 0 and s.name != "fedprox":
             _fail("strategy.proximal_mu", f"is only used by fedprox, not {s.name}")
         check_privacy_combination(self)
+        check_evaluation_combination(self)
         d = self.data
         if (d.partitioner == "dirichlet" and d.source in ("text_files", "hf") and not d.partition_key
                 and self.task.name != "classify"):
@@ -957,6 +963,23 @@ def check_personal_privacy_combination(cfg: ExperimentConfig) -> None:
     if method == "local_only" and cfg.privacy.user_level:
         _fail("personalization.method", f"local_only cannot run with privacy.mode={mode}: "
               "it releases no update for DP-FedAvg to protect; use privacy.mode=dp_sgd")
+
+
+def check_evaluation_combination(cfg: ExperimentConfig) -> None:
+    """What needs a round metric that the run would never compute: federated evaluation
+    off (``strategy.fraction_evaluate=0``) or the server's own (``training.central_eval``)."""
+    method, best = cfg.personalization.method, cfg.tracking.register_best_by
+    if cfg.strategy.fraction_evaluate == 0:
+        if method != "none":
+            _fail("strategy.fraction_evaluate", f"0 turns federated evaluation off, where "
+                  f"personalization.method={method} measures each client's personal model"
+                  + (" (and fine-tunes it)" if method == "finetune" else ""))
+        if best.startswith("eval_"):
+            _fail("tracking.register_best_by", f"{best} is a federated evaluation metric, and "
+                  "strategy.fraction_evaluate=0 turns federated evaluation off")
+    if best.startswith("central_") and not cfg.training.central_eval:
+        _fail("tracking.register_best_by", f"{best} is measured by the server's own evaluation, "
+              "and training.central_eval=false turns it off")
 
 
 def check_audit_combination(cfg: ExperimentConfig) -> None:

@@ -39,7 +39,9 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=min(s.min_train_clients, fed.num_clients),
         min_evaluate_nodes=min(s.min_evaluate_clients, fed.num_clients),
-        min_available_nodes=min(max(s.min_train_clients, s.min_evaluate_clients), fed.num_clients),
+        # fraction_evaluate=0: Flower skips federated evaluation (and its minimum)
+        min_available_nodes=min(max(s.min_train_clients, s.min_evaluate_clients if s.fraction_evaluate else 0),
+                                fed.num_clients),
         weighted_by_key=WEIGHT_KEY,
         arrayrecord_key=ARRAYS_KEY,
     )

@@ -60,7 +60,8 @@ def test_issue_example_overrides_compose(tmp_path: Path) -> None:
     ("peft.r=0", "peft.r: must be > 0, got 0"),
     ("peft.r=-3", "peft.r: must be > 0, got -3"),
     ("strategy.fraction_train=0", "strategy.fraction_train: must be in (0, 1], got 0.0"),
-    ("strategy.fraction_evaluate=1.5", "strategy.fraction_evaluate: must be in (0, 1], got 1.5"),
+    ("strategy.fraction_evaluate=1.5",
+     "strategy.fraction_evaluate: must be in [0, 1] (0: no federated evaluation), got 1.5"),
     ("strategy.name=fedbogus", "strategy.name: unknown value 'fedbogus'"),
     ("model.dtype=float8", "model.dtype: unknown value 'float8'"),
     ("training.batch_size=0", "training.batch_size: must be >= 1, got 0"),
@@ -76,6 +77,42 @@ def test_bad_values_fail_naming_the_key(override: str, message: str, tmp_path: P
         compose_experiment([override], tmp_path)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+REGISTER = {"register": True, "model_name": "m"}
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"strategy": {"fraction_evaluate": 0.0}, "personalization": {"method": "finetune"}},
+     "strategy.fraction_evaluate: 0 turns federated evaluation off, where "
+     "personalization.method=finetune measures each client's personal model (and fine-tunes it)"),
+    ({"strategy": {"fraction_evaluate": 0.0}, "personalization": {"method": "dual"}},
+     "strategy.fraction_evaluate: 0 turns federated evaluation off, where "
+     "personalization.method=dual measures each client's personal model"),
+    ({"strategy": {"fraction_evaluate": 0.0}, "tracking": {**REGISTER, "register_best_by": "eval_loss"}},
+     "tracking.register_best_by: eval_loss is a federated evaluation metric, and "
+     "strategy.fraction_evaluate=0 turns federated evaluation off"),
+    ({"training": {"central_eval": False}, "tracking": {**REGISTER, "register_best_by": "central_loss"}},
+     "tracking.register_best_by: central_loss is measured by the server's own evaluation, and "
+     "training.central_eval=false turns it off"),
+])
+def test_a_metric_the_run_never_computes_is_refused_naming_both_keys(sections: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_dict(sections)
+    assert str(err.value) == message
+
+
+def test_fraction_evaluate_zero_turns_federated_evaluation_off_as_in_flower() -> None:
+    from fedslm.server.strategy import build_strategy
+
+    # its minimum no longer applies: 5 evaluating clients of 3 is not an error at 0
+    cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3},
+                                      "strategy": {"fraction_evaluate": 0.0, "min_train_clients": 1,
+                                                   "min_evaluate_clients": 5},
+                                      "tracking": {**REGISTER, "register_best_by": "central_loss"}})
+    strategy = build_strategy(cfg)
+    assert (strategy.min_evaluate_nodes, strategy.min_available_nodes) == (0, 1)
+    assert list(strategy.configure_evaluate(1, None, None, None)) == []  # no grid asked
 
 
 def test_unknown_key_is_rejected() -> None:

@@ -10,10 +10,10 @@ tests/conftest.py hands this module whole to one xdist worker); after each test
 fixture fails the module if anything at all is left once it has stopped the federation.
 
 What costs here is processes: Flower 1.41 starts a fresh ``flwr-clientapp`` for every
-message to a node (~6 CPU-s each: torch, transformers and PEFT imported, model loaded),
-and each run a submitter and a ServerApp (~13 CPU-s). So each test sends only the
-messages its assertions read: one evaluating client per round, two rounds only where the
-second round is what is checked.
+message to a node (~6 CPU-s each: torch, transformers and PEFT imported, model loaded;
+SecAgg+'s crypto-only stages ~1), and each run a submitter and a ServerApp (~13 CPU-s).
+So each test sends only the messages its assertions read: evaluation only where it is
+checked, two rounds only where the second round is what is checked.
 """
 
 from __future__ import annotations
@@ -44,18 +44,18 @@ from fedslm.simulations.local_deployment import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-# Tiny and fast: 2 local steps, one evaluating client per round, no central evaluation.
-# Flower starts a ClientApp process per message, so messages are what costs time here.
-TINY = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
-        "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
+# Tiny and fast: 2 local steps, no central evaluation. Flower starts a ClientApp process
+# per message, so messages are what costs time here: one evaluating client per round in
+# the run that checks evaluation, none in the fault tests (they check training only).
+BASE = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false"]
+TINY = [*BASE, "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
         "strategy.min_train_clients=2"]
 FAST = [*TINY, "federation.num_rounds=2"]
-FAULTS = [*TINY, "federation.initial_evaluation=false"]  # no round 0 in the fault tests
-SECAGG = ["training.local_steps=2", "training.batch_size=4", "training.central_eval=false",
-          "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
-          "strategy.min_train_clients=3", "federation.num_clients=3", "federation.num_rounds=1",
-          "federation.initial_evaluation=false", "federation.round_timeout=90",
-          "secure_aggregation=secaggplus", "secure_aggregation.threshold=2"]
+FAULTS = [*BASE, "strategy.fraction_evaluate=0", "strategy.min_train_clients=2",
+          "federation.initial_evaluation=false"]
+SECAGG = [*BASE, "strategy.fraction_evaluate=0", "strategy.min_train_clients=3",
+          "federation.num_clients=3", "federation.num_rounds=1", "federation.initial_evaluation=false",
+          "federation.round_timeout=90", "secure_aggregation=secaggplus", "secure_aggregation.threshold=2"]
 
 
 def tracking(root: Path) -> list[str]:

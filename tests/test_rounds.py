@@ -103,3 +103,32 @@ def test_a_deadline_no_client_meets_fails_the_run_instead_of_finishing_untrained
                            ArrayRecord({"w": Array(np.zeros(2, np.float32))}), first_round=3,
                            log_metrics=lambda m, s: None)
     assert ended == [3]
+
+
+class CountingDevices(Devices):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent += [m.metadata.message_type for m in messages]
+        return super().push_messages(messages)
+
+
+def test_fraction_evaluate_zero_sends_no_evaluate_message_and_the_central_evaluation_still_runs(
+        in_a_serverapp) -> None:
+    grid = CountingDevices()
+    central = []
+    plan = RoundPlan(num_rounds=2, timeout=0.3, initial_evaluation=True,
+                     central_eval=lambda rnd, arrays: central.append(rnd) or {"central_loss": 1.0 / (rnd + 1)})
+    strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2)
+    _, history = run_rounds(grid, strategy, plan, ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+                            log_metrics=lambda m, s: None)
+    assert grid.sent == ["train"] * 6  # 3 nodes x 2 rounds, not one evaluate message
+    assert central == [0, 1, 2]
+    assert [r["central_loss"] for r in history.rounds] == [1.0, 0.5, 1 / 3]
+    assert [k for r in history.rounds for k in r if k.startswith("eval_")] == [
+        "eval_clients_rejected", "eval_clients_dropped"] * 3
+    assert history.rounds[0]["bytes_down_eval"] == 0
+    assert {row["phase"] for row in history.clients} == {"train"}
