@@ -3,7 +3,8 @@ start, in every process of a run (launcher, ServerApp, ClientApps), unless ``ver
 
 What is silenced means nothing to a FedSLM user: Python warnings (deprecations in
 SQLAlchemy, Opacus, transformers), transformers' "Loading weights" bar per worker and
-round, Flower's routine per-round INFO lines (``configure_train: Sampled ...``,
+round, MLflow's INFO lines (a new store's "Creating initial MLflow database tables..."),
+Flower's routine per-round INFO lines (``configure_train: Sampled ...``,
 ``aggregate_train: Received ...``, which the progress display shows better) and httpx's
 per-request lines. Log records at WARNING and above from Flower, and every error, still
 come through.
@@ -23,6 +24,7 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." and the like
     "RAY_DEDUP_LOGS": "0",
 }
 FLOWER_ROUTINE = ("configure_train:", "configure_evaluate:", "aggregate_train:", "aggregate_evaluate:")
@@ -46,7 +48,10 @@ def quiet_process(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if "mlflow" in sys.modules:  # imported already: its own logger config is set
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     flwr_logger = logging.getLogger("flwr")
     if _FILTER not in flwr_logger.filters:
         flwr_logger.addFilter(_FILTER)

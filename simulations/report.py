@@ -24,17 +24,22 @@ COLUMN_TITLES = {"perplexity": ("ppl", ".2f"), "accuracy": ("accuracy", ".3f"),
 
 def summary_table(rounds: list[dict], metrics: tuple[str, ...] = ("perplexity",)) -> str:
     """Per round: train loss, eval loss, the task's metrics on the clients' test splits
-    (``Task.report_keys``), bytes up/down, seconds."""
+    (``Task.report_keys``), bytes up/down, seconds. With federated evaluation off
+    (``strategy.fraction_evaluate=0``) the evaluation columns are the server's own
+    (``central_*``), when it has them."""
+    central = (not any("eval_loss" in r for r in rounds)) and any("central_loss" in r for r in rounds)
+    source = "central" if central else "eval"
     titles = [COLUMN_TITLES.get(m, (m, ".3f")) for m in metrics]
-    header = (f"{'round':>5} {'train loss':>10} {'eval loss':>9} "
+    lw = max(9, len(f"{source} loss"))
+    header = (f"{'round':>5} {'train loss':>10} {f'{source} loss':>{lw}} "
               + "".join(f"{t:>9} " for t, _ in titles)
               + f"{'up':>10} {'down':>10} {'seconds':>7}")
     lines = [header, "-" * len(header)]
     for r in rounds:
         num = functools.partial(_cell, r)
-        cells = "".join(f"{num(f'eval_{m}', '9' + fmt):>9} " for m, (_, fmt) in zip(metrics, titles))
+        cells = "".join(f"{num(f'{source}_{m}', '9' + fmt):>9} " for m, (_, fmt) in zip(metrics, titles))
         lines.append(
-            f"{r['round']:>5} {num('train_loss', '10.4f'):>10} {num('eval_loss', '9.4f'):>9} "
+            f"{r['round']:>5} {num('train_loss', '10.4f'):>10} {num(f'{source}_loss', f'{lw}.4f'):>{lw}} "
             f"{cells}"
             f"{_fmt_bytes(r['bytes_up']) if 'bytes_up' in r else '-':>10} "
             f"{_fmt_bytes(r['bytes_down']) if 'bytes_down' in r else '-':>10} "

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 SMALL = ["federation.num_clients=3", "training.local_steps=10", "data.docs_per_client=16"]
 # what a default (not verbose) run must not print: other libraries' warnings and bars
 THIRD_PARTY = re.compile(
-    r"Warning|warnings\.warn|Loading weights|Since flwr|sqlalchemy|"
+    r"Warning|warnings\.warn|Loading weights|Since flwr|sqlalchemy|mlflow\.store|alembic|"
     r"configure_train|aggregate_train|clients done|ClientAppActor",
     re.I,
 )

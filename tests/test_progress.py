@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
 from fedslm.quiet import quiet_process
+from fedslm.runconfig import PROJECT_ROOT
 from fedslm.simulations.progress import RunProgress
 
 STREAM = [
@@ -72,11 +75,35 @@ def test_quiet_process_drops_flowers_routine_lines_not_its_warnings(caplog: pyte
     ]
 
 
+def test_a_new_mlflow_store_says_nothing_in_a_quiet_process(tmp_path) -> None:
+    """MLflow logs "Creating initial MLflow database tables..." at INFO for every new
+    store: a user's first run would print it (run in a fresh process: quiet mode before
+    and after mlflow is imported, as the ServerApp may meet either)."""
+    code = (
+        "import sys; from fedslm.quiet import quiet_process\n"
+        "if sys.argv[1] == 'after': import mlflow\n"
+        "quiet_process(verbose=False)\n"
+        "import mlflow; mlflow.set_tracking_uri(sys.argv[2]); mlflow.set_experiment('q')\n"
+        "print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    for when in ("before", "after"):
+        uri = f"sqlite:///{tmp_path}/{when}.db"
+        out = subprocess.run(
+            [sys.executable, "-c", code, when, uri], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT
+        )
+        assert out.returncode == 0 and out.stdout == "ok\n", out.stderr[-2000:]
+        assert out.stderr == "", out.stderr
+        assert (tmp_path / f"{when}.db").exists()
+
+
 def test_engine_processes_start_quiet_unless_verbose(tmp_path) -> None:
     from fedslm.simulations.launch import engine_env
 
     quiet, loud = engine_env(tmp_path), engine_env(tmp_path, verbose=True)
     assert quiet["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and quiet["PYTHONWARNINGS"] == "ignore"
+    assert quiet["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+    assert loud.get("MLFLOW_LOGGING_LEVEL") == os.environ.get("MLFLOW_LOGGING_LEVEL")
     assert loud.get("PYTHONWARNINGS") == os.environ.get("PYTHONWARNINGS")  # the user's own
     assert loud.get("HF_HUB_DISABLE_PROGRESS_BARS") == os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     key = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
