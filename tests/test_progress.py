@@ -108,3 +108,14 @@ def test_engine_processes_start_quiet_unless_verbose(tmp_path) -> None:
     assert loud.get("HF_HUB_DISABLE_PROGRESS_BARS") == os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     key = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
     assert quiet[key] == loud[key] == "1"
+
+
+def test_the_local_superexec_looks_for_runs_four_times_a_second_unless_the_user_says(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedslm.simulations.launch import engine_env
+
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    assert engine_env(tmp_path)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.25"  # Flower's default: 1 s
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")
+    assert engine_env(tmp_path, verbose=True)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
