@@ -35,7 +35,7 @@ from transformers import (
 from fedslm.errors import ModelError  # noqa: F401 - raised here, importable without torch
 from fedslm.adapters import (GLOBAL_ADAPTER, PERSONAL_ADAPTER, apply_roles, lora_config, sync_tree,
                              target_modules)
-from fedslm.builtin_model import (BUILD_MARKER, BUILTIN_RECIPE,  # noqa: F401 - re-exported
+from fedslm.builtin_model import (BUILD_MARKER, BUILTIN_RECIPE,
                                   builtin_model_dir, builtin_model_hash, default_cache_dir,
                                   usable_texts)
 from fedslm.config import BUILTIN_MODEL, SHAPE_PREFIX, ModelConfig, PeftConfig
