@@ -223,7 +223,9 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.train()
-    losses: list[float] = []  # of steps that ran the model (a NaN here is divergence)
+    # of steps that ran the model (a NaN here is divergence); kept on the device and read
+    # once at the end, so no step waits for the GPU to finish the one before
+    losses: list[torch.Tensor] = []
     examples = steps = 0
     for step, batch in enumerate(_batches(setup)):
         steps += 1
@@ -250,11 +252,12 @@ def run_steps(setup: TrainingSetup) -> TrainResult:
             scaler.update()
         else:
             optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         examples += len(batch[0])
     model.train(was_training)
+    values = torch.stack(losses).tolist() if losses else []
     return TrainResult(
-        loss=sum(losses) / len(losses) if losses else float("nan"),
+        loss=sum(values) / len(values) if values else float("nan"),
         steps=steps,
         num_examples=examples,
         seconds=time.perf_counter() - start,
