@@ -114,6 +114,9 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     from tests.proc_util import RUNS_ENV
 
     patch.setenv(RUNS_ENV, str(tmp_path_factory.mktemp("cli-runs")))  # not /tmp itself
+    from tests.stores import TEMPLATE_ENV
+
+    patch.setenv(TEMPLATE_ENV, str(root / "mlflow-template.db"))  # made at first use: tests/stores.py
     # One Ray worker per simulated run that starts its own Ray (federation.ray_cpus' default;
     # engine tests run on shared_ray instead): the two xdist workers already keep both cores
     # busy, so a second Ray worker only adds its start-up imports (~8 CPU-seconds a run).

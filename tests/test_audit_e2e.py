@@ -14,6 +14,7 @@ import pytest
 from fedslm.config import ExperimentConfig
 from fedslm.simulations.launch import run_on_simulation
 from tests.proc_util import on_test_ray
+from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +27,7 @@ def test_dp_sgd_run_with_audit_logs_exposure_auc_and_the_report(tmp_path: Path):
         "privacy": {"mode": "dp_sgd", "noise_multiplier": 1.0, "audit": True},
         "personalization": {"method": "split"},
         "audit": {"canaries": 1, "candidates": 63, "canary_clients": [0, 1]},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "audit-e2e"},
+        "tracking": {"uri": sqlite_store(tmp_path / "mlflow.db"), "experiment": "audit-e2e"},
         "output_dir": str(tmp_path / "run")})
     summary = run_on_simulation(cfg)
     assert summary["status"] == "ok"

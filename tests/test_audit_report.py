@@ -16,6 +16,7 @@ from fedslm.server.audit import REPORT_JSON, REPORT_MD, REPORT_PLOT, audit_and_r
 from fedslm.server.experiment import initial_adapter
 from fedslm.server.tracking import Tracker
 from fedslm.simulations.audit import main as audit_main
+from tests.stores import sqlite_store
 
 
 def _cfg(tmp_path: Path) -> ExperimentConfig:
@@ -23,7 +24,7 @@ def _cfg(tmp_path: Path) -> ExperimentConfig:
         "federation": {"num_clients": 2}, "data": {"docs_per_client": 6},
         "privacy": {"audit": True},
         "audit": {"canaries": 1, "repetitions": [1, 4], "candidates": 31},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "audit"},
+        "tracking": {"uri": sqlite_store(tmp_path / "mlflow.db"), "experiment": "audit"},
         "output_dir": str(tmp_path / "run")})
 
 

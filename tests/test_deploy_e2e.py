@@ -41,6 +41,7 @@ from fedslm.simulations.local_deployment import (
     marked_processes,
     stop_marked,
 )
+from tests.stores import sqlite_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -131,6 +132,7 @@ def federation(tmp_path_factory):
     try:
         dep.node_ids = dep.start_federation(3, unregistered=1)  # type: ignore[attr-defined]  # node-4
         dep.pending_rejoins = {}  # type: ignore[attr-defined]  # victim -> (log, joins): reboot_later
+        sqlite_store(dep.root / "mlflow.db")  # the runs' store: tracking()
         yield dep
         rejoined(dep)
     finally:

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from fedslm.adapters import payload_bytes, to_array_record
 from fedslm.model import load_base_model
 from tests.proc_util import run_cli, survivors
+from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +34,7 @@ ROUND_METRICS = ["train_loss", "train_loss_min", "train_loss_median", "train_los
 
 
 def test_three_clients_two_rounds(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     proc, marker = run_cli([*SMALL, "federation.num_rounds=2", f"tracking.uri={uri}",
                             "tracking.experiment=e2e", f"hydra.run.dir={run_dir}"])

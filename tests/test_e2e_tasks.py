@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.proc_util import run_cli, survivors
+from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +19,7 @@ TINY = ["federation.num_clients=2", "federation.num_rounds=1", "training.local_s
 
 
 def _run(tmp_path: Path, *args: str):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     proc, marker = run_cli([*TINY, *args, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

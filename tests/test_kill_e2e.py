@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.proc_util import MARKER, REPO, survivors
+from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +57,7 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize(("sig", "whom"), [(signal.SIGKILL, "group"), (signal.SIGTERM, "launcher"),
                                            (signal.SIGINT, "group")])
 def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, whom: str) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1",

@@ -13,6 +13,7 @@ from fedslm.config import ExperimentConfig
 from fedslm.simulations import compare
 from fedslm.simulations.run import run
 from tests.proc_util import on_test_ray
+from tests.stores import sqlite_store
 
 
 def _children_but_shared_ray() -> list[psutil.Process]:
@@ -32,7 +33,7 @@ def _children_but_shared_ray() -> list[psutil.Process]:
 def test_dual_run_reports_personal_vs_global_per_round(tmp_path, capsys):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     cfg = ExperimentConfig.from_dict({
         "personalization": {"method": "dual"},
         "federation": on_test_ray({"num_clients": 3, "num_rounds": 2}),

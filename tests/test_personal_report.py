@@ -12,6 +12,7 @@ from fedslm.config import TrackingConfig
 from fedslm.server.personalization import PersonalizationReport, round_stats, spread
 from fedslm.server.tracking import NoTracker, Tracker
 from fedslm.simulations import compare
+from tests.stores import sqlite_store
 
 
 def _row(pid: int, ppl: float, personal_ppl: float | None) -> dict:
@@ -86,7 +87,7 @@ def _log_run(uri: str, method: str, *, personal: list[float] | None, global_: li
 
 
 def test_compare_prints_one_row_per_method(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     _log_run(uri, "dual", personal=[9.0, 8.0], global_=[12.0, 10.0, 9.5], improved=75.0,
              bytes_up=1024, bytes_down=2048)
     _log_run(uri, "none", personal=None, global_=[12.0, 10.0, 9.0], improved=None,
@@ -105,7 +106,7 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
 
 
 def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # no store there yet
     assert compare.main(["--experiment", "cmp", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err == f"error: --tracking-uri: no MLflow database at {tmp_path}/mlflow.db\n"
     assert not (tmp_path / "mlflow.db").exists()
@@ -135,7 +136,7 @@ PERSONAL_AUDIT = {"audit_mia_personal_loss_auc": 0.71, "audit_mia_personal_calib
 def test_compare_summarizes_each_runs_privacy_report(tmp_path, capsys):
     """One row per method and privacy setting; the privacy table has both levels' epsilon
     and delta, the unit, and the stronger attack's figures, global and personal."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     _log_privacy_run(uri, {"personalization.method": "split", "privacy.mode": "none"},
                      {**AUDIT, **PERSONAL_AUDIT, "personal_perplexity_mean": 8.0})
     _log_privacy_run(uri, {"personalization.method": "split", "privacy.mode": "dp_sgd",
@@ -165,7 +166,7 @@ def test_compare_summarizes_each_runs_privacy_report(tmp_path, capsys):
 
 
 def test_compare_without_dp_or_audit_prints_no_privacy_table(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     _log_privacy_run(uri, {"personalization.method": "dual"}, {})
     assert compare.main(["--experiment", "cmp-dp", "--tracking-uri", uri]) == 0
     assert "Privacy report" not in capsys.readouterr().out

@@ -20,6 +20,7 @@ from fedslm.runtime import client_split, peft_model, token_blocks
 from fedslm.server.privacy import Release, user_level_epsilon
 from fedslm.simulations.launch import run_on_simulation
 from tests.proc_util import on_test_ray
+from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 def _config(tmp_path: Path, **overrides) -> ExperimentConfig:
     data = {"federation": on_test_ray({"num_clients": 3, "num_rounds": 2, "round_timeout": 120.0}),
             "training": {"local_steps": 5, "eval_max_batches": 2},
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "dp-e2e"},
+            "tracking": {"uri": sqlite_store(tmp_path / "mlflow.db"), "experiment": "dp-e2e"},
             "output_dir": str(tmp_path / "run")}
     for group, values in overrides.items():
         data.setdefault(group, {}).update(values)

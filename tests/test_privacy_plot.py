@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from fedslm.simulations.privacy_plot import PLOT_KIND, PLOT_TAG, curves, main, plot_experiment
+from tests.stores import sqlite_store
 
 
 def _run(client, exp_id, name, params, metrics, status="FINISHED"):
@@ -23,7 +24,7 @@ def _run(client, exp_id, name, params, metrics, status="FINISHED"):
 
 
 def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: Path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("dp", artifact_location=(tmp_path / "artifacts").as_uri())
     _run(client, exp, "sgd-1", {"privacy.mode": "dp_sgd", "privacy.noise_multiplier": "1.0"},
@@ -65,12 +66,12 @@ def test_plot_collects_final_epsilon_and_perplexity_and_logs_the_png(tmp_path: P
 
 def test_plot_names_a_missing_experiment(tmp_path: Path):
     with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'"):
-        plot_experiment("nope", f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "x.png")
+        plot_experiment("nope", sqlite_store(tmp_path / "mlflow.db"), tmp_path / "x.png")
 
 
 def test_both_levels_in_one_run_give_a_sample_and_a_user_level_point(tmp_path: Path, capsys):
     """dp_sgd+dp_fedavg: two curves, one per epsilon, each point with its own noise and delta."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("both", artifact_location=(tmp_path / "artifacts").as_uri())
     _run(client, exp, "both-1", {"privacy.mode": "dp_sgd+dp_fedavg", "privacy.noise_multiplier": "1.2",

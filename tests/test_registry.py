@@ -16,11 +16,12 @@ from fedslm.runtime import model_path
 from fedslm.server.experiment import initial_adapter
 from fedslm.server.registry import BEST_DIR, BEST_FILE, BestRound, register_run
 from fedslm.server.tracking import Tracker
+from tests.stores import sqlite_store
 
 
 def config(tmp_path, **tracking) -> ExperimentConfig:
     return ExperimentConfig.from_dict({
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register": True,
+        "tracking": {"uri": sqlite_store(tmp_path / "mlflow.db"), "register": True,
                      "model_name": "tiny", **tracking},
         "output_dir": str(tmp_path / "run"),
     })
@@ -113,7 +114,7 @@ def test_a_classify_run_registers_a_model_that_returns_label_and_probability(tmp
 
     cfg = ExperimentConfig.from_dict({
         "task": {"name": "classify"},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "register": True, "model_name": "topics"},
+        "tracking": {"uri": sqlite_store(tmp_path / "mlflow.db"), "register": True, "model_name": "topics"},
         "output_dir": str(tmp_path / "run"),
     })
     base = model_path(cfg.model, cfg.data.seed)

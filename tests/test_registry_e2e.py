@@ -12,6 +12,7 @@ import pytest
 from fedslm.config import ExperimentConfig
 from fedslm.simulations.run import run
 from tests.proc_util import on_test_ray
+from tests.stores import sqlite_store
 
 
 def free_port() -> int:
@@ -24,7 +25,7 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_store(tmp_path / "srv.db"),
          "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

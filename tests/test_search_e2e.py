@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.proc_util import run_cli, survivors
+from tests.stores import sqlite_store
 
 
 @pytest.mark.e2e
@@ -27,7 +28,7 @@ def test_optuna_sweep_returns_the_objective_and_tags_the_best_trial(tmp_path: Pa
             "federation.num_rounds=1",
             "federation.initial_evaluation=false",
             "data.docs_per_client=16",
-            f"tracking.uri=sqlite:///{db}",
+            f"tracking.uri={sqlite_store(db)}",
             "tracking.experiment=search",
         ],
         timeout=600,

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from tests.proc_util import run_cli, survivors
+from tests.stores import sqlite_store
 
 TINY = [
     "federation.num_clients=2",
@@ -29,7 +30,7 @@ def test_a_sweep_runs_every_job_on_one_superlink(tmp_path: Path) -> None:
             "peft.r=2,4,8",
             f"hydra.sweep.dir={sweep}",
             *TINY,
-            f"tracking.uri=sqlite:///{db}",
+            f"tracking.uri={sqlite_store(db)}",
             "tracking.experiment=warm",
             # the sweep's own Ray (not the suite's shared one): its Ray jobs are counted below
             "federation.ray_address=",
