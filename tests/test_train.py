@@ -112,6 +112,24 @@ def _repetitive_blocks(tok, seq_len=32):
     return pack_texts(["the farmer repairs the bridge near the harbour."] * 150, tok, seq_len=seq_len)
 
 
+def test_the_reported_loss_is_the_mean_of_the_steps_losses(make_peft, tiny_base):
+    """The loop reads its losses once, at the end (a read per step would make every step wait
+    for the GPU); what it reports is still exactly the mean of the steps' losses."""
+    model = make_peft(r=4)
+    blocks = _repetitive_blocks(tiny_base[1])[:24]
+    seen: list[float] = []
+
+    def recorded_loss(m, batch):
+        loss = train_mod.causal_lm_loss(m, batch)
+        seen.append(float(loss.detach()))
+        return loss
+
+    cfg = TrainingConfig(learning_rate=0.03, local_steps=5, batch_size=4)
+    result = run_steps(make_training_setup(model, blocks, cfg, generator_seed=0, loss_fn=recorded_loss))
+    assert result.steps == 5 and len(seen) == 5 and len(set(seen)) == 5
+    assert result.loss == sum(seen) / 5
+
+
 def test_train_local_learns_lora_only(make_peft, tiny_base, monkeypatch):
     model = make_peft(r=8, target_modules=["q_proj", "v_proj", "down_proj"])
     blocks = _repetitive_blocks(tiny_base[1])[:40]  # 10 batches of 4 per pass

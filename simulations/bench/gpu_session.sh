@@ -2,7 +2,7 @@
 # One GPU session's checks, in one go: the CUDA tests (skipped on CPU machines) and the
 # realsize GPU table. For a machine whose python3 already holds a CUDA torch and cannot
 # reach a package index: WHEELS names a folder of the project's other wheels (pip
-# download --no-deps; see docs/benchmarks.md "Real-size SLMs"), installed without
+# download --no-deps; docs/benchmarks.md "On a GPU"), installed without
 # dependencies so the machine's own CUDA torch stays. Results go to OUT (default outputs/gpu).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
