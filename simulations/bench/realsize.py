@@ -159,27 +159,22 @@ def fedslm_loop(model, blocks, *, batch_size: int, precision: str = "fp32", dp: 
         private.setup.loader = DataLoader(TensorDataset(blocks), batch_size=batch_size, shuffle=False)
         setup, optimizer, cleanup = private.setup, private.setup.optimizer.original_optimizer, private.hooks.cleanup
     marks: list[tuple[float, float]] = []
-    steps_taken = [0]
 
-    def mark(*_) -> None:
-        # the clock starts after the first step, which waits for the GPU; no later step does
-        # (as in the bare loop: a sync per step would take away the CPU/GPU overlap)
-        steps_taken[0] += 1
-        if steps_taken[0] == 1:
-            _sync(str(_device(model)))
-            marks.append((time.perf_counter(), time.process_time()))
-
-    step_hook = optimizer.register_step_post_hook(mark)
-    try:
-        run_steps(setup)
+    def mark() -> None:
         _sync(str(_device(model)))
         marks.append((time.perf_counter(), time.process_time()))
+
+    # the clock starts after the first step, which waits for the GPU; no later step does
+    # (as in the bare loop: a sync per step would take away the CPU/GPU overlap)
+    step_hook = optimizer.register_step_post_hook(lambda *_: None if marks else mark())
+    try:
+        steps = run_steps(setup).steps
+        mark()
     finally:
         step_hook.remove()
         if cleanup is not None:
             cleanup()
-    n = steps_taken[0] - 1
-    return StepTime((marks[-1][0] - marks[0][0]) / n, (marks[-1][1] - marks[0][1]) / n)
+    return StepTime((marks[-1][0] - marks[0][0]) / (steps - 1), (marks[-1][1] - marks[0][1]) / (steps - 1))
 
 
 def _device(model):
