@@ -71,6 +71,21 @@ def check_machine(cfg: ExperimentConfig) -> "torch.device":
     return device
 
 
+def machine_can_refuse(cfg: ExperimentConfig) -> bool:
+    """Whether ``check_machine`` could refuse ``cfg`` on some machine: not for
+    ``training.device`` auto or cpu in fp32/bf16 without quantization, which every machine
+    runs. The simulation's launcher asks this first: importing torch to learn what it
+    cannot change is ~1 CPU-second of every launch."""
+    return (cfg.training.device not in ("auto", "cpu") or cfg.training.precision == "fp16"
+            or cfg.model.quantization != "none")
+
+
+def refuse_unsupported(cfg: ExperimentConfig) -> None:
+    """``check_machine``'s refusals, importing torch only where one is possible."""
+    if machine_can_refuse(cfg):
+        check_machine(cfg)
+
+
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 

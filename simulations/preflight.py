@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedslm.builtin_model import BUILTIN_RECIPE, built_builtin_model
 from fedslm.config import BUILTIN_MODEL, ConfigError, ExperimentConfig
-from fedslm.device import check_machine as check_device_support
+from fedslm.device import refuse_unsupported
 from fedslm.data import (build_federated_texts, central_test_texts, load_client_split, root_texts,
                          synthetic_public_corpus)
 from fedslm.data.core import check_client_split
@@ -178,7 +178,7 @@ def preflight(cfg: ExperimentConfig) -> str:
     Prints what the partitioning dropped, if anything."""
     check_machine(cfg)
     if cfg.federation.engine == "simulation":  # remote clients are checked by their agents
-        check_device_support(cfg)
+        refuse_unsupported(cfg)
     for note in check_data(cfg):
         print(f"[fedslm] {note}", flush=True)
     path = base_model_path(cfg)

@@ -59,7 +59,6 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
     """One job; ``warm_engine``: on the SuperLink shared by the jobs of a sweep."""
-    from fedslm.simulations.launch import run_on_remote, run_on_simulation
     from fedslm.simulations.preflight import check_tracking, hints, preflight, preflight_deployment
 
     start = time.monotonic()
@@ -78,6 +77,8 @@ def run(cfg: ExperimentConfig, *, warm_engine: bool = False) -> dict:
           f"{' (clients ' + cfg.peft.ranks + ')' if cfg.peft.ranks else ''}, engine {cfg.federation.engine}, "
           f"personalization {cfg.personalization.method}",
           flush=True)
+    from fedslm.simulations.launch import run_on_remote, run_on_simulation  # Flower's CLI: after the checks
+
     if cfg.federation.engine == "remote":
         summary = run_on_remote(cfg)
     elif warm_engine:

@@ -77,6 +77,31 @@ def test_machine_refuses_what_it_cannot_do(no_gpu, sections, expected) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("sections", "can_refuse"), [
+    ({}, False),
+    ({"training": {"device": "cpu", "precision": "bf16"}}, False),
+    ({"training": {"device": "cuda"}}, True),
+    ({"training": {"device": "mps"}}, True),
+    ({"training": {"precision": "fp16"}}, True),
+    ({"training": {"device": "cpu", "precision": "fp16"}}, True),
+    ({"model": {"quantization": "8bit"}}, True),
+])
+def test_the_launcher_imports_torch_only_for_a_config_some_machine_refuses(
+        no_gpu, monkeypatch, sections, can_refuse) -> None:
+    """``refuse_unsupported`` asks the machine (``check_machine``) exactly where a refusal
+    is possible, and then refuses as ``check_machine`` does."""
+    cfg, asked = _cfg(**sections), []
+    monkeypatch.setattr(device_mod, "check_machine", lambda c: asked.append(c) or device_mod.resolve_device("cpu"))
+    device_mod.refuse_unsupported(cfg)
+    assert device_mod.machine_can_refuse(cfg) is can_refuse
+    assert asked == ([cfg] if can_refuse else [])
+
+
+def test_refuse_unsupported_refuses_what_check_machine_does(no_gpu) -> None:
+    with pytest.raises(ConfigError, match="^training.device: cuda was requested but torch sees no CUDA GPU"):
+        device_mod.refuse_unsupported(_cfg(training={"device": "cuda"}))
+
+
 def test_quantization_without_bitsandbytes_is_named(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(device_mod, "bitsandbytes_available", lambda: False)

@@ -104,7 +104,7 @@ from fedslm.config import ExperimentConfig
 from fedslm.simulations.preflight import preflight
 cfg = ExperimentConfig.from_dict({"federation": {"num_clients": 3}, "data": {"docs_per_client": 16}})
 path = preflight(cfg)
-heavy = sorted(m for m in ("transformers.modeling_utils", "peft", "fedslm.model", "fedslm.runtime")
+heavy = sorted(m for m in ("torch", "transformers.modeling_utils", "peft", "fedslm.model", "fedslm.runtime")
                if m in sys.modules)
 print(path)
 print(heavy)
@@ -117,8 +117,8 @@ except Exception as err:
 
 
 def test_preflight_of_the_builtin_model_skips_transformers_and_still_checks_explicit_targets() -> None:
-    """The launcher's check of the default (builtin, auto targets) imports neither
-    transformers' modelling code nor PEFT, and finds the same model dir as the engine;
+    """The launcher's check of the default (builtin, auto targets, training.device auto in
+    fp32) imports neither torch nor transformers' modelling code nor PEFT, and finds the same model dir as the engine;
     explicit targets on the builtin are still checked against its architecture."""
     import subprocess
     import sys
