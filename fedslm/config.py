@@ -305,6 +305,10 @@ class FederationConfig:
     start-up cost per run, and clients on every node of that cluster. Its size was fixed
     when it started, so ``ray_cpus`` must stay 0; its workers inherit the environment of
     whoever started it (docs/deployment.md#running-on-a-ray-that-is-already-running).
+    ``superlink`` (``127.0.0.1:PORT``) submits the run to a local engine that is already
+    running (``fedslm engine up``: a simulation SuperLink and its Ray) instead of starting a
+    SuperLink and a Ray for this run; the engine's Ray and its size were chosen when it
+    started, so ``ray_address`` stays empty and ``ray_cpus`` 0.
     """
 
     num_clients: int = 10
@@ -322,6 +326,7 @@ class FederationConfig:
     i_know_this_is_insecure: bool = False
     ray_cpus: int = 0
     ray_address: str = ""
+    superlink: str = ""
 
     def check(self, at: str) -> None:
         if self.supernodes < 0:
@@ -357,7 +362,24 @@ class FederationConfig:
                   f"{self.client_num_cpus}: Ray could not start a single client")
         if self.ray_address:
             self._check_ray_address(at)
+        if self.superlink:
+            self._check_superlink(at)
         _non_negative(f"{at}.client_num_gpus", self.client_num_gpus)
+
+    def _check_superlink(self, at: str) -> None:
+        if self.engine != "simulation":
+            _fail(f"{at}.superlink", "only applies to federation.engine=simulation (a deployment's "
+                  f"SuperLink is {at}.address)")
+        host, _, port = self.superlink.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536 or not is_loopback(host.strip("[]")):
+            _fail(f"{at}.superlink", f"expected 127.0.0.1:PORT of a local engine (`fedslm engine up` "
+                  f"prints it), got {self.superlink!r}")
+        if self.ray_address:
+            _fail(f"{at}.ray_address", f"cannot be set with {at}.superlink={self.superlink}: that "
+                  "engine's Ray was chosen when it started (`fedslm engine up`)")
+        if self.ray_cpus:
+            _fail(f"{at}.ray_cpus", f"must be 0 with {at}.superlink={self.superlink}: that engine's "
+                  "Ray size was fixed when it started (`fedslm engine up --ray-cpus`)")
 
     def _check_ray_address(self, at: str) -> None:
         if self.engine != "simulation":

@@ -3,13 +3,15 @@
 
     fedslm generate --run <output dir | MLflow run id> [--client N | --personal DIR] --prompt "..."
     fedslm export   --run <...> [--client N | --personal DIR] --format hf|int8|gguf --out DIR
+    fedslm engine   up [--ray-cpus N] | status | down    (a local engine runs reuse: federation.superlink)
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"generate": "fedslm.simulations.generate", "export": "fedslm.simulations.export"}
+COMMANDS = {"generate": "fedslm.simulations.generate", "export": "fedslm.simulations.export",
+            "engine": "fedslm.simulations.engine"}
 
 
 def main(argv: list[str] | None = None) -> int:

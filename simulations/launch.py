@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from fedslm.simulations.warm_engine import WarmEngine
 
 CONNECTION = "fedslm"
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")  # `flwr run`'s line
 STARTUP_SECONDS = 90
 ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -126,6 +128,26 @@ def check_ray_address(cfg: ExperimentConfig) -> None:
                           "with `ray start --head`, or leave it empty for a Ray per run") from None
 
 
+ENGINE_CHECK_SECONDS = 3.0
+
+
+def check_superlink(cfg: ExperimentConfig) -> None:
+    """``federation.superlink``, before anything starts: a local engine that is not up
+    would otherwise fail inside ``flwr run`` after its retries."""
+    address = cfg.federation.superlink
+    if cfg.federation.engine != "simulation" or not address:
+        return
+    try:
+        healthy = httpx.get(f"http://{address}/health", timeout=ENGINE_CHECK_SECONDS).is_success
+    except httpx.HTTPError as err:
+        healthy, why = False, f"{type(err).__name__}: {str(err)[:120] or 'no answer'}"
+    else:
+        why = "it is not a healthy SuperLink"
+    if not healthy:
+        raise ConfigError(f"federation.superlink: no local engine answers at {address} ({why}); start "
+                          "one with `fedslm engine up`, or leave it empty for a SuperLink per run")
+
+
 def running_ray_env(address: str) -> dict[str, str]:
     """Points a SuperLink's runs at the Ray at ``address``. Nothing else: its token (if it
     wants one) is the user's own ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``, passed through."""
@@ -200,6 +222,8 @@ def flwr_run(cfg: ExperimentConfig, flwr_home: Path, *, federation_config: str |
     try:
         assert process.stdout is not None
         for line in process.stdout:
+            if match := STARTED_RUN.search(line):  # for the watchdog: the run to stop on an engine
+                (flwr_home / watchdog.RUN_ID_FILE).write_text(match.group(1))
             progress.feed(line)
         process.wait()
     finally:
@@ -246,7 +270,8 @@ def watched_tmp(cfg: ExperimentConfig, *, mark_run: bool) -> Iterator[tuple[Path
     if mark_run and cfg.tracking.enabled:
         uri = cfg.tracking.uri or "sqlite:///" + str((Path(cfg.output_dir).parent / "mlflow.db").resolve())
     proc, write_end = watchdog.start(mark=mark, tmp=tmp, output_dir=cfg.output_dir if mark_run else "",
-                                     tracking_uri=uri, experiment=cfg.tracking.experiment)
+                                     tracking_uri=uri, experiment=cfg.tracking.experiment,
+                                     stop_flower_run=mark_run and bool(cfg.federation.superlink))
     done = False
     try:
         yield tmp, mark
@@ -257,28 +282,36 @@ def watched_tmp(cfg: ExperimentConfig, *, mark_run: bool) -> Iterator[tuple[Path
 
 def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) -> dict:
     """Run the experiment on Flower's simulation engine and return its summary; on a
-    private SuperLink, or on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``).
-    Virtual clients run on ``federation.ray_address`` when set, else on a Ray per run (or
-    the sweep's). A watchdog ends what the run started if the launcher dies (``watched_tmp``)."""
+    private SuperLink, on a sweep's ``warm`` one (``fedslm.simulations.warm_engine``) or on
+    a running local engine (``federation.superlink``, ``fedslm engine up``). Virtual
+    clients run on ``federation.ray_address`` when set, else on a Ray per run (or the
+    sweep's, or the engine's). A watchdog ends what the run started if the launcher dies
+    (``watched_tmp``; on a running engine it stops the Flower run there)."""
     check_ray_address(cfg)
-    ray_address = cfg.federation.ray_address
+    check_superlink(cfg)
+    ray_address, engine = cfg.federation.ray_address, cfg.federation.superlink
     with watched_tmp(cfg, mark_run=True) as (flwr_home, mark):
-        federation = simulation_federation_config(cfg, warm=warm is not None)
-        if warm is None:
+        federation = simulation_federation_config(cfg, warm=warm is not None or bool(engine))
+        log_file: Path | None = None  # a running engine's log is its own, not this run's
+        if engine:
+            write_connection(flwr_home, engine)
+            flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
+        elif warm is None:
             ray_env = running_ray_env(ray_address) if ray_address else None
             with simulation_superlink(flwr_home, mark, verbose=cfg.verbose, ray_env=ray_env) as address:
                 write_connection(flwr_home, address)
                 flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
-            log_file: Path | None = flwr_home / "superlink.log"
+            log_file = flwr_home / "superlink.log"
         else:
             write_connection(flwr_home, warm.address(verbose=cfg.verbose, ray_cpus=cfg.federation.ray_cpus,
                                                      ray_address=ray_address))
             flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             warm.record(Path(cfg.output_dir))
             log_file = warm.log_file
-        log_copy = Path(cfg.output_dir) / "superlink.log"
-        with contextlib.suppress(OSError, TypeError):
-            log_copy.write_bytes(log_file.read_bytes())  # type: ignore[union-attr]
+        log_copy = Path(cfg.output_dir) / "superlink.log" if log_file is not None else None
+        if log_file is not None and log_copy is not None:
+            with contextlib.suppress(OSError):
+                log_copy.write_bytes(log_file.read_bytes())
     return read_outcome(Path(cfg.output_dir), log_copy)
 
 

@@ -44,6 +44,7 @@ class WarmEngine:
         self._key: tuple[bool, int, str] | None = None
         self.home: Path | None = None
         self._address = ""
+        self.mark = ""
         self.ray_address = ""
         self.starts = 0
 
@@ -61,7 +62,7 @@ class WarmEngine:
         try:
             home = self.home = Path(tempfile.mkdtemp(prefix="fedslm-warm-"))
             stack.callback(shutil.rmtree, home, ignore_errors=True)
-            mark = uuid.uuid4().hex
+            mark = self.mark = uuid.uuid4().hex  # every process the engine starts carries it
             proc, write_end = watchdog.start(mark=mark, tmp=home)
             stack.callback(watchdog.finish, proc, write_end, done=True)
             ray_env = None

@@ -12,7 +12,13 @@ SIGKILL, a crash — without polling a pid that could be reused. Then the watchd
 3. unless the launcher said ``done`` first: marks ``status.json`` ``killed`` and the
    run's RUNNING MLflow run KILLED.
 
+A run on a local engine that outlives it (``federation.superlink``, ``fedslm engine up``)
+has its ServerApp and ClientApps under that engine, not under the launcher: with
+``--stop-flower-run`` the watchdog first asks the engine to stop the Flower run
+(``flwr stop``, the id ``flwr run`` printed) unless the launcher said ``done``.
+
     python -m fedslm.simulations.watchdog --mark M --tmp DIR [--output-dir D --tracking-uri U --experiment E]
+        [--stop-flower-run]
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from pathlib import Path
 MARK_ENV = "FEDSLM_RUN_MARK"
 DONE = b"done"
 GRACE_SECONDS = 3.0
+RUN_ID_FILE = "flower_run_id"  # in the run's temp dir (its FLWR_HOME), written by the launcher
+STOP_SECONDS = 30.0
 
 
 def marked_pids(mark: str) -> list[int]:
@@ -75,8 +83,22 @@ def mark_run_killed(output_dir: str, tracking_uri: str, experiment: str) -> None
             mark_killed(tracking_uri, experiment, output_dir)
 
 
+def stop_flower_run(flwr_home: Path) -> None:
+    """``flwr stop`` of the run recorded in ``flwr_home`` (its connection is there too);
+    nothing if ``flwr run`` never got as far as starting one."""
+    try:
+        run_id = (flwr_home / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        return
+    from fedslm.flower_tools import flower_bin, flower_env
+
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run([flower_bin("flwr"), "stop", run_id, "fedslm"], env=flower_env({"FLWR_HOME": str(flwr_home)}),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=STOP_SECONDS)
+
+
 def start(*, mark: str, tmp: Path, output_dir: str = "", tracking_uri: str = "",
-          experiment: str = "") -> tuple[subprocess.Popen, int]:
+          experiment: str = "", stop_flower_run: bool = False) -> tuple[subprocess.Popen, int]:
     """Start the watchdog; returns it and the write end the launcher keeps open
     (``finish`` closes it)."""
     read_end, write_end = os.pipe()
@@ -84,7 +106,8 @@ def start(*, mark: str, tmp: Path, output_dir: str = "", tracking_uri: str = "",
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "fedslm.simulations.watchdog", "--mark", mark, "--tmp", str(tmp),
-           "--output-dir", output_dir, "--tracking-uri", tracking_uri, "--experiment", experiment]
+           "--output-dir", output_dir, "--tracking-uri", tracking_uri, "--experiment", experiment,
+           *(["--stop-flower-run"] if stop_flower_run else [])]
     proc = subprocess.Popen(cmd, stdin=read_end, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(read_end)
@@ -105,11 +128,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("--mark", "--tmp", "--output-dir", "--tracking-uri", "--experiment"):
         parser.add_argument(name, default="")
+    parser.add_argument("--stop-flower-run", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the launcher's
     received = b""
     while chunk := os.read(sys.stdin.fileno(), 64):
         received += chunk
+    if args.stop_flower_run and received != DONE and args.tmp:
+        stop_flower_run(Path(args.tmp))
     stop_marked(args.mark)
     if args.tmp:
         shutil.rmtree(args.tmp, ignore_errors=True)

@@ -6,10 +6,11 @@ The model is saved once per session; each test gets a fresh copy through the rea
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import random
-import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedslm.config import PeftConfig
 from fedslm.model import build_peft_model, load_base_model, train_tokenizer
 from fedslm.rundir import CACHE_ENV
+from fedslm.simulations.engine import STATE_ENV as ENGINE_STATE_ENV
+from tests.proc_util import ENGINE_MARK_ENV
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per pytest-xdist worker: two workers with a thread per core each
@@ -138,57 +141,59 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 
 
 class SharedRay:
-    """One Ray for the engine tests of this xdist worker (1 CPU: one client trains at a
-    time), started once rather than by each run (GCS, raylet, agents: ~3 CPU-seconds and
-    seconds of wall a run). ``start`` returns the environment that points
-    ``federation.ray_address`` at it.
+    """One local engine for the engine tests of this xdist worker, started with ``fedslm
+    engine up --ray-cpus 1`` (one client trains at a time) as a user would, rather than a
+    SuperLink, SuperExec and Ray by each run (~6 CPU-seconds and seconds of wall a run).
+    ``start`` returns the environment that points ``federation.superlink`` at it; in-process
+    runs take it from ``tests.proc_util.on_test_ray``.
 
-    Its workers, which run the ClientApps, inherit this process's environment as it is when
-    it starts, hence after ``owned_cache_dir`` (the builtin model's cache dir, HF datasets):
-    a variable a test sets later does not reach them. The short temp dir keeps Ray's Unix
-    socket paths under the kernel's limit."""
+    Its processes (the SuperLink, and each run's ServerApp and ClientApps) inherit this
+    process's environment as it is when it starts, hence after ``owned_cache_dir`` (the
+    builtin model's cache dir, HF datasets): a variable a test sets later reaches the
+    run's launcher but not them."""
 
-    def __init__(self) -> None:
-        self._stack: contextlib.ExitStack | None = None
+    def __init__(self, home: Path) -> None:
+        self.state = home / "engine.json"
         self.env: dict[str, str] = {}
 
-    def start(self) -> dict[str, str]:
-        if self._stack is None:
-            from fedslm.simulations.ray_head import ray_head
+    def _engine(self, command: str) -> None:
+        cmd = [sys.executable, "-m", "fedslm.simulations.engine", command, "--state", str(self.state),
+               "--ray-cpus", "1"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, f"fedslm engine {command}: {out.stdout}{out.stderr}"
 
-            with contextlib.ExitStack() as stack:
-                home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))
-                stack.callback(shutil.rmtree, home, ignore_errors=True)
-                head = stack.enter_context(ray_head(home, num_cpus=1))
-                self._stack = stack.pop_all()
+    def start(self) -> dict[str, str]:
+        if not self.env:
+            self._engine("up")
+            state = json.loads(self.state.read_text())
             self.env = {
-                "FEDSLM_RAY_ADDRESS": head["RAY_ADDRESS"],
-                "RAY_AUTH_MODE": head["RAY_AUTH_MODE"],
-                "RAY_AUTH_TOKEN": head["RAY_AUTH_TOKEN"],
-                "FEDSLM_RAY_CPUS": "0",  # a running Ray's size is its own
+                "FEDSLM_SUPERLINK": state["superlink"],
+                ENGINE_MARK_ENV: state["mark"],
+                ENGINE_STATE_ENV: str(self.state),
+                "FEDSLM_RAY_CPUS": "0",  # a running engine's Ray size is its own
             }
         return self.env
 
     def stop(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
+        if self.env:
+            self.env = {}
+            self._engine("down")
 
 
 @pytest.fixture(scope="session")
 def shared_ray(owned_cache_dir: Path) -> Iterator[SharedRay]:
-    ray = SharedRay()
+    ray = SharedRay(Path(tempfile.mkdtemp(prefix="fedslm-test-engine-", dir=owned_cache_dir)))
     yield ray
     ray.stop()
 
 
 @pytest.fixture(autouse=True)
 def engine_tests_share_one_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every engine (e2e) test's CLI runs default to the worker's ``SharedRay`` (through
-    ``FEDSLM_RAY_ADDRESS``, the Hydra default of ``federation.ray_address``, and its token);
-    a test that checks a run's own Ray passes ``federation.ray_address=``. The Ray starts at
-    the first engine test and stops at the first unit test after it (engine tests run
-    first: ``pytest_collection_modifyitems``), so an idle Ray (~1-1.5 CPU-seconds a
+    """Every engine (e2e) test's CLI runs default to the worker's ``SharedRay`` engine
+    (through ``FEDSLM_SUPERLINK``, the Hydra default of ``federation.superlink``); a test
+    that checks a run's own SuperLink or Ray passes ``federation.superlink=``. The engine
+    starts at the first engine test and stops at the first unit test after it (engine tests
+    run first: ``pytest_collection_modifyitems``), so an idle engine (~1-1.5 CPU-seconds a
     minute) never runs beside the unit tests, and the ``-m "not e2e"`` lane starts none."""
     ray = request.getfixturevalue("shared_ray")
     if request.node.get_closest_marker("e2e") is None:

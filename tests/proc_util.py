@@ -15,6 +15,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "FEDSLM_TEST_MARKER"
 RUNS_ENV = "FEDSLM_TEST_RUNS"  # set by conftest: run dirs live under pytest's own tmp (cleaned)
+ENGINE_MARK_ENV = "FEDSLM_TEST_ENGINE_MARK"  # the worker's shared engine's run mark (conftest)
+RUN_MARK_ENV = "FEDSLM_RUN_MARK"  # fedslm.simulations.watchdog.MARK_ENV
 
 
 def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
@@ -32,14 +34,20 @@ def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
 
 
 def survivors(marker: str, wait: float = 15.0) -> list[str]:
-    """Processes still alive that carry ``marker`` (after up to ``wait`` s to exit)."""
+    """Processes still alive that carry ``marker`` (after up to ``wait`` s to exit); on the
+    worker's shared engine (conftest's ``SharedRay``) also any ServerApp process it still
+    runs: the engine outlives a test, its runs must not."""
     deadline = time.monotonic() + wait
+    engine_mark = os.environ.get(ENGINE_MARK_ENV)
     while True:
         alive = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if p.environ().get(MARKER) == marker:
-                    alive.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:120]}")
+                env = p.environ()
+                cmdline = " ".join(p.info["cmdline"] or [])
+                if env.get(MARKER) == marker or (
+                        engine_mark and env.get(RUN_MARK_ENV) == engine_mark and "flwr-simulation" in cmdline):
+                    alive.append(f"{p.pid}: {cmdline[:120]}")
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         if not alive or time.monotonic() > deadline:
@@ -49,6 +57,6 @@ def survivors(marker: str, wait: float = 15.0) -> list[str]:
 
 def on_test_ray(federation: dict) -> dict:
     """A ``federation`` config section for an in-process engine run (``ExperimentConfig.
-    from_dict``, which reads no Hydra default): on the worker's shared Ray when an engine
-    test has one (conftest's ``engine_tests_share_one_ray``), as the CLI runs are."""
-    return {"ray_address": os.environ.get("FEDSLM_RAY_ADDRESS", ""), **federation}
+    from_dict``, which reads no Hydra default): on the worker's shared engine when an
+    engine test has one (conftest's ``engine_tests_share_one_ray``), as the CLI runs are."""
+    return {"superlink": os.environ.get("FEDSLM_SUPERLINK", ""), **federation}

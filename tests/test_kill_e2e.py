@@ -67,8 +67,9 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
          # far more rounds than the test lasts: at 50 x 5 steps a loaded machine let the
          # whole run finish (28 s) between round 1's line and the signal
          "federation.num_rounds=1000", "training.local_steps=20", "data.docs_per_client=16", "verbose=true",
-         # the run's own Ray (not the suite's shared one), whose processes and token this checks
-         "federation.ray_address=", "federation.ray_cpus=1",
+         # the run's own SuperLink and Ray (not the suite's shared engine), whose processes
+         # and token this checks
+         "federation.superlink=", "federation.ray_address=", "federation.ray_cpus=1",
          f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
