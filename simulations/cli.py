@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"generate": "fedslm.simulations.generate", "export": "fedslm.simulations.export",
-            "engine": "fedslm.simulations.engine"}
+COMMANDS = {
+    "generate": "fedslm.simulations.generate",
+    "export": "fedslm.simulations.export",
+    "engine": "fedslm.simulations.engine",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

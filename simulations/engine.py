@@ -83,8 +83,14 @@ def serve(path: Path, ray_cpus: int) -> int:
     engine = WarmEngine(shared_ray=True, ray_cpus=ray_cpus)
     try:
         address = engine.address(verbose=False)
-        state = {"pid": os.getpid(), "superlink": address, "ray": engine.ray_address,
-                 "ray_cpus": ray_cpus, "home": str(engine.home), "mark": engine.mark}
+        state = {
+            "pid": os.getpid(),
+            "superlink": address,
+            "ray": engine.ray_address,
+            "ray_cpus": ray_cpus,
+            "home": str(engine.home),
+            "mark": engine.mark,
+        }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(state) + "\n")
         tmp.replace(path)
@@ -110,9 +116,23 @@ def up(path: Path, ray_cpus: int) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     env.pop("FEDSLM_SUPERLINK", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedslm.simulations.engine", "serve", "--state", str(path),
-                                 "--ray-cpus", str(ray_cpus)], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedslm.simulations.engine",
+                "serve",
+                "--state",
+                str(path),
+                "--ray-cpus",
+                str(ray_cpus),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + START_SECONDS
     while (state := read_state(path)) is None or state["pid"] != proc.pid:
         if proc.poll() is not None:
@@ -123,8 +143,10 @@ def up(path: Path, ray_cpus: int) -> int:
             print(f"error: engine: not up after {START_SECONDS:.0f} s; see {log}", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    print(f"[fedslm] local engine up: SuperLink {state['superlink']}, Ray {state['ray']} (pid {proc.pid}; "
-          f"log {log}; stop it with `fedslm engine down`)")
+    print(
+        f"[fedslm] local engine up: SuperLink {state['superlink']}, Ray {state['ray']} (pid {proc.pid}; "
+        f"log {log}; stop it with `fedslm engine down`)"
+    )
     print(f"export FEDSLM_SUPERLINK={state['superlink']}")
     return 0
 
@@ -164,8 +186,9 @@ def status(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedslm engine", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("up", "down", "status", "serve"))
-    parser.add_argument("--state", default="",
-                        help=f"state file (default: ${STATE_ENV}, else the cache dir's engine.json)")
+    parser.add_argument(
+        "--state", default="", help=f"state file (default: ${STATE_ENV}, else the cache dir's engine.json)"
+    )
     parser.add_argument("--ray-cpus", type=int, default=0, help="cores the engine's Ray hands to clients (0: all)")
     args = parser.parse_args(argv)
     if args.ray_cpus < 0:

@@ -36,21 +36,32 @@ def test_a_run_names_a_local_engine_by_its_loopback_address() -> None:
     for bad in ("10.0.0.5:9092", "superlink.lan:9092", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:http"):
         with pytest.raises(ConfigError) as err:
             _federation(superlink=bad)
-        assert str(err.value) == ("federation.superlink: expected 127.0.0.1:PORT of a local engine "
-                                  f"(`fedslm engine up` prints it), got {bad!r}")
+        assert str(err.value) == (
+            "federation.superlink: expected 127.0.0.1:PORT of a local engine "
+            f"(`fedslm engine up` prints it), got {bad!r}"
+        )
 
 
-@pytest.mark.parametrize(("federation", "expected"), [
-    ({"engine": "remote", "address": "127.0.0.1:9093", "insecure": True},
-     "federation.superlink: only applies to federation.engine=simulation (a deployment's SuperLink is "
-     "federation.address)"),
-    ({"ray_address": "127.0.0.1:6379"},
-     "federation.ray_address: cannot be set with federation.superlink=127.0.0.1:9092: that engine's Ray "
-     "was chosen when it started (`fedslm engine up`)"),
-    ({"ray_cpus": 1},
-     "federation.ray_cpus: must be 0 with federation.superlink=127.0.0.1:9092: that engine's Ray size "
-     "was fixed when it started (`fedslm engine up --ray-cpus`)"),
-])
+@pytest.mark.parametrize(
+    ("federation", "expected"),
+    [
+        (
+            {"engine": "remote", "address": "127.0.0.1:9093", "insecure": True},
+            "federation.superlink: only applies to federation.engine=simulation (a deployment's SuperLink is "
+            "federation.address)",
+        ),
+        (
+            {"ray_address": "127.0.0.1:6379"},
+            "federation.ray_address: cannot be set with federation.superlink=127.0.0.1:9092: that engine's Ray "
+            "was chosen when it started (`fedslm engine up`)",
+        ),
+        (
+            {"ray_cpus": 1},
+            "federation.ray_cpus: must be 0 with federation.superlink=127.0.0.1:9092: that engine's Ray size "
+            "was fixed when it started (`fedslm engine up --ray-cpus`)",
+        ),
+    ],
+)
 def test_options_a_running_engine_already_decided_are_refused_naming_both_keys(federation, expected) -> None:
     with pytest.raises(ConfigError) as err:
         _federation(superlink="127.0.0.1:9092", **federation)
@@ -63,8 +74,9 @@ def test_the_hydra_default_is_the_environments_engine(tmp_path, monkeypatch) -> 
     assert compose_experiment([], tmp_path).federation.superlink == "127.0.0.1:9092"
     assert compose_experiment(["federation.superlink="], tmp_path).federation.superlink == ""
     # a deployment run ignores it (federation=remote has no such default)
-    remote = compose_experiment(["federation=remote", "federation.insecure=true",
-                                 "federation.root_certificates="], tmp_path)
+    remote = compose_experiment(
+        ["federation=remote", "federation.insecure=true", "federation.root_certificates="], tmp_path
+    )
     assert remote.federation.superlink == ""
 
 
@@ -74,17 +86,22 @@ def test_an_engine_that_does_not_answer_fails_before_anything_starts() -> None:
         port = closed.getsockname()[1]  # bound, not listening: refuses connections
         with pytest.raises(ConfigError) as err:
             check_superlink(_federation(superlink=f"127.0.0.1:{port}"))
-    assert str(err.value).startswith(f"federation.superlink: no local engine answers at 127.0.0.1:{port} "
-                                     "(ConnectError: ")
-    assert str(err.value).endswith("); start one with `fedslm engine up`, or leave it empty for a "
-                                   "SuperLink per run")
+    assert str(err.value).startswith(
+        f"federation.superlink: no local engine answers at 127.0.0.1:{port} (ConnectError: "
+    )
+    assert str(err.value).endswith("); start one with `fedslm engine up`, or leave it empty for a SuperLink per run")
     assert "\n" not in str(err.value)
     check_superlink(_federation())  # none named: nothing to check
 
 
 def _engine_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedslm.simulations.cli", "engine", *args],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "fedslm.simulations.cli", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def test_status_and_down_without_an_engine_and_a_stale_state_file(tmp_path) -> None:
@@ -120,10 +137,26 @@ def test_up_finds_the_running_engine_and_a_killed_launchers_run_is_stopped_on_it
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "fedslm.simulations.run", "federation.num_clients=2", "federation.num_rounds=1000",
-         "training.local_steps=5", "data.docs_per_client=16", "verbose=true", f"tracking.uri={uri}",
-         "tracking.experiment=engine-kill", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "fedslm.simulations.run",
+            "federation.num_clients=2",
+            "federation.num_rounds=1000",
+            "training.local_steps=5",
+            "data.docs_per_client=16",
+            "verbose=true",
+            f"tracking.uri={uri}",
+            "tracking.experiment=engine-kill",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
     try:

@@ -310,7 +310,7 @@ def test_fedslm_cli_dispatches_and_names_a_bad_command(none_run, capsys):
     assert cli.main(["export", "--run", str(none_run), "--format", "tflite", "--out", "/tmp/none"]) == 2
     assert "error: --format: unknown value 'tflite'" in capsys.readouterr().err
     assert cli.main(["serve"]) == 2
-    assert capsys.readouterr().err.strip() == "error: command: expected one of generate, export, got serve"
+    assert capsys.readouterr().err.strip() == "error: command: expected one of generate, export, engine, got serve"
 
 
 # ---------------------------------------------------------------- classification runs

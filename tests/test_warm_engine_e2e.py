@@ -61,8 +61,14 @@ def test_a_sweep_runs_every_job_on_one_superlink(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_nothing_outlives_a_sweep_whose_second_job_fails(tmp_path: Path) -> None:
     proc, marker = run_cli(
-        ["-m", "training.seq_len=32,4096,32", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY, "tracking.enabled=false",
-         "federation.superlink="],  # the sweep's own engine, which must not outlive it
+        [
+            "-m",
+            "training.seq_len=32,4096,32",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *TINY,
+            "tracking.enabled=false",
+            "federation.superlink=",
+        ],  # the sweep's own engine, which must not outlive it
         timeout=600,
     )
     assert proc.returncode == 2
