@@ -67,8 +67,10 @@ def test_nothing_outlives_a_sweep_whose_second_job_fails(tmp_path: Path) -> None
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             *TINY,
             "tracking.enabled=false",
+            # the sweep's own engine, which must not outlive it (one Ray worker, as elsewhere)
             "federation.superlink=",
-        ],  # the sweep's own engine, which must not outlive it
+            "federation.ray_cpus=1",
+        ],
         timeout=600,
     )
     assert proc.returncode == 2
