@@ -308,8 +308,9 @@ def run_on_simulation(cfg: ExperimentConfig, *, warm: WarmEngine | None = None) 
             flwr_run(cfg, flwr_home, federation_config=federation, mark=mark)
             warm.record(Path(cfg.output_dir))
             log_file = warm.log_file
-        log_copy = Path(cfg.output_dir) / "superlink.log" if log_file is not None else None
-        if log_file is not None and log_copy is not None:
+        log_copy = None
+        if log_file is not None:
+            log_copy = Path(cfg.output_dir) / "superlink.log"
             with contextlib.suppress(OSError):
                 log_copy.write_bytes(log_file.read_bytes())
     return read_outcome(Path(cfg.output_dir), log_copy)

@@ -6,8 +6,9 @@ run ends. ``ray.init()`` connects to a running instance instead when ``RAY_ADDRE
 its environment, so the warm engine (``fedslm.simulations.warm_engine``) starts this
 process once, hands ``RAY_ADDRESS`` to its SuperLink (whose simulation processes inherit
 it) and each run's ``ray.shutdown()`` only disconnects. Runs still get their own Ray job
-and their own ClientApp actors. The test suite starts one per xdist worker the same way
-(``tests/conftest.py``, through ``federation.ray_address``). Like a run's own Ray it
+and their own ClientApp actors. A local engine (``fedslm engine up``,
+``fedslm.simulations.engine``) holds one the same way, as the test suite's engine per
+xdist worker does. Like a run's own Ray it
 prestarts no idle worker for its first driver (``RAY_prestart_worker_first_driver=0`` in
 ``fedslm.simulations.launch.ENGINE_ENV``): none could serve Flower's actors.
 

@@ -121,7 +121,7 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 
     patch.setenv(TEMPLATE_ENV, str(root / "mlflow-template.db"))  # made at first use: tests/stores.py
     # One Ray worker per simulated run that starts its own Ray (federation.ray_cpus' default;
-    # engine tests run on shared_ray instead): the two xdist workers already keep both cores
+    # engine tests run on shared_engine instead): the two xdist workers already keep both cores
     # busy, so a second Ray worker only adds its start-up imports (~8 CPU-seconds a run).
     patch.setenv("FEDSLM_RAY_CPUS", "1")
     # the builtin model, built now rather than inside the first CLI subprocess that needs
@@ -140,7 +140,7 @@ def owned_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     patch.undo()
 
 
-class SharedRay:
+class SharedEngine:
     """One local engine for the engine tests of this xdist worker, started with ``fedslm
     engine up --ray-cpus 1`` (one client trains at a time) as a user would, rather than a
     SuperLink, SuperExec and Ray by each run (~6 CPU-seconds and seconds of wall a run).
@@ -181,25 +181,25 @@ class SharedRay:
 
 
 @pytest.fixture(scope="session")
-def shared_ray(owned_cache_dir: Path) -> Iterator[SharedRay]:
-    ray = SharedRay(Path(tempfile.mkdtemp(prefix="fedslm-test-engine-", dir=owned_cache_dir)))
-    yield ray
-    ray.stop()
+def shared_engine(owned_cache_dir: Path) -> Iterator[SharedEngine]:
+    engine = SharedEngine(Path(tempfile.mkdtemp(prefix="fedslm-test-engine-", dir=owned_cache_dir)))
+    yield engine
+    engine.stop()
 
 
 @pytest.fixture(autouse=True)
-def engine_tests_share_one_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every engine (e2e) test's CLI runs default to the worker's ``SharedRay`` engine
+def engine_tests_share_one_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine (e2e) test's CLI runs default to the worker's ``SharedEngine``
     (through ``FEDSLM_SUPERLINK``, the Hydra default of ``federation.superlink``); a test
     that checks a run's own SuperLink or Ray passes ``federation.superlink=``. The engine
     starts at the first engine test and stops at the first unit test after it (engine tests
-    run first: ``pytest_collection_modifyitems``), so an idle engine (~1-1.5 CPU-seconds a
+    run first: ``pytest_collection_modifyitems``), so an idle engine (~2.4 CPU-seconds a
     minute) never runs beside the unit tests, and the ``-m "not e2e"`` lane starts none."""
-    ray = request.getfixturevalue("shared_ray")
+    engine = request.getfixturevalue("shared_engine")
     if request.node.get_closest_marker("e2e") is None:
-        ray.stop()
+        engine.stop()
         return
-    for key, value in ray.start().items():
+    for key, value in engine.start().items():
         monkeypatch.setenv(key, value)
 
 

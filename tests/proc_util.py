@@ -35,7 +35,7 @@ def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
 
 def survivors(marker: str, wait: float = 15.0) -> list[str]:
     """Processes still alive that carry ``marker`` (after up to ``wait`` s to exit); on the
-    worker's shared engine (conftest's ``SharedRay``) also any ServerApp process it still
+    worker's shared engine (conftest's ``SharedEngine``) also any ServerApp process it still
     runs: the engine outlives a test, its runs must not."""
     deadline = time.monotonic() + wait
     engine_mark = os.environ.get(ENGINE_MARK_ENV)
@@ -58,5 +58,5 @@ def survivors(marker: str, wait: float = 15.0) -> list[str]:
 def on_test_ray(federation: dict) -> dict:
     """A ``federation`` config section for an in-process engine run (``ExperimentConfig.
     from_dict``, which reads no Hydra default): on the worker's shared engine when an
-    engine test has one (conftest's ``engine_tests_share_one_ray``), as the CLI runs are."""
+    engine test has one (conftest's ``engine_tests_share_one_engine``), as the CLI runs are."""
     return {"superlink": os.environ.get("FEDSLM_SUPERLINK", ""), **federation}

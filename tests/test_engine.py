@@ -1,5 +1,5 @@
 """``fedslm engine up|down|status`` and ``federation.superlink``: runs on a local engine
-that outlives them. The suite's engine tests all run on one (conftest's ``SharedRay``,
+that outlives them. The suite's engine tests all run on one (conftest's ``SharedEngine``,
 started with ``fedslm engine up``); here: the config checks, the CLI's answers, and that a
 run whose launcher dies is stopped on the engine."""
 

@@ -20,7 +20,7 @@ from tests.stores import sqlite_store
 
 def _children_but_shared_engine(wait: float = 15.0) -> list[str]:
     """This process's live descendants, less the suite's shared engine (conftest's
-    ``SharedRay``: its Ray, SuperLink and their helpers, started before this test and
+    ``SharedEngine``: its Ray, SuperLink and their helpers, started before this test and
     running until the engine tests end), after up to ``wait`` s to exit; that engine's
     runs (``flwr-simulation``, which end on their own after the run) count."""
     deadline = time.monotonic() + wait
