@@ -91,7 +91,9 @@ def static_rows(cfg) -> list[dict[str, Any]]:
     return rows
 
 
-def quality_runs(methods: tuple[str, ...], setting: dict[str, int], echo: bool) -> list[dict[str, Any]]:
+def quality_runs(methods: tuple[str, ...], setting: dict[str, int], echo: bool,
+                 ray_cpus: int = 0) -> list[dict[str, Any]]:
+    """One engine run per method; ``ray_cpus`` > 0 caps its Ray (``federation.ray_cpus``)."""
     rows = []
     for i, name in enumerate(methods):
         method, ef, rank = parse_run(name)
@@ -99,6 +101,8 @@ def quality_runs(methods: tuple[str, ...], setting: dict[str, int], echo: bool) 
                      "federation.num_rounds": setting["rounds"],
                      "training.local_steps": setting["steps"],
                      "compression.method": method, "compression.error_feedback": ef}
+        if ray_cpus:
+            overrides["federation.ray_cpus"] = ray_cpus
         if rank:
             overrides.update({"peft.r": rank, "peft.alpha": 2.0 * rank})  # same alpha / r
         cfg = experiment(overrides, run_name=f"comm-{name.replace('@', '-')}-{i}")
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine runs, comma-separated method[-no-ef][@rN] with method "
                              f"{', '.join(METHODS)} (e.g. int8@r4: int8 at LoRA r=4); '' for none")
     parser.add_argument("--tiny", action="store_true",
-                        help="one int4 engine run at 2 clients x 1 round x 2 steps (smoke test)")
+                        help="one int4 engine run at 2 clients x 1 round x 2 steps on one Ray worker (smoke test)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/comm.json)")
     args = parser.parse_args(argv)
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, ["update", "params", "up_bytes", "down_bytes", "up_reduction", "target", "met",
                        "up_proto_bytes", "up_proto_reduction"]))
     setting = {"clients": args.clients, "rounds": args.rounds, "steps": args.steps}
-    quality = quality_runs(methods, setting, args.echo) if methods else []
+    quality = quality_runs(methods, setting, args.echo, ray_cpus=1 if args.tiny else 0) if methods else []
     if quality:
         for row in quality:
             row["target"] = TARGET_QUALITY_COST

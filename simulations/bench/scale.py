@@ -41,12 +41,12 @@ def preflight_seconds(cfg) -> float:
 
 
 def run_one(population: int, supernodes: int, sampled: int, rounds: int, steps: int,
-            echo: bool) -> dict[str, Any]:
+            echo: bool, ray_cpus: int = 0) -> dict[str, Any]:
     fraction = min(1.0, sampled / population)
     cfg = experiment({"federation.num_clients": population, "federation.num_rounds": rounds,
                       "federation.supernodes": supernodes,
                       "training.local_steps": steps, "strategy.fraction_train": fraction,
-                      "strategy.fraction_evaluate": fraction},
+                      "strategy.fraction_evaluate": fraction, "federation.ray_cpus": ray_cpus},
                      run_name=f"scale-{population}-{supernodes}")
     pre = preflight_seconds(cfg)
     nodes = supernodes or population
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="federation.supernodes values to compare: 0 = one SuperNode per "
                              "client (Flower's mapping), k = k SuperNodes serve all clients")
     parser.add_argument("--tiny", action="store_true",
-                        help="100 clients on 10 SuperNodes x 1 round x 2 steps (smoke test)")
+                        help="100 clients on 10 SuperNodes x 1 round x 2 steps on one Ray worker (smoke test)")
     parser.add_argument("--echo", action="store_true", help="show the engine's log")
     parser.add_argument("--out", help="JSON path (default outputs/bench/scale.json)")
     args = parser.parse_args(argv)
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--supernodes: comma-separated integers >= 0")
     rows = []
     for k in modes:
-        mode = [run_one(n, k, args.sampled, args.rounds, args.steps, args.echo) for n in populations]
+        mode = [run_one(n, k, args.sampled, args.rounds, args.steps, args.echo, ray_cpus=1 if args.tiny else 0)
+                for n in populations]
         for row in mode:  # against the smallest population on the same kind of nodes
             row["time_ratio"] = row["s_per_round"] / mode[0]["s_per_round"]
             row["rss_ratio"] = row["peak_rss_mib"] / mode[0]["peak_rss_mib"]
