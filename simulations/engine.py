@@ -151,12 +151,19 @@ def up(path: Path, ray_cpus: int) -> int:
     return 0
 
 
-def down(path: Path) -> int:
+def running_or_say(path: Path) -> dict | None:
+    """``read_state``, saying so when no engine is up."""
     current = read_state(path)
     if current is None:
         print("[fedslm] no local engine is up")
+    return current
+
+
+def down(path: Path) -> int:
+    current = running_or_say(path)
+    if current is None:
         with contextlib.suppress(OSError):
-            path.unlink()
+            path.unlink()  # a killed engine's file
         return 0
     pid = int(current["pid"])
     with contextlib.suppress(ProcessLookupError):
@@ -174,9 +181,8 @@ def down(path: Path) -> int:
 
 
 def status(path: Path) -> int:
-    current = read_state(path)
+    current = running_or_say(path)
     if current is None:
-        print("[fedslm] no local engine is up")
         return 1
     health = "healthy" if healthy(current["superlink"]) else "NOT answering"
     print(f"[fedslm] local engine at {current['superlink']} ({health}), Ray {current['ray']}, pid {current['pid']}")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,29 @@ def run_cli(args: list[str], *, timeout: float = 300, env: dict | None = None
     proc = subprocess.run([sys.executable, "-m", "fedslm.simulations.run", *args], cwd=REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc, marker
+
+
+class LiveLauncher:
+    """``python -m fedslm.simulations.run ARGS`` running in its own session, its output
+    collected line by line (``lines``) for a test to act on mid-run (signal it, inspect
+    its processes), tagged with ``marker`` as ``run_cli``'s runs are."""
+
+    def __init__(self, args: list[str], marker: str) -> None:
+        env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen([sys.executable, "-m", "fedslm.simulations.run", *args], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout or []), daemon=True).start()
+
+    def wait_for(self, needle: str, timeout: float = 240) -> None:
+        """Until a line holds ``needle``; fails with the output's tail if the launcher ends
+        or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while not any(needle in line for line in self.lines):
+            assert self.process.poll() is None and time.monotonic() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.5)
 
 
 def survivors(marker: str, wait: float = 15.0) -> list[str]:

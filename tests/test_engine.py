@@ -11,8 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.simulations.launch import check_superlink
 from tests.hydra_util import compose_experiment
-from tests.proc_util import MARKER, REPO, survivors
+from tests.proc_util import REPO, LiveLauncher, survivors
 from tests.stores import sqlite_store
 
 
@@ -135,12 +133,8 @@ def test_up_finds_the_running_engine_and_a_killed_launchers_run_is_stopped_on_it
 
     uri = sqlite_store(tmp_path / "mlflow.db")
     marker = uuid.uuid4().hex
-    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}
-    launcher = subprocess.Popen(
+    live = LiveLauncher(
         [
-            sys.executable,
-            "-m",
-            "fedslm.simulations.run",
             "federation.num_clients=2",
             "federation.num_rounds=1000",
             "training.local_steps=5",
@@ -150,23 +144,13 @@ def test_up_finds_the_running_engine_and_a_killed_launchers_run_is_stopped_on_it
             "tracking.experiment=engine-kill",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        marker,
     )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
     try:
-        deadline = time.monotonic() + 240
-        while not any("[round 1/1000] train:" in ln for ln in lines):
-            assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
+        live.wait_for("[round 1/1000] train:")
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=120)
+        live.process.send_signal(signal.SIGTERM)
+        live.process.wait(timeout=120)
     assert survivors(marker, wait=30) == []  # the launcher's processes and the run's ServerApp
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "killed"

@@ -9,8 +9,6 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +17,7 @@ import mlflow
 import psutil
 import pytest
 
-from tests.proc_util import MARKER, REPO, survivors
+from tests.proc_util import MARKER, LiveLauncher, survivors
 from tests.stores import sqlite_store
 
 pytestmark = pytest.mark.e2e
@@ -60,26 +58,18 @@ def test_killing_the_launcher_leaves_nothing_behind(tmp_path: Path, sig: int, wh
     uri = sqlite_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     marker = uuid.uuid4().hex
-    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "fedslm.simulations.run", "federation.num_clients=2",
+    live = LiveLauncher(
+        ["federation.num_clients=2",
          # far more rounds than the test lasts: at 50 x 5 steps a loaded machine let the
          # whole run finish (28 s) between round 1's line and the signal
          "federation.num_rounds=1000", "training.local_steps=20", "data.docs_per_client=16", "verbose=true",
          # the run's own SuperLink and Ray (not the suite's shared engine), whose processes
          # and token this checks
          "federation.superlink=", "federation.ray_address=", "federation.ray_cpus=1",
-         f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
+         f"tracking.uri={uri}", "tracking.experiment=kill", f"hydra.run.dir={run_dir}"], marker)
+    launcher, lines = live.process, live.lines
     try:
-        deadline = time.monotonic() + 240
-        while not any("[round 1/1000] train:" in ln for ln in lines):
-            assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
+        live.wait_for("[round 1/1000] train:")
         procs = _marked(marker)
         names = " ".join(" ".join(p.cmdline()) for p in procs)
         assert "flower-superlink" in names and "raylet" in names, names
