@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from fedslm.config import ConfigError, ExperimentConfig
 from fedslm.simulations.launch import check_superlink
 from tests.hydra_util import compose_experiment
-from tests.proc_util import REPO, LiveLauncher, survivors
+from tests.proc_util import REPO, LiveLauncher, run_cli, survivors
 from tests.stores import sqlite_store
 
 
@@ -158,3 +160,35 @@ def test_up_finds_the_running_engine_and_a_killed_launchers_run_is_stopped_on_it
     [run] = client.search_runs([client.get_experiment_by_name("engine-kill").experiment_id])
     assert run.info.status == "KILLED"
     assert _engine_cli("status", "--state", state).returncode == 0  # the engine itself lives on
+
+
+@pytest.mark.e2e
+def test_a_run_on_a_running_ray_joins_it_and_leaves_it_up(tmp_path: Path) -> None:
+    """``federation.ray_address`` (docs/deployment.md): the run's simulation process joins
+    that Ray as one more driver instead of starting a Ray, and the Ray, the user's, is still
+    up after the run. (The suite's other engine tests run on their worker's engine.)"""
+    from fedslm.simulations.ray_head import ray_head
+
+    home = Path(tempfile.mkdtemp(prefix="fedslm-test-ray-"))  # short: Ray's socket paths
+    try:
+        with ray_head(home, num_cpus=1) as head:
+            proc, marker = run_cli(
+                [
+                    "federation.num_clients=2",
+                    "federation.num_rounds=1",
+                    "training.local_steps=1",
+                    "data.docs_per_client=16",
+                    "tracking.enabled=false",
+                    "federation.superlink=",
+                    f"federation.ray_address={head['RAY_ADDRESS']}",
+                ],
+                env={key: head[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            drivers = {p.name.split("_")[0] for p in (home / "ray").glob("session_*/logs/python-core-driver-*")}
+            assert len(drivers) == 2  # the Ray's owner, then the run's simulation process
+            assert survivors(marker) == []
+            host, _, port = head["RAY_ADDRESS"].rpartition(":")
+            socket.create_connection((host, int(port)), timeout=3).close()  # still up
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
