@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedslm.simulations.watchdog import live
+
 STATE_ENV = "FEDSLM_ENGINE_STATE"
 START_SECONDS = 120.0
 STOP_SECONDS = 60.0
@@ -45,14 +47,6 @@ def state_file() -> Path:
     return Path(env).expanduser() if env else cache_root() / "engine.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def read_state(path: Path) -> dict | None:
     """The engine recorded in ``path`` if its process still runs, else None (a stale file
     left by a killed engine is ignored)."""
@@ -61,7 +55,7 @@ def read_state(path: Path) -> dict | None:
         pid = int(state["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return state if _alive(pid) else None
+    return state if live(pid) else None
 
 
 def healthy(address: str) -> bool:
@@ -169,9 +163,9 @@ def down(path: Path) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_SECONDS
-    while _alive(pid) and time.monotonic() < deadline:
+    while live(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):  # its watchdog still sweeps the SuperLink and Ray once it is gone
+    if live(pid):  # its watchdog still sweeps the SuperLink and Ray once it is gone
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(OSError):

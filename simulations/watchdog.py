@@ -41,6 +41,15 @@ RUN_ID_FILE = "flower_run_id"  # in the run's temp dir (its FLWR_HOME), written 
 STOP_SECONDS = 30.0
 
 
+def live(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie or a dead process does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def marked_pids(mark: str) -> list[int]:
     """Live (not zombie) processes whose environment holds ``MARK_ENV=mark``."""
     needle = f"{MARK_ENV}={mark}".encode()
@@ -51,10 +60,9 @@ def marked_pids(mark: str) -> list[int]:
         try:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             continue
-        if state not in ("Z", "X"):
+        if live(int(entry.name)):
             found.append(int(entry.name))
     return found
 

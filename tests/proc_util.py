@@ -57,26 +57,31 @@ class LiveLauncher:
             time.sleep(0.5)
 
 
-def survivors(marker: str, wait: float = 15.0) -> list[str]:
-    """Processes still alive that carry ``marker`` (after up to ``wait`` s to exit); on the
-    worker's shared engine (conftest's ``SharedEngine``) also any ServerApp process it still
-    runs: the engine outlives a test, its runs must not."""
-    deadline = time.monotonic() + wait
+def _alive(marker: str | None) -> list[str]:
+    """Live processes carrying ``marker``, and the ServerApp processes (``flwr-simulation``)
+    the worker's shared engine (conftest's ``SharedEngine``) still runs: the engine outlives
+    a test, its runs must not."""
     engine_mark = os.environ.get(ENGINE_MARK_ENV)
-    while True:
-        alive = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                env = p.environ()
-                cmdline = " ".join(p.info["cmdline"] or [])
-                if env.get(MARKER) == marker or (
-                        engine_mark and env.get(RUN_MARK_ENV) == engine_mark and "flwr-simulation" in cmdline):
-                    alive.append(f"{p.pid}: {cmdline[:120]}")
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        if not alive or time.monotonic() > deadline:
-            return alive
+    alive = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            env = p.environ()
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if (marker and env.get(MARKER) == marker) or (
+                    engine_mark and env.get(RUN_MARK_ENV) == engine_mark and "flwr-simulation" in cmdline):
+                alive.append(f"{p.pid}: {cmdline[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return alive
+
+
+def survivors(marker: str | None, wait: float = 15.0) -> list[str]:
+    """``_alive(marker)`` after up to ``wait`` s for them to exit (``marker`` None: the
+    shared engine's runs only, for an in-process run)."""
+    deadline = time.monotonic() + wait
+    while (alive := _alive(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    return alive
 
 
 def on_test_ray(federation: dict) -> dict:

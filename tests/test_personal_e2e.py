@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import csv
 import json
-import time
 
 import psutil
 import pytest
@@ -14,41 +12,19 @@ import pytest
 from fedslm.config import ExperimentConfig
 from fedslm.simulations import compare
 from fedslm.simulations.run import run
-from tests.proc_util import ENGINE_MARK_ENV, RUN_MARK_ENV, on_test_ray
+from tests.proc_util import on_test_ray, survivors
 from tests.stores import sqlite_store
 
 
-def _children_but_shared_engine(wait: float = 15.0) -> list[str]:
-    """This process's live descendants, less the suite's shared engine (conftest's
-    ``SharedEngine``: its Ray, SuperLink and their helpers, started before this test and
-    running until the engine tests end), after up to ``wait`` s to exit; that engine's
-    runs (``flwr-simulation``, which end on their own after the run) count."""
-    deadline = time.monotonic() + wait
-    while (left := _left_over()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 def _left_over() -> list[str]:
-    engine_mark = os.environ.get(ENGINE_MARK_ENV)
-    mine = psutil.Process().children(recursive=True)
-    heads, left = [], []
-    for p in mine:
-        with contextlib.suppress(psutil.Error):
-            if "fedslm.simulations.ray_head" in " ".join(p.cmdline()):
-                heads.append(p)
-    shared = set(heads) | {c for h in heads for c in h.children(recursive=True)}
-    for p in set(mine) - shared:
+    """This process's live descendants (the run's watchdog, a SuperLink of its own) and,
+    after up to 15 s to exit, the ServerApp the worker's shared engine ran it in."""
+    mine = []
+    for p in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):  # gone, or a zombie its parent has yet to reap
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(p.cmdline())
-            # the engine's processes carry its mark; its watchdog is the one sweeping that mark
-            of_engine = engine_mark and (p.environ().get(RUN_MARK_ENV) == engine_mark
-                                         or f"--mark {engine_mark}" in cmdline)
-            if not of_engine or "flwr-simulation" in cmdline:
-                left.append(f"{p.pid}: {cmdline[:120]}")
-    return left
+            if p.status() != psutil.STATUS_ZOMBIE:
+                mine.append(f"{p.pid}: {' '.join(p.cmdline())[:120]}")
+    return mine + survivors(None)
 
 
 @pytest.mark.e2e
@@ -64,7 +40,7 @@ def test_dual_run_reports_personal_vs_global_per_round(tmp_path, capsys):
         "output_dir": str(tmp_path / "run"),
     })
     summary = run(cfg)
-    assert _children_but_shared_engine() == []  # watchdog, ServerApp, the run's Ray job: all gone
+    assert _left_over() == []  # watchdog, ServerApp, the run's Ray job: all gone
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = summary["mlflow_run_id"]
