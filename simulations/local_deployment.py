@@ -201,7 +201,8 @@ class Deployment:
         return [sys.executable, "-m", "fedslm.client.agent", "--superlink", self.address,
                 "--root-certificates", str(self.ca), "--auth-key", str(key or self.node_key(i)),
                 "--data-path", str(data_dir), "--state-dir", str(self.state_dir(i)),
-                "--runtime-port", str(free_port())] + (["--tier", self.tiers[i]] if i in self.tiers else [])
+                "--runtime-port", str(free_port()), "--device", "cpu",
+                *(["--tier", self.tiers[i]] if i in self.tiers else [])]
 
     def state_dir(self, i: int) -> Path:
         return self.root / f"device-{i}-state"

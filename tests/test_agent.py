@@ -17,6 +17,7 @@ from fedslm.client.agent import (
     AgentError,
     check_certificate,
     check_data,
+    check_device,
     check_key,
     main,
     supernode_command,
@@ -123,6 +124,14 @@ def test_main_refuses_to_start_with_one_line_and_exit_2(pki: dict[str, Path], tm
                      "--device", "cuda"]) == 2
         assert capsys.readouterr().err == ("error: --device: cuda was requested but torch sees no "
                                            "CUDA GPU on this machine (use training.device=auto or cpu)\n")
+
+
+def test_device_cpu_is_taken_as_is_and_auto_is_asked_of_torch_in_a_child(monkeypatch) -> None:
+    import fedslm.client.agent as agent
+
+    assert check_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(agent.subprocess, "run", lambda *a, **k: pytest.fail("probed cpu"))
+    assert check_device("cpu") == "cpu"
 
 
 def test_node_config_reaches_flower_intact_and_tls_is_never_off(tmp_path: Path) -> None:
