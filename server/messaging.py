@@ -18,20 +18,25 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-# Polls start fast after each reply and back off while nothing arrives: the pause is a
-# tenth of the time since the last reply (at least FIRST_POLL, at most LAST_POLL), so a
-# reply waits at most ~10 % longer than it took. A simulated round of a tiny model
-# (replies every ~0.1 s) is polled every 10-20 ms; a device round of 30 s ~90 times, not
-# 300 times at 10 Hz: each poll of a deployed SuperLink is a query of its database.
+# Polls start fast after each reply and back off while nothing arrives: the pause doubles
+# from FIRST_POLL to BUSY_POLL (a reply that lands just after a poll waits ~10 ms, not up
+# to 100 ms, in a simulated round of a tiny model), and past 2 s of waiting it is a
+# twentieth of the time waited, at most LAST_POLL: a reply then waits at most ~5 % longer
+# than it took, and a device round of 30 s is polled ~80 times, not 300 times at 10 Hz
+# (each poll of a deployed SuperLink is a query of its database).
 FIRST_POLL = 0.01
+BUSY_POLL = 0.1
+POLL_FRACTION = 0.05
 LAST_POLL = 1.0
-POLL_FRACTION = 0.1
 
 
 def poll_pause(since_reply: float) -> float:
     """Seconds to sleep before the next poll, ``since_reply`` seconds after the last reply
-    (or the push)."""
-    return min(LAST_POLL, max(FIRST_POLL, POLL_FRACTION * since_reply))
+    (or the push): as long as that (the pause doubles) between FIRST_POLL and BUSY_POLL,
+    then POLL_FRACTION of it up to LAST_POLL."""
+    return min(LAST_POLL, max(FIRST_POLL, min(since_reply, BUSY_POLL), POLL_FRACTION * since_reply))
+
+
 # Error replies the SuperLink makes for a task whose TTL (= the deadline) ran out: the
 # node did not answer in time, which is a timeout, not a failure of the client.
 EXPIRED = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}

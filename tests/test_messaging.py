@@ -109,11 +109,12 @@ class FakeClock:
         self.now += seconds
 
 
-def test_the_pause_is_a_tenth_of_the_wait_between_10_ms_and_1_s() -> None:
+def test_the_pause_doubles_to_100_ms_then_is_a_twentieth_of_the_wait_up_to_1_s() -> None:
     from fedslm.server.messaging import poll_pause
 
-    assert [poll_pause(s) for s in (0.0, 0.05, 0.1, 0.5, 3.0, 10.0, 600.0)] == pytest.approx([
-        0.01, 0.01, 0.01, 0.05, 0.3, 1.0, 1.0])
+    waited = (0.0, 0.005, 0.01, 0.03, 0.07, 0.15, 1.0, 2.0, 4.0, 10.0, 20.0, 600.0)
+    assert [poll_pause(s) for s in waited] == pytest.approx([
+        0.01, 0.01, 0.01, 0.03, 0.07, 0.1, 0.1, 0.1, 0.2, 0.5, 1.0, 1.0])
 
 
 def test_polls_back_off_while_waiting_and_speed_up_after_a_reply(monkeypatch) -> None:
@@ -121,13 +122,12 @@ def test_polls_back_off_while_waiting_and_speed_up_after_a_reply(monkeypatch) ->
 
     clock = FakeClock()
     monkeypatch.setattr(messaging, "time", clock)
-    grid = ScriptedGrid({14: [answer("r1-n1", 1, 1)], 16: [answer("r1-n2", 2, 1)]})
+    grid = ScriptedGrid({6: [answer("r1-n1", 1, 1)], 8: [answer("r1-n2", 2, 1)]})
     got = send_and_collect(grid, [instruction(1, 1), instruction(2, 1)], timeout=5, label="r1")
-    assert len(got.replies) == 2 and grid.pulls == 17
-    # 10 ms pauses until 0.1 s have passed, then 10 % of the time waited (x1.1 per poll);
-    # pull 14 brings a reply: 10 ms again
-    expected = [0.01] * 11 + [0.01 * 1.1 ** k for k in range(1, 4)] + [0.01, 0.01]
-    assert clock.sleeps == pytest.approx(expected)
+    assert len(got.replies) == 2 and grid.pulls == 9
+    # pulls 0-5 empty: 10, 10, 20, 40, 80 ms then the 100 ms of a busy wait; pull 6 brings
+    # a reply (reset)
+    assert clock.sleeps == pytest.approx([0.01, 0.01, 0.02, 0.04, 0.08, 0.1, 0.01, 0.01])
 
 
 def test_a_device_that_takes_a_minute_is_polled_about_a_hundred_times(monkeypatch) -> None:
@@ -138,6 +138,6 @@ def test_a_device_that_takes_a_minute_is_polled_about_a_hundred_times(monkeypatc
     grid = ScriptedGrid({})  # never answers: the phase ends at its deadline
     got = send_and_collect(grid, [instruction(1, 1)], timeout=60, label="r1")
     assert got.timed_out == [1]
-    # 10 x 10 ms, then x1.1 per poll from 0.1 s to 10 s (49 polls), then 1 Hz for 50 s:
-    # 10 Hz polling would have queried the SuperLink 600 times
-    assert grid.pulls == 109 and max(clock.sleeps) == 1.0 and clock.now == 60
+    # 24 polls in the first 2 s, then x1.05 per poll to 20 s (47), then 1 Hz for 40 s:
+    # polling at 10 Hz would have queried the SuperLink 600 times
+    assert grid.pulls == 111 and max(clock.sleeps) == 1.0 and clock.now == 60
