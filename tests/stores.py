@@ -20,9 +20,26 @@ def sqlite_store(path: Path) -> str:
     """The ``sqlite:///`` URI of a new, empty MLflow store at ``path``."""
     template = Path(os.environ[TEMPLATE_ENV])
     if not template.exists():
-        import mlflow
-
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        _make_template(template)
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, path)
     return f"sqlite:///{path}"
+
+
+def _make_template(template: Path) -> None:
+    """MLflow creates the store; what it logs meanwhile ("Creating initial MLflow database
+    tables...", alembic's migrations) would land in whichever test first asked for a store,
+    e.g. one that pins its command's stderr to one line."""
+    import logging
+
+    import mlflow
+
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
