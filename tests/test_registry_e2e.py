@@ -30,7 +30,7 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         # MLflow 3's server also starts a job runner with seven huey consumers (GenAI jobs,
-        # trace rollups), each importing mlflow: ~16 CPU-s for nothing a FedSLM run uses
+        # trace rollups), each importing mlflow: ~20 CPU-s for nothing a FedSLM run uses
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
