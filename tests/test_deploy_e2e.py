@@ -53,10 +53,9 @@ BASE = ["training.local_steps=2", "training.batch_size=4", "training.central_eva
 # the simulation's tests check it.
 FAST = [*BASE, "strategy.fraction_evaluate=0.5", "strategy.min_evaluate_clients=1",
         "strategy.min_train_clients=2", "federation.num_rounds=2", "federation.initial_evaluation=false"]
-FAULTS = [*BASE, "strategy.fraction_evaluate=0", "strategy.min_train_clients=2",
-          "federation.initial_evaluation=false"]
-SECAGG = [*BASE, "strategy.fraction_evaluate=0", "strategy.min_train_clients=3",
-          "federation.num_clients=3", "federation.num_rounds=1", "federation.initial_evaluation=false",
+NO_EVAL = [*BASE, "strategy.fraction_evaluate=0", "federation.initial_evaluation=false"]
+FAULTS = [*NO_EVAL, "strategy.min_train_clients=2"]
+SECAGG = [*NO_EVAL, "strategy.min_train_clients=3", "federation.num_clients=3", "federation.num_rounds=1",
           "federation.round_timeout=40", "secure_aggregation=secaggplus", "secure_aggregation.threshold=2"]
 
 
@@ -253,8 +252,7 @@ def test_server_killed_after_round_one_resumes_same_mlflow_run(federation: Deplo
     out = dep.root / "hydra" / "first"
     # One of the three devices trains each round: FedAdam's update is checked, not who sent
     # it, and each ClientApp process is ~6 CPU-s.
-    common = [*BASE, "strategy.fraction_evaluate=0", "federation.initial_evaluation=false",
-              "federation.num_rounds=2", "strategy=fedadam", "strategy.fraction_train=0.34",
+    common = [*NO_EVAL, "federation.num_rounds=2", "strategy=fedadam", "strategy.fraction_train=0.34",
               "strategy.min_train_clients=1", "federation.num_clients=3", "federation.round_timeout=90",
               *tracking(dep.root)]
     first = dep.submit(*common, name="first")
